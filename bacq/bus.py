@@ -1,0 +1,207 @@
+"""The NATS side of every bacq process: connect, declare the stream and bucket, send and receive.
+
+Touches the NATS connection only. Subject names come from ``bacq.subjects``; payloads are the models
+of ``bacq.models``. Every process uses ``Bus.connect`` so reconnection and errors behave alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.kv import KeyValue
+from pydantic import BaseModel
+
+from bacq import subjects
+from bacq.errors import NatsUnavailable
+from bacq.log import get_logger
+from bacq.models import JobRecord, decode, encode
+
+__all__ = ["DEFAULT_NATS_URL", "Bus"]
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+STREAM_MAX_AGE = 30 * 24 * 3600.0  # seconds of history kept in the BACQ stream
+DUPLICATE_WINDOW = 120.0  # seconds within which a repeated Nats-Msg-Id is dropped
+
+M = TypeVar("M", bound=BaseModel)
+log = get_logger("bacq.bus")
+
+
+class Bus:
+    """One NATS connection with JetStream, the BACQ stream and the jobs bucket."""
+
+    def __init__(self, nc: NatsClient, js: JetStreamContext, jobs: KeyValue) -> None:
+        self.nc = nc
+        self.js = js
+        self.jobs = jobs
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str, connect_timeout: float = 5.0) -> Bus:
+        """Connect (failing fast if nothing answers), then declare the stream and the bucket."""
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats.error", error=str(exc))
+
+        async def on_disconnect() -> None:
+            log.warning("nats.disconnected")
+
+        async def on_reconnect() -> None:
+            log.info("nats.reconnected")
+
+        try:
+            nc = await nats.connect(
+                url,
+                name=name,
+                connect_timeout=connect_timeout,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                allow_reconnect=True,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+            )
+        except (OSError, nats.errors.Error, TimeoutError) as exc:
+            raise NatsUnavailable(
+                f"cannot reach NATS at {url} ({exc or type(exc).__name__}); start one with "
+                "`bacq devstack` or set BACQ_NATS_URL / --nats to a running server"
+            ) from None
+        # the first failed connect above ends the attempt; later drops reconnect forever
+        js = nc.jetstream()
+        try:
+            await _ensure_stream(js)
+            jobs = await _ensure_bucket(js)
+        except (nats.errors.Error, TimeoutError) as exc:
+            await nc.close()
+            raise NatsUnavailable(
+                f"NATS at {url} has no usable JetStream ({exc}); start nats-server with -js"
+            ) from None
+        return cls(nc, js, jobs)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+
+    # -- core NATS --------------------------------------------------------------------------------
+    async def publish(self, subject: str, message: BaseModel) -> None:
+        await self.nc.publish(subject, encode(message))
+
+    async def request(
+        self, subject: str, message: BaseModel, reply: type[M], *, timeout: float
+    ) -> M:
+        msg = await self.nc.request(subject, encode(message), timeout=timeout)
+        return decode(reply, msg.data)
+
+    async def subscribe(
+        self, subject: str, handler: Callable[[Msg], Awaitable[None]], *, queue: str = ""
+    ) -> Subscription:
+        return await self.nc.subscribe(subject, queue=queue, cb=handler)
+
+    # -- JetStream --------------------------------------------------------------------------------
+    async def publish_durable(self, subject: str, message: BaseModel, *, msg_id: str) -> None:
+        """Publish into the BACQ stream; a retry with the same ``msg_id`` is stored once."""
+        delay = 0.2
+        while True:
+            try:
+                await self.js.publish(subject, encode(message), headers={"Nats-Msg-Id": msg_id})
+                return
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    nats.errors.ConnectionReconnectingError) as exc:
+                # the server is away (restart, network): keep the message and try again
+                log.warning("bus.publish_retry", subject=subject, error=type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def consume(
+        self, filter_subject: str, durable: str, *, batch: int = 64, ack_wait: float = 30.0
+    ) -> AsyncIterator[Msg]:
+        """Yield messages of a durable pull consumer forever; the caller acks each one."""
+        config = ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=ack_wait,
+            max_deliver=-1,
+            filter_subject=filter_subject,
+        )
+        sub = await self.js.pull_subscribe(
+            filter_subject, durable=durable, stream=subjects.STREAM, config=config
+        )
+        while True:
+            try:
+                msgs = await sub.fetch(batch, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue  # nothing new: fetch raises on an empty batch
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+                return
+            except nats.errors.Error as exc:
+                log.warning("bus.fetch_failed", consumer=durable, error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                yield msg
+
+    # -- job records ------------------------------------------------------------------------------
+    async def load_job(self, job_id: str) -> JobRecord | None:
+        try:
+            entry = await self.jobs.get(job_id)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return decode(JobRecord, entry.value)
+
+    async def save_job(self, job: JobRecord) -> None:
+        await self.jobs.put(job.id, encode(job))
+
+    async def job_ids(self) -> list[str]:
+        try:
+            return list(await self.jobs.keys())
+        except nats.js.errors.NoKeysError:
+            return []
+
+
+async def _ensure_stream(js: JetStreamContext) -> None:
+    config = StreamConfig(
+        name=subjects.STREAM,
+        subjects=list(subjects.STREAM_SUBJECTS),
+        storage=StorageType.FILE,
+        max_age=STREAM_MAX_AGE,
+        duplicate_window=DUPLICATE_WINDOW,
+    )
+    try:
+        await js.stream_info(subjects.STREAM)
+    except nats.js.errors.NotFoundError:
+        with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
+            await js.add_stream(config)
+        return
+    await js.update_stream(config)
+
+
+async def _ensure_bucket(js: JetStreamContext) -> KeyValue:
+    try:
+        return await js.key_value(subjects.JOBS_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        with contextlib.suppress(nats.js.errors.BadRequestError):
+            await js.create_key_value(
+                KeyValueConfig(bucket=subjects.JOBS_BUCKET, history=5, storage=StorageType.FILE)
+            )
+        return await js.key_value(subjects.JOBS_BUCKET)

@@ -1,0 +1,109 @@
+"""Every exception bacq raises on purpose, in one tree. Touches nothing.
+
+    BacqError                      base: anything bacq means to say to a person
+    ├── ConfigError                a setting (flag, env var, file) is missing or malformed
+    ├── SpecError                  a job spec is invalid; ``.problems`` lists (field, message) pairs
+    ├── JobNotFound                no job has this id (or the prefix names none or several)
+    ├── ConnectError               a service could not be reached
+    │   ├── NatsUnavailable        nats-server did not answer at BACQ_NATS_URL
+    │   ├── IpfsUnavailable        the kubo RPC API did not answer at BACQ_IPFS_API
+    │   └── DockerUnavailable      the Docker daemon did not answer
+    ├── StorageError               an IPFS operation failed or took too long (fetch, add, unsafe tar)
+    ├── ExecutionError             a job could not run to completion on a worker
+    │   ├── ImageUnavailable       the image is not present and could not be pulled
+    │   ├── CommandNotFound        the entrypoint/command does not exist in the image
+    │   └── JobTimeout             the container outlived the job's timeout and was killed
+    ├── RequestRejected            the requester answered a request with an error
+    └── ComponentError             a local component (nats-server, kubo) failed to start
+
+Every message is one line a person can act on: what went wrong, and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BacqError",
+    "CommandNotFound",
+    "ComponentError",
+    "ConfigError",
+    "ConnectError",
+    "DockerUnavailable",
+    "ExecutionError",
+    "ImageUnavailable",
+    "IpfsUnavailable",
+    "JobNotFound",
+    "JobTimeout",
+    "NatsUnavailable",
+    "RequestRejected",
+    "SpecError",
+    "StorageError",
+]
+
+
+class BacqError(Exception):
+    """Base of every error bacq raises on purpose; its message is meant for a person."""
+
+
+class ConfigError(BacqError):
+    """A setting is missing or malformed."""
+
+
+class SpecError(BacqError):
+    """A job spec failed validation. ``problems`` holds (field path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        lines = [f"{field}: {message}" for field, message in problems]
+        super().__init__("invalid job spec: " + "; ".join(lines))
+
+
+class JobNotFound(BacqError):
+    """No job matches the given id or prefix."""
+
+
+class ConnectError(BacqError):
+    """A service could not be reached."""
+
+
+class NatsUnavailable(ConnectError):
+    """nats-server did not answer."""
+
+
+class IpfsUnavailable(ConnectError):
+    """The kubo RPC API did not answer."""
+
+
+class DockerUnavailable(ConnectError):
+    """The Docker daemon did not answer."""
+
+
+class StorageError(BacqError):
+    """An IPFS operation failed, timed out, or returned unsafe content."""
+
+
+class ExecutionError(BacqError):
+    """A job could not run to completion on a worker."""
+
+
+class ImageUnavailable(ExecutionError):
+    """The image is not on the worker and could not be pulled."""
+
+
+class CommandNotFound(ExecutionError):
+    """The entrypoint or command does not exist in the image."""
+
+
+class JobTimeout(ExecutionError):
+    """The container ran past the job's timeout and was killed."""
+
+
+class RequestRejected(BacqError):
+    """The requester refused a request (for a spec error the problems come with it)."""
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None) -> None:
+        self.problems = problems or []
+        super().__init__(message)
+
+
+class ComponentError(BacqError):
+    """A local component (nats-server, kubo, a bacq service) failed to start or stopped."""

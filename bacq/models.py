@@ -1,0 +1,173 @@
+"""The messages that travel between bacq processes, and the job record. Touches nothing.
+
+Every message is a pydantic model serialised as JSON; ``encode``/``decode`` are the only codecs.
+The subjects they travel on are in ``bacq.subjects``; the states they carry in ``bacq.states``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bacq.spec import JobSpec
+from bacq.states import JOB_FINAL, ExecState, JobState
+
+__all__ = [
+    "Announcement",
+    "Assignment",
+    "AssignmentReply",
+    "Bid",
+    "ExecUpdate",
+    "Execution",
+    "JobRecord",
+    "NodeInfo",
+    "NodeVerdict",
+    "Problem",
+    "ResultMessage",
+    "SubmitReply",
+    "SubmitRequest",
+    "Verdict",
+    "decode",
+    "encode",
+    "new_job_id",
+    "now",
+]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def new_job_id() -> str:
+    return "j-" + uuid.uuid4().hex[:20]
+
+
+def encode(message: BaseModel) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def decode(model: type[M], data: bytes) -> M:
+    return model.model_validate_json(data)
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Problem(_Msg):
+    field: str
+    message: str
+
+
+class SubmitRequest(_Msg):
+    spec: dict[str, object]
+
+
+class SubmitReply(_Msg):
+    job_id: str | None = None
+    error: str | None = None
+    problems: list[Problem] = Field(default_factory=list)
+
+
+class Announcement(_Msg):
+    job_id: str
+    spec: JobSpec
+    bid_deadline: dt.datetime
+
+
+class Bid(_Msg):
+    job_id: str
+    node_id: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    running: int = 0
+
+
+class Assignment(_Msg):
+    job_id: str
+    accepted: bool
+    spec: JobSpec | None = None
+    reason: str = ""
+
+
+class AssignmentReply(_Msg):
+    ok: bool
+    error: str | None = None
+
+
+class ExecUpdate(_Msg):
+    job_id: str
+    node_id: str
+    state: ExecState
+    at: dt.datetime = Field(default_factory=now)
+    detail: str = ""
+    exit_code: int | None = None
+    error: str | None = None
+
+
+class ResultMessage(_Msg):
+    """Sent on the verification subject: the CID of a worker's results folder, or its error."""
+
+    job_id: str
+    node_id: str
+    cid: str | None = None
+    error: str | None = None
+    exit_code: int | None = None
+
+
+class NodeVerdict(_Msg):
+    cid: str | None = None
+    error: str | None = None
+    verified: bool = False
+
+
+class Verdict(_Msg):
+    job_id: str
+    outcome: Literal["accepted", "void", "failed"]
+    reason: str
+    result_cid: str | None = None
+    nodes: dict[str, NodeVerdict] = Field(default_factory=dict)
+    at: dt.datetime = Field(default_factory=now)
+
+
+class NodeInfo(_Msg):
+    node_id: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    cpu: float
+    memory: int
+    max_jobs: int
+    running: int
+    at: dt.datetime = Field(default_factory=now)
+
+
+class Execution(_Msg):
+    node_id: str
+    state: ExecState
+    updated_at: dt.datetime = Field(default_factory=now)
+    detail: str = ""
+    error: str | None = None
+    exit_code: int | None = None
+    result_cid: str | None = None
+
+
+class JobRecord(_Msg):
+    id: str
+    spec: JobSpec
+    state: JobState = JobState.PENDING
+    reason: str = ""
+    created_at: dt.datetime = Field(default_factory=now)
+    updated_at: dt.datetime = Field(default_factory=now)
+    executions: dict[str, Execution] = Field(default_factory=dict)
+    result_cid: str | None = None
+    exit_code: int | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state in JOB_FINAL
+
+    def executions_in(self, *states: ExecState) -> list[Execution]:
+        return [e for e in self.executions.values() if e.state in states]

@@ -1,0 +1,192 @@
+"""Run one job's container with Docker and collect what it printed. Touches the Docker daemon only.
+
+docker-py blocks, so every call runs in a thread; the job's deadline is enforced here (docker-py's
+``wait(timeout=)`` is only a request timeout), and a cancelled or overdue container is killed.
+Containers are removed after their logs are read (``auto_remove`` would race with that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.models.containers import Container
+from docker.types import Mount
+
+from bacq.errors import CommandNotFound, DockerUnavailable, ExecutionError, ImageUnavailable, JobTimeout
+from bacq.log import get_logger
+from bacq.spec import JobSpec
+
+__all__ = ["ContainerResult", "DockerExecutor"]
+
+log = get_logger("bacq.worker.executor")
+_WAIT_SLICE = 5.0  # seconds per docker wait request; the deadline is checked between them
+
+
+@dataclass(frozen=True)
+class ContainerResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+class DockerExecutor:
+    """Runs containers for a worker, with the limits of the job spec."""
+
+    def __init__(self, client: docker.DockerClient, *, pull_timeout: float = 300.0) -> None:
+        self._docker = client
+        self._pull_timeout = pull_timeout
+
+    @classmethod
+    def from_env(cls, *, pull_timeout: float = 300.0) -> DockerExecutor:
+        try:
+            client = docker.from_env(timeout=60)
+            client.ping()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(
+                f"the Docker daemon does not answer ({exc}); start dockerd "
+                "(scripts/setup.sh does) or set DOCKER_HOST"
+            ) from None
+        return cls(client, pull_timeout=pull_timeout)
+
+    def close(self) -> None:
+        self._docker.close()
+
+    async def ensure_image(self, image: str) -> None:
+        """Make sure ``image`` is present: pull it when missing, fail clearly when that fails."""
+        try:
+            await asyncio.to_thread(self._docker.images.get, image)
+            return
+        except docker.errors.ImageNotFound:
+            pass
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(f"Docker failed while looking up image {image}: {exc}") from None
+        repository, tag = _split_image(image)
+        log.info("image.pull", image=image)
+        try:
+            async with asyncio.timeout(self._pull_timeout):
+                await asyncio.to_thread(self._docker.images.pull, repository, tag=tag)
+        except TimeoutError:
+            raise ImageUnavailable(
+                f"image {image} is not on this worker and pulling it took over "
+                f"{self._pull_timeout:g}s"
+            ) from None
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            reason = getattr(exc, "explanation", None) or str(exc)
+            raise ImageUnavailable(
+                f"image {image} is not on this worker and could not be pulled: {reason}"
+            ) from None
+
+    async def run(
+        self,
+        spec: JobSpec,
+        *,
+        name: str,
+        mounts: list[Mount],
+        labels: dict[str, str],
+    ) -> ContainerResult:
+        """Run the container to its end or its deadline; always remove it afterwards."""
+        await self.ensure_image(spec.image)
+        container = await asyncio.to_thread(self._create, spec, name, mounts, labels)
+        try:
+            try:
+                await asyncio.to_thread(container.start)
+            except docker.errors.APIError as exc:
+                raise _start_error(spec, exc) from None
+            exit_code = await self._wait(container, spec.timeout)
+            stdout = await asyncio.to_thread(container.logs, stdout=True, stderr=False)
+            stderr = await asyncio.to_thread(container.logs, stdout=False, stderr=True)
+            return ContainerResult(exit_code=exit_code, stdout=stdout, stderr=stderr)
+        finally:
+            # on cancellation too: the container must not outlive the job
+            await asyncio.shield(asyncio.to_thread(self._remove, container))
+
+    def _create(
+        self, spec: JobSpec, name: str, mounts: list[Mount], labels: dict[str, str]
+    ) -> Container:
+        try:
+            return self._docker.containers.create(
+                spec.image,
+                command=spec.command or None,
+                entrypoint=spec.entrypoint,
+                environment=dict(spec.env),
+                working_dir=spec.working_dir,
+                name=name,
+                labels=labels,
+                mounts=mounts,
+                network_mode="none",
+                mem_limit=spec.resources.memory,
+                memswap_limit=spec.resources.memory,
+                nano_cpus=int(spec.resources.cpu * 1e9),
+                pids_limit=spec.resources.pids,
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+                detach=True,
+            )
+        except docker.errors.ImageNotFound:
+            raise ImageUnavailable(f"image {spec.image} disappeared from this worker") from None
+        except docker.errors.APIError as exc:
+            raise ExecutionError(f"Docker refused to create the container: {exc.explanation}") from None
+
+    async def _wait(self, container: Container, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                await asyncio.to_thread(_kill, container)
+                raise JobTimeout(
+                    f"the container ran longer than the job's timeout of {timeout:g}s and was "
+                    "killed; raise --timeout if the job needs more time"
+                )
+            try:
+                status = await asyncio.to_thread(
+                    container.wait, timeout=max(1.0, min(_WAIT_SLICE, remaining))
+                )
+                return int(status.get("StatusCode", -1))
+            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+                continue
+
+    def _remove(self, container: Container) -> None:
+        try:
+            container.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            log.warning("container.remove_failed", container=container.name, error=str(exc))
+
+
+def _kill(container: Container) -> None:
+    with contextlib.suppress(docker.errors.APIError):
+        container.kill()
+
+
+def _start_error(spec: JobSpec, exc: docker.errors.APIError) -> ExecutionError:
+    text = str(exc.explanation or exc)
+    if "executable file not found" in text or "no such file or directory" in text:
+        program = (spec.entrypoint or spec.command or ["(image default)"])[0]
+        return CommandNotFound(
+            f"command {program!r} was not found in image {spec.image}: check the program name "
+            "or use an image that has it"
+        )
+    return ExecutionError(f"Docker could not start the container: {text}")
+
+
+def _split_image(image: str) -> tuple[str, str]:
+    if "@" in image:
+        repository, digest = image.split("@", 1)
+        return repository, digest
+    last = image.rsplit("/", 1)[-1]
+    if ":" in last:
+        repository, tag = image.rsplit(":", 1)
+        return repository, tag
+    return image, "latest"
+
+
+def bind(source: Path, target: str, *, read_only: bool) -> Mount:
+    return Mount(target=target, source=str(source), type="bind", read_only=read_only)

@@ -1,0 +1,308 @@
+"""The worker: bids on jobs it can take, runs them in Docker over IPFS inputs, publishes results.
+
+Touches NATS (announcements, bids, assignments, progress, results), its kubo node, the Docker daemon
+and its own work directory. Capacity (cpu, memory, job slots) is reserved when it bids, so it never
+promises more than it has; a reservation the requester never answers expires on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nats.aio.msg import Msg
+
+from bacq import subjects
+from bacq.bus import Bus
+from bacq.errors import BacqError, StorageError
+from bacq.log import get_logger
+from bacq.models import (
+    Announcement,
+    Assignment,
+    AssignmentReply,
+    Bid,
+    ExecUpdate,
+    NodeInfo,
+    ResultMessage,
+    decode,
+    encode,
+    now,
+)
+from bacq.spec import JobSpec
+from bacq.states import ExecState
+from bacq.storage import Storage, remove_tree, sanitize_tree
+from bacq.worker.executor import DockerExecutor, bind
+
+__all__ = ["Worker", "WorkerConfig"]
+
+NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+RESERVATION_GRACE = 30.0  # seconds a bid's reservation outlives the bid deadline without an answer
+
+
+@dataclass
+class WorkerConfig:
+    node_id: str
+    nats_url: str
+    ipfs_api: str
+    work_dir: Path
+    labels: dict[str, str] = field(default_factory=dict)
+    cpu: float = float(os.cpu_count() or 1)
+    memory: int = 4 * 1024**3
+    max_jobs: int = 4
+    fetch_timeout: float = 120.0
+    heartbeat_interval: float = 5.0
+    tamper: bool = False  # a bad worker, for demonstrations and tests of the verifier
+
+    def __post_init__(self) -> None:
+        if not NODE_ID.match(self.node_id):
+            raise ValueError(
+                f"node id {self.node_id!r} must be letters, digits, _ or - (at most 63)"
+            )
+
+
+@dataclass
+class _Reservation:
+    cpu: float
+    memory: int
+    expires: float | None  # monotonic time; None once the job runs
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, bus: Bus, storage: Storage, executor: DockerExecutor):
+        self.config = config
+        self.bus = bus
+        self.storage = storage
+        self.executor = executor
+        self.log = get_logger("bacq.worker", node=config.node_id)
+        self._reservations: dict[str, _Reservation] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._done = 0
+
+    # -- capacity ---------------------------------------------------------------------------------
+    def _free(self) -> tuple[float, int, int]:
+        cpu = self.config.cpu - sum(r.cpu for r in self._reservations.values())
+        memory = self.config.memory - sum(r.memory for r in self._reservations.values())
+        return cpu, memory, self.config.max_jobs - len(self._reservations)
+
+    def why_not(self, spec: JobSpec) -> str | None:
+        """None when this worker can take ``spec`` now; otherwise the reason it cannot."""
+        for key, value in spec.node_selector.items():
+            if self.config.labels.get(key) != value:
+                return f"label {key}={value} not on this worker"
+        if spec.engine != "docker":
+            return f"engine {spec.engine} not supported"
+        cpu, memory, slots = self._free()
+        if slots <= 0:
+            return "all job slots in use"
+        if spec.resources.cpu > cpu + 1e-9:
+            return f"needs {spec.resources.cpu:g} cpu, {cpu:g} free"
+        if spec.resources.memory > memory:
+            return f"needs {spec.resources.memory} bytes of memory, {memory} free"
+        return None
+
+    def _expire_reservations(self) -> None:
+        t = time.monotonic()
+        for job_id, reservation in list(self._reservations.items()):
+            if reservation.expires is not None and reservation.expires < t:
+                self.log.info("reservation.expired", job=job_id)
+                del self._reservations[job_id]
+
+    # -- NATS handlers ----------------------------------------------------------------------------
+    async def on_announce(self, msg: Msg) -> None:
+        try:
+            announcement = decode(Announcement, msg.data)
+        except ValueError as exc:
+            self.log.warning("announce.malformed", error=str(exc))
+            return
+        self._expire_reservations()
+        job_id, spec = announcement.job_id, announcement.spec
+        if job_id in self._reservations:
+            return
+        reason = self.why_not(spec)
+        if reason is not None:
+            self.log.info("bid.skipped", job=job_id, reason=reason)
+            return
+        remaining = (announcement.bid_deadline - now()).total_seconds()
+        if remaining <= 0:
+            return
+        self._reservations[job_id] = _Reservation(
+            cpu=spec.resources.cpu,
+            memory=spec.resources.memory,
+            expires=time.monotonic() + remaining + RESERVATION_GRACE,
+        )
+        bid = Bid(
+            job_id=job_id,
+            node_id=self.config.node_id,
+            labels=self.config.labels,
+            running=len(self._tasks),
+        )
+        await self.bus.publish(subjects.bids(job_id), bid)
+        self.log.info("bid.sent", job=job_id)
+
+    async def on_assign(self, msg: Msg) -> None:
+        try:
+            assignment = decode(Assignment, msg.data)
+        except ValueError as exc:
+            await msg.respond(encode(AssignmentReply(ok=False, error=f"malformed: {exc}")))
+            return
+        job_id = assignment.job_id
+        if not assignment.accepted:
+            if job_id not in self._tasks:
+                self._reservations.pop(job_id, None)
+            self.log.info("bid.rejected", job=job_id, reason=assignment.reason)
+            await msg.respond(encode(AssignmentReply(ok=True)))
+            return
+        spec = assignment.spec
+        if spec is None:
+            await msg.respond(encode(AssignmentReply(ok=False, error="assignment without a spec")))
+            return
+        if job_id in self._tasks:  # a retried request: already running
+            await msg.respond(encode(AssignmentReply(ok=True)))
+            return
+        if job_id not in self._reservations:
+            reason = self.why_not(spec)
+            if reason is not None:
+                await msg.respond(encode(AssignmentReply(ok=False, error=reason)))
+                return
+            self._reservations[job_id] = _Reservation(spec.resources.cpu, spec.resources.memory, None)
+        self._reservations[job_id].expires = None
+        self._tasks[job_id] = asyncio.create_task(self._run_job(job_id, spec), name=f"job-{job_id}")
+        await msg.respond(encode(AssignmentReply(ok=True)))
+        self.log.info("job.accepted", job=job_id)
+
+    # -- running a job ----------------------------------------------------------------------------
+    async def _update(self, job_id: str, state: ExecState, **fields: object) -> None:
+        update = ExecUpdate(job_id=job_id, node_id=self.config.node_id, state=state, **fields)  # type: ignore[arg-type]
+        await self.bus.publish_durable(
+            subjects.exec_update(job_id, self.config.node_id),
+            update,
+            msg_id=f"exec.{job_id}.{self.config.node_id}.{state.value}",
+        )
+
+    async def _send_result(self, result: ResultMessage) -> None:
+        await self.bus.publish_durable(
+            subjects.verify(result.job_id, self.config.node_id),
+            result,
+            msg_id=f"verify.{result.job_id}.{self.config.node_id}",
+        )
+
+    async def _run_job(self, job_id: str, spec: JobSpec) -> None:
+        node = self.config.node_id
+        log = self.log.bind(job=job_id)
+        job_dir = self.config.work_dir / "jobs" / job_id
+        try:
+            try:
+                cid, exit_code = await self._execute(job_id, spec, job_dir, log)
+            except asyncio.CancelledError:
+                error = "the worker stopped while the job ran"
+                await self._send_result(ResultMessage(job_id=job_id, node_id=node, error=error))
+                await self._update(job_id, ExecState.FAILED, error=error)
+                raise
+            except BacqError as exc:
+                log.warning("job.failed", error=str(exc))
+                await self._send_result(ResultMessage(job_id=job_id, node_id=node, error=str(exc)))
+                await self._update(job_id, ExecState.FAILED, error=str(exc))
+            except Exception as exc:
+                log.exception("job.crashed")
+                error = f"internal worker error: {type(exc).__name__}: {exc}"
+                await self._send_result(ResultMessage(job_id=job_id, node_id=node, error=error))
+                await self._update(job_id, ExecState.FAILED, error=error)
+            else:
+                await self._send_result(
+                    ResultMessage(job_id=job_id, node_id=node, cid=cid, exit_code=exit_code)
+                )
+                await self._update(
+                    job_id, ExecState.COMPLETED, exit_code=exit_code, detail=f"exit code {exit_code}"
+                )
+                log.info("job.completed", cid=cid, exit_code=exit_code)
+        finally:
+            self._reservations.pop(job_id, None)
+            self._tasks.pop(job_id, None)
+            self._done += 1
+            await asyncio.to_thread(remove_tree, job_dir)
+
+    async def _execute(
+        self, job_id: str, spec: JobSpec, job_dir: Path, log: object
+    ) -> tuple[str, int]:
+        inputs_dir, results_dir = job_dir / "inputs", job_dir / "results"
+        results_dir.mkdir(parents=True, exist_ok=True)
+        inputs_dir.mkdir(parents=True, exist_ok=True)
+
+        mounts = []
+        if spec.inputs:
+            await self._update(job_id, ExecState.DOWNLOADING, detail=f"{len(spec.inputs)} input(s)")
+        for index, volume in enumerate(spec.inputs):
+            try:
+                local = await self.storage.fetch(
+                    volume.cid, inputs_dir / str(index), timeout=self.config.fetch_timeout
+                )
+            except StorageError as exc:
+                raise StorageError(f"input {volume.cid} for {volume.path}: {exc}") from None
+            mounts.append(bind(local, volume.path, read_only=True))
+        for output in spec.outputs:
+            host = results_dir / output.name
+            host.mkdir()
+            mounts.append(bind(host, output.path, read_only=False))
+
+        await self._update(job_id, ExecState.RUNNING, detail=spec.image)
+        result = await self.executor.run(
+            spec,
+            name=f"bacq-{job_id}-{self.config.node_id}",
+            mounts=mounts,
+            labels={"bacq.job": job_id, "bacq.node": self.config.node_id},
+        )
+
+        await self._update(job_id, ExecState.PUBLISHING)
+        stdout = result.stdout
+        if self.config.tamper:
+            stdout += f"\n(tampered by {self.config.node_id})\n".encode()
+        (results_dir / "stdout").write_bytes(stdout)
+        (results_dir / "stderr").write_bytes(result.stderr)
+        (results_dir / "exitCode").write_text(str(result.exit_code))
+        skipped = await asyncio.to_thread(sanitize_tree, results_dir)
+        if skipped:
+            self.log.warning("results.skipped_entries", job=job_id, entries=skipped[:20])
+        cid = await self.storage.add(results_dir)
+        return cid, result.exit_code
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def info(self) -> NodeInfo:
+        return NodeInfo(
+            node_id=self.config.node_id,
+            labels=self.config.labels,
+            cpu=self.config.cpu,
+            memory=self.config.memory,
+            max_jobs=self.config.max_jobs,
+            running=len(self._tasks),
+        )
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Bid, run and report until ``stop`` is set; then cancel what still runs."""
+        announce_sub = await self.bus.subscribe(subjects.ANNOUNCE, self.on_announce)
+        assign_sub = await self.bus.subscribe(subjects.assign(self.config.node_id), self.on_assign)
+        await self.bus.nc.flush()
+        self.log.info("service.ready", service="worker", labels=self.config.labels)
+        try:
+            while not stop.is_set():
+                self._expire_reservations()
+                with contextlib.suppress(Exception):
+                    await self.bus.publish(subjects.HEARTBEAT, self.info())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.config.heartbeat_interval)
+        finally:
+            with contextlib.suppress(Exception):
+                await announce_sub.unsubscribe()
+                await assign_sub.unsubscribe()
+            tasks = list(self._tasks.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.log.info("service.stopped", service="worker")
+
+    def status_line(self) -> str:
+        return f"running {len(self._tasks)} jobs, {self._done} done"
