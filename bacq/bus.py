@@ -34,7 +34,7 @@ from bacq.errors import NatsUnavailable
 from bacq.log import get_logger
 from bacq.models import JobRecord, decode, encode
 
-__all__ = ["DEFAULT_NATS_URL", "Bus"]
+__all__ = ["DEFAULT_NATS_URL", "Bus", "ensure_bucket"]
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 STREAM_MAX_AGE = 30 * 24 * 3600.0  # seconds of history kept in the BACQ stream
@@ -46,6 +46,8 @@ log = get_logger("bacq.bus")
 
 class Bus:
     """One NATS connection with JetStream, the BACQ stream and the jobs bucket."""
+
+    closing = False  # set while closing on purpose: the disconnect then is no news
 
     def __init__(self, nc: NatsClient, js: JetStreamContext, jobs: KeyValue) -> None:
         self.nc = nc
@@ -59,8 +61,11 @@ class Bus:
         async def on_error(exc: Exception) -> None:
             log.warning("nats.error", error=str(exc))
 
+        bus: Bus | None = None
+
         async def on_disconnect() -> None:
-            log.warning("nats.disconnected")
+            if bus is None or not bus.closing:
+                log.warning("nats.disconnected")
 
         async def on_reconnect() -> None:
             log.info("nats.reconnected")
@@ -86,15 +91,17 @@ class Bus:
         js = nc.jetstream()
         try:
             await _ensure_stream(js)
-            jobs = await _ensure_bucket(js)
+            jobs = await ensure_bucket(js, subjects.JOBS_BUCKET)
         except (nats.errors.Error, TimeoutError) as exc:
             await nc.close()
             raise NatsUnavailable(
                 f"NATS at {url} has no usable JetStream ({exc}); start nats-server with -js"
             ) from None
-        return cls(nc, js, jobs)
+        bus = cls(nc, js, jobs)
+        return bus
 
     async def close(self) -> None:
+        self.closing = True
         with contextlib.suppress(Exception):
             await self.nc.drain()
         with contextlib.suppress(Exception):
@@ -123,8 +130,11 @@ class Bus:
             try:
                 await self.js.publish(subject, encode(message), headers={"Nats-Msg-Id": msg_id})
                 return
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
-                    nats.errors.ConnectionReconnectingError) as exc:
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                nats.errors.ConnectionReconnectingError,
+            ) as exc:
                 # the server is away (restart, network): keep the message and try again
                 log.warning("bus.publish_retry", subject=subject, error=type(exc).__name__)
                 await asyncio.sleep(delay)
@@ -196,12 +206,13 @@ async def _ensure_stream(js: JetStreamContext) -> None:
     await js.update_stream(config)
 
 
-async def _ensure_bucket(js: JetStreamContext) -> KeyValue:
+async def ensure_bucket(js: JetStreamContext, name: str) -> KeyValue:
+    """The key-value bucket ``name`` (file storage), created when missing."""
     try:
-        return await js.key_value(subjects.JOBS_BUCKET)
+        return await js.key_value(name)
     except nats.js.errors.BucketNotFoundError:
         with contextlib.suppress(nats.js.errors.BadRequestError):
             await js.create_key_value(
-                KeyValueConfig(bucket=subjects.JOBS_BUCKET, history=5, storage=StorageType.FILE)
+                KeyValueConfig(bucket=name, history=5, storage=StorageType.FILE)
             )
-        return await js.key_value(subjects.JOBS_BUCKET)
+        return await js.key_value(name)

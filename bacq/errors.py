@@ -8,7 +8,7 @@
     │   ├── NatsUnavailable        nats-server did not answer at BACQ_NATS_URL
     │   ├── IpfsUnavailable        the kubo RPC API did not answer at BACQ_IPFS_API
     │   └── DockerUnavailable      the Docker daemon did not answer
-    ├── StorageError               an IPFS operation failed or took too long (fetch, add, unsafe tar)
+    ├── StorageError               an IPFS operation failed or took too long, or a tar was unsafe
     ├── ExecutionError             a job could not run to completion on a worker
     │   ├── ImageUnavailable       the image is not present and could not be pulled
     │   ├── CommandNotFound        the entrypoint/command does not exist in the image

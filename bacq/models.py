@@ -122,6 +122,7 @@ class ResultMessage(_Msg):
 class NodeVerdict(_Msg):
     cid: str | None = None
     error: str | None = None
+    exit_code: int | None = None
     verified: bool = False
 
 

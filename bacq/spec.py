@@ -33,7 +33,7 @@ __all__ = [
     "parse_spec",
 ]
 
-# Files every results folder holds beside the named outputs; an output volume may not take these names.
+# Files every results folder holds beside the named outputs; no output volume may take these names.
 RESERVED_OUTPUT_NAMES = frozenset({"stdout", "stderr", "exitCode"})
 
 _CID_V0 = re.compile(r"^Qm[1-9A-HJ-NP-Za-km-z]{44}$")
@@ -147,19 +147,23 @@ class JobSpec(_Model):
     """A job: run ``image`` with inputs from IPFS, on ``concurrency`` workers, verified."""
 
     engine: Literal["docker"] = Field(default="docker", description="execution engine")
-    image: Annotated[str, StringConstraints(min_length=1, max_length=255, strip_whitespace=True)] = (
-        Field(description="Docker image, e.g. bacq-test/debian:bookworm")
-    )
+    image: Annotated[
+        str, StringConstraints(min_length=1, max_length=255, strip_whitespace=True)
+    ] = Field(description="Docker image, e.g. bacq-test/debian:bookworm")
     entrypoint: list[str] | None = Field(
         default=None, description="overrides the image's entrypoint, like docker run --entrypoint"
     )
-    command: list[str] = Field(default_factory=list, description="arguments, like docker run IMAGE CMD")
+    command: list[str] = Field(
+        default_factory=list, description="arguments, like docker run IMAGE CMD"
+    )
     env: dict[str, str] = Field(default_factory=dict, description="environment variables")
     working_dir: str | None = Field(default=None, description="working directory in the container")
     inputs: list[InputVolume] = Field(default_factory=list, description="IPFS inputs, read-only")
     outputs: list[OutputVolume] = Field(default_factory=list, description="named output folders")
     resources: Resources = Field(default_factory=Resources)
-    timeout: float = Field(default=600.0, gt=0, le=86400, description="seconds the container may run")
+    timeout: float = Field(
+        default=600.0, gt=0, le=86400, description="seconds the container may run"
+    )
     concurrency: int = Field(default=1, ge=1, le=64, description="how many workers run the job")
     confidence: int = Field(
         default=0, ge=0, description="matching results needed to accept (0..concurrency)"
@@ -216,7 +220,9 @@ class JobSpec(_Model):
         for i, path in enumerate(paths):
             for other in paths[i + 1 :]:
                 if path == other or path.startswith(other + "/") or other.startswith(path + "/"):
-                    raise ValueError(f"volume paths {path!r} and {other!r} overlap; use separate paths")
+                    raise ValueError(
+                        f"volume paths {path!r} and {other!r} overlap; use separate paths"
+                    )
         names = [v.name for v in self.outputs]
         if len(names) != len(set(names)):
             raise ValueError("output volume names must be unique")

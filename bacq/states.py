@@ -14,6 +14,8 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = [
+    "EXEC_ACTIVE",
+    "EXEC_ANSWERED",
     "EXEC_FINAL",
     "EXEC_TRANSITIONS",
     "JOB_FINAL",

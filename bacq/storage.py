@@ -16,9 +16,12 @@ import shutil
 import stat
 import tarfile
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import aiohttp.payload
 import aioipfs
 
 from bacq.errors import IpfsUnavailable, StorageError
@@ -81,9 +84,7 @@ class Storage:
         root: str | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                async for entry in self._client.core.add(
-                    str(path), recursive=True, cid_version=1, hidden=True, pin=pin
-                ):
+                async for entry in self._add_entries(path, pin):
                     if entry.get("Name") == root_name:
                         root = entry["Hash"]
         except TimeoutError:
@@ -93,6 +94,15 @@ class Storage:
         if root is None:
             raise StorageError(f"kubo did not return a CID for {path}")
         return root
+
+    async def _add_entries(self, path: Path, pin: bool) -> AsyncIterator[dict[str, Any]]:
+        # the multipart form is built here, not by aioipfs's add(): with aiohttp >= 3.12 its
+        # payloads for a lone file fail, and a folder holding an empty file and a subfolder makes
+        # kubo wait forever for the rest of the form
+        params = {"cid-version": "1", "pin": "true" if pin else "false", "recursive": "true"}
+        writer = await asyncio.to_thread(_add_form, path)
+        async for entry in self._client.core.add_generic(writer, params=params):
+            yield entry
 
     async def pin(self, cid: str) -> None:
         try:
@@ -154,6 +164,50 @@ class Storage:
             raise StorageError(f"fetching {cid} from {self.maddr} failed: {exc}") from None
 
 
+def _add_form(root: Path) -> aiohttp.MultipartWriter:
+    """The multipart form of kubo's add for ``root``: folders first, then their entries, sorted.
+
+    File contents stream from async generators: aiohttp's own file payloads (>= 3.12) leave kubo
+    waiting for the end of the form when it holds several files.
+    """
+    writer = aiohttp.MultipartWriter("form-data")
+
+    def part(name: str, payload: aiohttp.payload.Payload) -> None:
+        payload.set_content_disposition("form-data", name="file", filename=name)
+        writer.append_payload(payload)
+
+    def add_file(name: str, full: Path) -> None:
+        if full.stat().st_size == 0:
+            part(name, aiohttp.payload.BytesPayload(b"", content_type="application/octet-stream"))
+        else:
+            part(
+                name,
+                aiohttp.payload.AsyncIterablePayload(
+                    _read_chunks(full), content_type="application/octet-stream"
+                ),
+            )
+
+    if not root.is_dir():
+        add_file(root.name, root)
+        return writer
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        here = Path(dirpath)
+        name = root.name if here == root else f"{root.name}/{here.relative_to(root).as_posix()}"
+        part(name, aiohttp.payload.BytesPayload(b"", content_type="application/x-directory"))
+        for filename in sorted(filenames):
+            full = here / filename
+            if full.is_file() and not full.is_symlink():
+                add_file(f"{name}/{filename}", full)
+    return writer
+
+
+async def _read_chunks(path: Path, size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := await asyncio.to_thread(handle.read, size):
+            yield chunk
+
+
 def safe_extract(archive: Path, dest: Path) -> None:
     """Extract ``archive`` into ``dest``; refuse (StorageError) any entry that would escape it."""
     try:
@@ -184,9 +238,6 @@ def sanitize_tree(root: Path) -> list[str]:
             if name in dirnames:
                 dirnames.remove(name)
             full.unlink()
-    for dirpath, _, _ in os.walk(root):
-        with contextlib.suppress(OSError):
-            os.chmod(dirpath, 0o755)
     return removed
 
 

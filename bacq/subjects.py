@@ -14,21 +14,26 @@ JetStream stream ``BACQ`` (file storage, dedup by Nats-Msg-Id; nothing here is l
     bacq.verify.<job>.<node>             worker → verifier    the verification subject: result CID
     bacq.verdict.<job>                   verifier → requester the verdict and per-node outcome
 
-Key-value bucket ``bacq-jobs``: key = job id, value = the job record (written by the requester only).
+Key-value buckets: ``bacq-jobs`` (key = job id, value = the job record; written by the requester
+only) and ``bacq-results`` (key = job id, the results the verifier has collected; verifier only).
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ANNOUNCE",
+    "EXEC_ALL",
     "HEARTBEAT",
     "JOBS_BUCKET",
     "REQUESTER_EXEC_CONSUMER",
     "REQUESTER_VERDICT_CONSUMER",
+    "RESULTS_BUCKET",
     "STREAM",
     "STREAM_SUBJECTS",
     "SUBMIT",
+    "VERDICT_ALL",
     "VERIFIER_CONSUMER",
+    "VERIFY_ALL",
     "assign",
     "bids",
     "exec_update",
@@ -53,6 +58,7 @@ REQUESTER_VERDICT_CONSUMER = "requester-verdict"
 VERIFIER_CONSUMER = "verifier"
 
 JOBS_BUCKET = "bacq-jobs"
+RESULTS_BUCKET = "bacq-results"  # the verifier's collected results per job, so a restart loses none
 
 
 def _token(value: str) -> str:

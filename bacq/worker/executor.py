@@ -19,7 +19,13 @@ import requests.exceptions
 from docker.models.containers import Container
 from docker.types import Mount
 
-from bacq.errors import CommandNotFound, DockerUnavailable, ExecutionError, ImageUnavailable, JobTimeout
+from bacq.errors import (
+    CommandNotFound,
+    DockerUnavailable,
+    ExecutionError,
+    ImageUnavailable,
+    JobTimeout,
+)
 from bacq.log import get_logger
 from bacq.spec import JobSpec
 
@@ -66,7 +72,9 @@ class DockerExecutor:
         except docker.errors.ImageNotFound:
             pass
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise DockerUnavailable(f"Docker failed while looking up image {image}: {exc}") from None
+            raise DockerUnavailable(
+                f"Docker failed while looking up image {image}: {exc}"
+            ) from None
         repository, tag = _split_image(image)
         log.info("image.pull", image=image)
         try:
@@ -132,7 +140,9 @@ class DockerExecutor:
         except docker.errors.ImageNotFound:
             raise ImageUnavailable(f"image {spec.image} disappeared from this worker") from None
         except docker.errors.APIError as exc:
-            raise ExecutionError(f"Docker refused to create the container: {exc.explanation}") from None
+            raise ExecutionError(
+                f"Docker refused to create the container: {exc.explanation}"
+            ) from None
 
     async def _wait(self, container: Container, timeout: float) -> int:
         deadline = time.monotonic() + timeout

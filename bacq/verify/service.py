@@ -1,0 +1,122 @@
+"""The verifier: collects the result CIDs of each job's workers and publishes the verdict.
+
+Touches NATS only: it reads the verification subject (a durable consumer), the job records (to know
+the job's verifier, concurrency and which workers were chosen), keeps what it has collected in the
+``bacq-results`` bucket so that a restart loses nothing, and publishes one verdict per job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, Field
+
+from bacq import subjects
+from bacq.bus import Bus, ensure_bucket
+from bacq.log import get_logger
+from bacq.models import ResultMessage, decode, encode
+from bacq.states import ExecState
+from bacq.verify.logic import decide
+
+__all__ = ["Verifier"]
+
+# executions that may send a result: the requester chose them
+_CHOSEN = frozenset(ExecState) - {ExecState.BID, ExecState.BID_REJECTED}
+
+
+class Collected(BaseModel):
+    results: list[ResultMessage] = Field(default_factory=list)
+    decided: bool = False
+    ignored: list[str] = Field(default_factory=list)
+
+
+class Verifier:
+    def __init__(self, bus: Bus, results: KeyValue) -> None:
+        self.bus = bus
+        self.results = results
+        self.log = get_logger("bacq.verifier")
+
+    @classmethod
+    async def create(cls, bus: Bus) -> Verifier:
+        return cls(bus, await ensure_bucket(bus.js, subjects.RESULTS_BUCKET))
+
+    async def _load(self, job_id: str) -> Collected:
+        try:
+            entry = await self.results.get(job_id)
+        except KeyNotFoundError:
+            return Collected()
+        return decode(Collected, entry.value) if entry.value else Collected()
+
+    async def handle(self, msg: Msg) -> None:
+        result = decode(ResultMessage, msg.data)
+        subject_node = msg.subject.rsplit(".", 1)[-1]
+        log = self.log.bind(job=result.job_id, node=result.node_id)
+        collected = await self._load(result.job_id)
+        if collected.decided:
+            log.info("result.after_verdict")
+            return
+        job = await self.bus.load_job(result.job_id)
+        if subject_node != result.node_id:
+            reason = f"result for {result.node_id} sent on {subject_node}'s subject"
+        elif job is None:
+            reason = "unknown job"
+        elif result.node_id not in job.executions or (
+            job.executions[result.node_id].state not in _CHOSEN
+        ):
+            reason = "worker was not chosen for this job"
+        elif any(r.node_id == result.node_id for r in collected.results):
+            log.debug("result.duplicate")
+            return
+        else:
+            reason = ""
+        if reason or job is None:
+            log.warning("result.ignored", reason=reason)
+            collected.ignored.append(f"{result.node_id}: {reason}")
+            await self.results.put(result.job_id, encode(collected))
+            return
+        collected.results.append(result)
+        spec = job.spec
+        verdict = decide(
+            job.id, spec.verifier, spec.concurrency, spec.confidence, collected.results
+        )
+        if verdict is not None:
+            collected.decided = True
+        await self.results.put(result.job_id, encode(collected))
+        log.info(
+            "result.collected",
+            cid=result.cid,
+            error=result.error,
+            have=len(collected.results),
+            of=spec.concurrency,
+        )
+        if verdict is not None:
+            await self.bus.publish_durable(
+                subjects.verdict(job.id), verdict, msg_id=f"verdict.{job.id}"
+            )
+            log.info(
+                "verdict", outcome=verdict.outcome, reason=verdict.reason, cid=verdict.result_cid
+            )
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        async def loop() -> None:
+            async for msg in self.bus.consume(subjects.VERIFY_ALL, subjects.VERIFIER_CONSUMER):
+                try:
+                    await self.handle(msg)
+                except ValueError as exc:
+                    self.log.warning("result.malformed", subject=msg.subject, error=str(exc))
+                await msg.ack()
+
+        task = asyncio.create_task(loop())
+        await self.bus.nc.flush()
+        self.log.info("service.ready", service="verifier")
+        try:
+            await stop.wait()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self.log.info("service.stopped", service="verifier")
