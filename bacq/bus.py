@@ -55,39 +55,44 @@ class Bus:
         self.jobs = jobs
 
     @classmethod
-    async def connect(cls, url: str, *, name: str, connect_timeout: float = 5.0) -> Bus:
-        """Connect (failing fast if nothing answers), then declare the stream and the bucket."""
+    async def connect(cls, url: str, *, name: str, wait: float = 5.0) -> Bus:
+        """Connect, then declare the stream and the bucket.
 
-        async def on_error(exc: Exception) -> None:
-            log.warning("nats.error", error=str(exc))
-
+        The first connection is tried for ``wait`` seconds (a CLI fails fast; services wait
+        longer for a server that is still starting); once connected, drops reconnect forever.
+        """
         bus: Bus | None = None
 
+        async def on_error(exc: Exception) -> None:
+            # before the first connection, failures are the NatsUnavailable raised below
+            (log.warning if bus is not None else log.debug)("nats.error", error=str(exc))
+
         async def on_disconnect() -> None:
-            if bus is None or not bus.closing:
+            if bus is not None and not bus.closing:
                 log.warning("nats.disconnected")
 
         async def on_reconnect() -> None:
             log.info("nats.reconnected")
 
         try:
-            nc = await nats.connect(
-                url,
-                name=name,
-                connect_timeout=connect_timeout,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=1,
-                allow_reconnect=True,
-                error_cb=on_error,
-                disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
-            )
+            async with asyncio.timeout(wait):
+                nc = await nats.connect(
+                    url,
+                    name=name,
+                    connect_timeout=min(wait, 5.0),
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    allow_reconnect=True,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                )
         except (OSError, nats.errors.Error, TimeoutError) as exc:
+            why = f"no answer within {wait:g}s" if isinstance(exc, TimeoutError) else str(exc)
             raise NatsUnavailable(
-                f"cannot reach NATS at {url} ({exc or type(exc).__name__}); start one with "
+                f"cannot reach NATS at {url} ({why}); start one with "
                 "`bacq devstack` or set BACQ_NATS_URL / --nats to a running server"
             ) from None
-        # the first failed connect above ends the attempt; later drops reconnect forever
         js = nc.jetstream()
         try:
             await _ensure_stream(js)
@@ -102,8 +107,9 @@ class Bus:
 
     async def close(self) -> None:
         self.closing = True
+        # flush what was published, then close: drain() waits up to 30 s on pull subscriptions
         with contextlib.suppress(Exception):
-            await self.nc.drain()
+            await self.nc.flush(timeout=2)
         with contextlib.suppress(Exception):
             await self.nc.close()
 

@@ -38,6 +38,7 @@ from bacq.storage import DEFAULT_IPFS_API, Storage
 
 __all__ = ["main"]
 
+SERVICE_CONNECT_WAIT = 60.0  # seconds a service waits for NATS at start (it may be starting too)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_COMMAND_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 # piped output is not cut to 80 columns: ids and CIDs stay whole for the next program
@@ -325,7 +326,7 @@ async def _serve(run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> i
 async def cmd_requester(args: argparse.Namespace) -> int:
     from bacq.requester.service import Requester
 
-    bus = await Bus.connect(nats_url(args), name="bacq-requester")
+    bus = await Bus.connect(nats_url(args), name="bacq-requester", wait=SERVICE_CONNECT_WAIT)
     try:
         return await _serve(Requester(bus, result_grace=args.result_grace).serve)
     finally:
@@ -335,7 +336,7 @@ async def cmd_requester(args: argparse.Namespace) -> int:
 async def cmd_verifier(args: argparse.Namespace) -> int:
     from bacq.verify.service import Verifier
 
-    bus = await Bus.connect(nats_url(args), name="bacq-verifier")
+    bus = await Bus.connect(nats_url(args), name="bacq-verifier", wait=SERVICE_CONNECT_WAIT)
     try:
         return await _serve((await Verifier.create(bus)).serve)
     finally:
@@ -363,7 +364,9 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     executor = DockerExecutor.from_env()
     storage = await Storage.connect(config.ipfs_api)
-    bus = await Bus.connect(config.nats_url, name=f"bacq-worker-{config.node_id}")
+    bus = await Bus.connect(
+        config.nats_url, name=f"bacq-worker-{config.node_id}", wait=SERVICE_CONNECT_WAIT
+    )
     try:
         return await _serve(Worker(config, bus, storage, executor).serve)
     finally:

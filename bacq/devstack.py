@@ -290,6 +290,7 @@ class Devstack:
         state_dir: Path | None = None,
         worker_labels: dict[str, str] | None = None,
         fetch_timeout: float = 60.0,
+        max_jobs: int = 4,
         result_grace: float = 120.0,
         keep_state: bool = False,
     ) -> None:
@@ -301,6 +302,7 @@ class Devstack:
         self.bad_workers = bad_workers
         self.worker_labels = worker_labels or {}
         self.fetch_timeout = fetch_timeout
+        self.max_jobs = max_jobs
         self.result_grace = result_grace
         self._own_dir = state_dir is None
         self.keep_state = keep_state
@@ -335,6 +337,8 @@ class Devstack:
             str(self.state_dir / name),
             "--fetch-timeout",
             str(self.fetch_timeout),
+            "--max-jobs",
+            str(self.max_jobs),
         )
         for key, value in (labels if labels is not None else self.worker_labels).items():
             argv += ["--label", f"{key}={value}"]

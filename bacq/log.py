@@ -39,5 +39,6 @@ def configure(*, json: bool | None = None, level: str | None = None) -> None:
 
 
 def get_logger(name: str, **bound: Any) -> structlog.stdlib.BoundLogger:
-    logger: structlog.stdlib.BoundLogger = structlog.get_logger(name).bind(logger=name, **bound)
+    # a lazy proxy: module-level loggers made at import follow the configuration done later
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger(component=name, **bound)
     return logger

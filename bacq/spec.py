@@ -7,6 +7,8 @@ A spec is plain data (pydantic v2). ``parse_spec`` turns any mapping into a ``Jo
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Annotated, Any, Literal
 
@@ -72,13 +74,54 @@ def _check_container_path(path: str) -> str:
     return path.rstrip("/")
 
 
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(data) and shift < 63:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("truncated varint")
+
+
+def _cid_bytes(cid: str) -> bytes:
+    if _CID_V0.match(cid):
+        number = 0
+        for char in cid:
+            number = number * 58 + _B58.index(char)
+        return number.to_bytes(34, "big")
+    if _CID_V1_BASE32.match(cid):
+        body = cid[1:].upper()
+        return base64.b32decode(body + "=" * (-len(body) % 8))
+    if _CID_V1_BASE36.match(cid):
+        number = int(cid[1:], 36)
+        return number.to_bytes((number.bit_length() + 7) // 8, "big")
+    raise ValueError("unknown CID encoding")
+
+
 def _check_cid(cid: str) -> str:
-    cid = cid.strip()
-    if cid.startswith("/ipfs/"):
-        cid = cid.removeprefix("/ipfs/")
-    if not (_CID_V0.match(cid) or _CID_V1_BASE32.match(cid) or _CID_V1_BASE36.match(cid)):
+    """A CIDv0 (Qm…) or CIDv1 (base32 b…, base36 k…) whose multihash length adds up."""
+    cid = cid.strip().removeprefix("/ipfs/")
+    try:
+        data = _cid_bytes(cid)
+        if data[:2] == b"\x12\x20":  # v0: a bare sha2-256 multihash
+            ok = len(data) == 34
+        else:
+            version, pos = _varint(data, 0)
+            _codec, pos = _varint(data, pos)
+            _hash, pos = _varint(data, pos)
+            length, pos = _varint(data, pos)
+            ok = version == 1 and len(data) - pos == length
+    except (ValueError, OverflowError, binascii.Error):
+        ok = False
+    if not ok:
         raise ValueError(
-            f"{cid!r} is not a CID; use the value printed by `bacq ipfs add` (bafy... or Qm...)"
+            f"{cid!r} is not a valid CID; use the value printed by `bacq ipfs add` (bafy… or Qm…)"
         )
     return cid
 

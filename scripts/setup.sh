@@ -81,8 +81,9 @@ stamp="$VENV/.bacq-installed"
 want_stamp=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want_stamp" ]; then
     say "installing bacq and its dev tools into $VENV"
-    "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+    log="$VENV/.bacq-install.log"
+    { "$VENV/bin/pip" install --upgrade pip && "$VENV/bin/pip" install -e "$ROOT[dev]"; } >"$log" 2>&1 \
+        || { tail -30 "$log" >&2; die "pip install failed (whole log: $log)"; }
     echo "$want_stamp" > "$stamp"
 fi
 
