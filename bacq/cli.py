@@ -394,6 +394,8 @@ def cmd_devstack(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    # a background job of a script starts with SIGINT ignored: Ctrl-C must stop the stack anyway
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         stack.start()
         if args.env_file:

@@ -53,7 +53,10 @@ class Storage:
         storage = cls(client, maddr, timeout)
         try:
             async with asyncio.timeout(10):
-                await client.core.id()
+                info = await client.core.id()
+            if not isinstance(info, dict) or "ID" not in info:
+                # aioipfs returns None instead of raising when the connection fails
+                raise OSError("connection failed")
         except (TimeoutError, OSError, aioipfs.APIError, aioipfs.UnknownAPIError) as exc:
             await storage.close()
             raise IpfsUnavailable(

@@ -10,7 +10,7 @@ bash scripts/setup.sh
 work=$(mktemp -d -t bacq-demo-XXXXXX)
 bacq devstack --workers 3 --env-file "$work/env" >"$work/devstack.out" 2>&1 &
 stack=$!
-trap 'kill -INT $stack 2>/dev/null; wait $stack 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill -TERM $stack 2>/dev/null; wait $stack 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 1 120); do
     [ -s "$work/env" ] && break
     kill -0 $stack 2>/dev/null || { cat "$work/devstack.out"; exit 1; }
