@@ -363,7 +363,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     executor = DockerExecutor.from_env()
-    storage = await Storage.connect(config.ipfs_api)
+    # adding a large results folder can take a while; fetches have their own --fetch-timeout
+    storage = await Storage.connect(config.ipfs_api, timeout=args.ipfs_timeout)
     bus = await Bus.connect(
         config.nats_url, name=f"bacq-worker-{config.node_id}", wait=SERVICE_CONNECT_WAIT
     )
@@ -571,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=120.0,
         help="seconds to fetch each input from IPFS (120)",
+    )
+    worker.add_argument(
+        "--ipfs-timeout", type=float, default=600.0, help="seconds for other IPFS calls (600)"
     )
     worker.add_argument("--tamper", action="store_true", help=argparse.SUPPRESS)
     _connection_flags(worker, ipfs=True)
