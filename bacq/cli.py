@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ from bacq.client import Client
 from bacq.errors import BacqError, SpecError
 from bacq.log import configure as configure_logging
 from bacq.models import JobRecord
+from bacq.sdnotify import Notifier, on_log_event
 from bacq.spec import json_schema, parse_memory, parse_spec
 from bacq.states import ExecState, JobState
 from bacq.storage import DEFAULT_IPFS_API, Storage
@@ -315,11 +317,30 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 # -- services ------------------------------------------------------------------------------------
 async def _serve(run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
+    """Run a service until SIGTERM/SIGINT, telling systemd (when it runs us) how it goes."""
+    service = getattr(run, "__self__", None)
+    status_line: Callable[[], str] = getattr(service, "status_line", None) or (lambda: "running")
+    notifier = Notifier()
+    on_log_event("service.ready", lambda: notifier.ready(status_line()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            notifier.stopping(f"stopping: {status_line()}")
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await run(stop)
+        loop.add_signal_handler(sig, on_signal)
+    keepalive = asyncio.create_task(notifier.keepalive(status_line), name="sd-keepalive")
+    try:
+        await run(stop)
+    finally:
+        keepalive.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keepalive
+        notifier.status(f"stopped: {status_line()}")
+        notifier.close()
     return EXIT_OK
 
 
@@ -362,7 +383,16 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    executor = DockerExecutor.from_env()
+    try:
+        results_limit = parse_memory(args.results_limit)
+    except ValueError as exc:
+        raise UsageError(f"--results-limit: {exc}") from None
+    executor = DockerExecutor.from_env(
+        allow_network=args.allow_network,
+        results_limit=results_limit,
+        container_user=args.container_user,
+        tmpfs_size=args.tmp_size,
+    )
     # adding a large results folder can take a while; fetches have their own --fetch-timeout
     storage = await Storage.connect(config.ipfs_api, timeout=args.ipfs_timeout)
     bus = await Bus.connect(
@@ -575,6 +605,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--ipfs-timeout", type=float, default=600.0, help="seconds for other IPFS calls (600)"
+    )
+    worker.add_argument(
+        "--allow-network",
+        action="store_true",
+        help="run jobs that ask for network access with a network (default: no job gets one)",
+    )
+    worker.add_argument(
+        "--results-limit",
+        default="1g",
+        metavar="SIZE",
+        help="most output (folders + stdout + stderr) a job may leave (1g)",
+    )
+    worker.add_argument(
+        "--container-user",
+        metavar="UID:GID|image",
+        help="user the job's container runs as (default: this worker's uid:gid, or 65534:65534 "
+        "when the worker runs as root); 'image' keeps the image's own USER",
+    )
+    worker.add_argument(
+        "--tmp-size", default="64m", metavar="SIZE", help="the container's writable /tmp (64m)"
     )
     worker.add_argument("--tamper", action="store_true", help=argparse.SUPPRESS)
     _connection_flags(worker, ipfs=True)
