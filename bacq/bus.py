@@ -2,12 +2,16 @@
 
 Touches the NATS connection only. Subject names come from ``bacq.subjects``; payloads are the models
 of ``bacq.models``. Every process uses ``Bus.connect`` so reconnection and errors behave alike.
+Credentials, TLS and the role's inbox prefix come from ``bacq.auth.NatsOptions``; only the
+requester and the verifier declare the stream and buckets (workers and clients may lack the
+JetStream API permissions to do so, see deploy/nats/bacq.conf).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -30,7 +34,8 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from bacq import subjects
-from bacq.errors import NatsUnavailable
+from bacq.auth import NatsOptions
+from bacq.errors import ConfigError, NatsUnavailable
 from bacq.log import get_logger
 from bacq.models import JobRecord, decode, encode
 
@@ -38,6 +43,9 @@ __all__ = ["DEFAULT_NATS_URL", "Bus", "ensure_bucket"]
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 STREAM_MAX_AGE = 30 * 24 * 3600.0  # seconds of history kept in the BACQ stream
+# copies of the stream and buckets in a JetStream cluster (BACQ_JS_REPLICAS; 3 for a 3-node cluster)
+REPLICAS_ENV = "BACQ_JS_REPLICAS"
+DECLARING_ROLES = ("requester", "verifier")
 DUPLICATE_WINDOW = 120.0  # seconds within which a repeated Nats-Msg-Id is dropped
 
 M = TypeVar("M", bound=BaseModel)
@@ -55,15 +63,31 @@ class Bus:
         self.jobs = jobs
 
     @classmethod
-    async def connect(cls, url: str, *, name: str, wait: float = 5.0) -> Bus:
-        """Connect, then declare the stream and the bucket.
+    async def connect(
+        cls,
+        url: str,
+        *,
+        name: str,
+        wait: float = 5.0,
+        options: NatsOptions | None = None,
+    ) -> Bus:
+        """Connect, then declare the stream and the bucket (requester and verifier only).
 
         The first connection is tried for ``wait`` seconds (a CLI fails fast; services wait
         longer for a server that is still starting); once connected, drops reconnect forever.
+        ``options`` default to the ``BACQ_NATS_*`` environment for the role named in ``name``
+        (``bacq-worker-w1`` is a worker, ``bacq-client`` a client). ``url`` may list several
+        servers separated by commas (a cluster).
         """
+        if options is None:
+            options = NatsOptions.from_env(_role(name))
         bus: Bus | None = None
+        refused: list[str] = []  # authorization errors before the first connection
 
         async def on_error(exc: Exception) -> None:
+            # nats-py reports it as a plain Error "nats: 'Authorization Violation'"
+            if bus is None and "authorization violation" in str(exc).lower():
+                refused.append(str(exc))
             # before the first connection, failures are the NatsUnavailable raised below
             (log.warning if bus is not None else log.debug)("nats.error", error=str(exc))
 
@@ -77,7 +101,7 @@ class Bus:
         try:
             async with asyncio.timeout(wait):
                 nc = await nats.connect(
-                    url,
+                    [u.strip() for u in url.split(",") if u.strip()],
                     name=name,
                     connect_timeout=min(wait, 5.0),
                     max_reconnect_attempts=-1,
@@ -86,17 +110,35 @@ class Bus:
                     error_cb=on_error,
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
+                    **options.connect_kwargs(),
                 )
         except (OSError, nats.errors.Error, TimeoutError) as exc:
             why = f"no answer within {wait:g}s" if isinstance(exc, TimeoutError) else str(exc)
+            if refused or isinstance(exc, nats.errors.AuthorizationError):
+                raise NatsUnavailable(
+                    f"NATS at {url} refused {name} ({options.describe()}): authorization "
+                    "violation; check the "
+                    "credentials (BACQ_NATS_USER/_PASSWORD, _TOKEN, _CREDS or _NKEY)"
+                ) from None
             raise NatsUnavailable(
                 f"cannot reach NATS at {url} ({why}); start one with "
                 "`bacq devstack` or set BACQ_NATS_URL / --nats to a running server"
             ) from None
         js = nc.jetstream()
         try:
-            await _ensure_stream(js)
-            jobs = await ensure_bucket(js, subjects.JOBS_BUCKET)
+            if options.role in DECLARING_ROLES:
+                await _ensure_stream(js)
+                jobs = await ensure_bucket(js, subjects.JOBS_BUCKET)
+            elif options.role == "worker":  # workers never read job records: bind, no lookup
+                jobs = KeyValue(
+                    name=subjects.JOBS_BUCKET,
+                    stream=f"KV_{subjects.JOBS_BUCKET}",
+                    pre=f"$KV.{subjects.JOBS_BUCKET}.",
+                    js=js,
+                    direct=False,
+                )
+            else:
+                jobs = await ensure_bucket(js, subjects.JOBS_BUCKET)
         except (nats.errors.Error, TimeoutError) as exc:
             await nc.close()
             raise NatsUnavailable(
@@ -195,6 +237,19 @@ class Bus:
             return []
 
 
+def _role(name: str) -> str:
+    parts = name.split("-")
+    return parts[1] if len(parts) > 1 and parts[0] == "bacq" else "client"
+
+
+def replicas() -> int:
+    """JetStream replicas for the stream and buckets: ``$BACQ_JS_REPLICAS`` (1 to 5), else 1."""
+    value = os.environ.get(REPLICAS_ENV, "1")
+    if not value.isdigit() or not 1 <= int(value) <= 5:
+        raise ConfigError(f"{REPLICAS_ENV} must be a number from 1 to 5, not {value!r}")
+    return int(value)
+
+
 async def _ensure_stream(js: JetStreamContext) -> None:
     config = StreamConfig(
         name=subjects.STREAM,
@@ -202,6 +257,7 @@ async def _ensure_stream(js: JetStreamContext) -> None:
         storage=StorageType.FILE,
         max_age=STREAM_MAX_AGE,
         duplicate_window=DUPLICATE_WINDOW,
+        num_replicas=replicas(),
     )
     try:
         await js.stream_info(subjects.STREAM)
@@ -219,6 +275,8 @@ async def ensure_bucket(js: JetStreamContext, name: str) -> KeyValue:
     except nats.js.errors.BucketNotFoundError:
         with contextlib.suppress(nats.js.errors.BadRequestError):
             await js.create_key_value(
-                KeyValueConfig(bucket=name, history=5, storage=StorageType.FILE)
+                KeyValueConfig(
+                    bucket=name, history=5, storage=StorageType.FILE, replicas=replicas()
+                )
             )
         return await js.key_value(name)

@@ -447,10 +447,50 @@ def cmd_devstack(args: argparse.Namespace) -> int:
 
 
 # -- parser --------------------------------------------------------------------------------------
+# NATS credential and TLS flags: each sets the BACQ_NATS_* variable bacq.auth reads (secrets are
+# given as files or environment variables, never as arguments, which any local user can list)
+_NATS_AUTH_FLAGS = {
+    "nats_user": (
+        "--nats-user",
+        "NAME",
+        "BACQ_NATS_USER",
+        "NATS user (password: $BACQ_NATS_PASSWORD or --nats-password-file)",
+    ),
+    "nats_password_file": (
+        "--nats-password-file",
+        "FILE",
+        "BACQ_NATS_PASSWORD_FILE",
+        "file holding the NATS user's password",
+    ),
+    "nats_token_file": (
+        "--nats-token-file",
+        "FILE",
+        "BACQ_NATS_TOKEN_FILE",
+        "file holding a NATS token (or $BACQ_NATS_TOKEN)",
+    ),
+    "nats_creds": ("--nats-creds", "FILE", "BACQ_NATS_CREDS", "NATS .creds file (JWT + nkey)"),
+    "nats_nkey": ("--nats-nkey", "FILE", "BACQ_NATS_NKEY", "file holding an nkey seed (SU...)"),
+    "tls_ca": ("--tls-ca", "FILE", "BACQ_NATS_TLS_CA", "CA bundle to verify NATS servers (TLS)"),
+    "tls_cert": ("--tls-cert", "FILE", "BACQ_NATS_TLS_CERT", "client certificate (mutual TLS)"),
+    "tls_key": ("--tls-key", "FILE", "BACQ_NATS_TLS_KEY", "client certificate's key"),
+}
+
+
+def _export_nats_flags(args: argparse.Namespace) -> None:
+    for dest, (_, _, env, _) in _NATS_AUTH_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value:
+            os.environ[env] = str(value)
+
+
 def _connection_flags(parser: argparse.ArgumentParser, *, ipfs: bool = False) -> None:
     parser.add_argument(
-        "--nats", metavar="URL", help=f"NATS server (default: $BACQ_NATS_URL or {DEFAULT_NATS_URL})"
+        "--nats",
+        metavar="URL",
+        help=f"NATS server(s), comma-separated (default: $BACQ_NATS_URL or {DEFAULT_NATS_URL})",
     )
+    for dest, (flag, metavar, env, text) in _NATS_AUTH_FLAGS.items():
+        parser.add_argument(flag, dest=dest, metavar=metavar, help=f"{text} [${env}]")
     if ipfs:
         parser.add_argument(
             "--ipfs",
@@ -635,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _export_nats_flags(args)
     service = args.cmd in ("requester", "verifier", "worker")
     configure_logging(
         json=True if service or os.environ.get("BACQ_LOG_JSON") else None,
