@@ -48,7 +48,18 @@ REPLICAS_ENV = "BACQ_JS_REPLICAS"
 DECLARING_ROLES = ("requester", "verifier")
 DUPLICATE_WINDOW = 120.0  # seconds within which a repeated Nats-Msg-Id is dropped
 
+JS_RETRY_FOR = 30.0  # seconds a job-record read/write retries while JetStream is away (failover)
+# the server or the stream's leader is away (restart, network, a cluster electing a new leader)
+TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+)
+
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 log = get_logger("bacq.bus")
 
 
@@ -178,11 +189,7 @@ class Bus:
             try:
                 await self.js.publish(subject, encode(message), headers={"Nats-Msg-Id": msg_id})
                 return
-            except (
-                nats.errors.TimeoutError,
-                nats.errors.NoRespondersError,
-                nats.errors.ConnectionReconnectingError,
-            ) as exc:
+            except TRANSIENT as exc:
                 # the server is away (restart, network): keep the message and try again
                 log.warning("bus.publish_retry", subject=subject, error=type(exc).__name__)
                 await asyncio.sleep(delay)
@@ -218,23 +225,44 @@ class Bus:
                 yield msg
 
     # -- job records ------------------------------------------------------------------------------
+    async def _retrying(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run a bucket operation, again while JetStream is briefly away (up to JS_RETRY_FOR)."""
+        deadline = asyncio.get_running_loop().time() + JS_RETRY_FOR
+        delay = 0.2
+        while True:
+            try:
+                return await op()
+            except TRANSIENT as exc:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise
+                log.warning("bus.bucket_retry", op=what, error=type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     async def load_job(self, job_id: str) -> JobRecord | None:
-        try:
-            entry = await self.jobs.get(job_id)
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        if entry.value is None:
-            return None
-        return decode(JobRecord, entry.value)
+        async def get() -> bytes | None:
+            try:
+                return (await self.jobs.get(job_id)).value
+            except nats.js.errors.KeyNotFoundError:
+                return None
+
+        value = await self._retrying("get", get)
+        return None if value is None else decode(JobRecord, value)
 
     async def save_job(self, job: JobRecord) -> None:
-        await self.jobs.put(job.id, encode(job))
+        async def put() -> None:
+            await self.jobs.put(job.id, encode(job))
+
+        await self._retrying("put", put)
 
     async def job_ids(self) -> list[str]:
-        try:
-            return list(await self.jobs.keys())
-        except nats.js.errors.NoKeysError:
-            return []
+        async def keys() -> list[str]:
+            try:
+                return list(await self.jobs.keys())
+            except nats.js.errors.NoKeysError:
+                return []
+
+        return await self._retrying("keys", keys)
 
 
 def _role(name: str) -> str:

@@ -301,10 +301,12 @@ class Devstack:
         nats_env: dict[str, str] | None = None,
         role_env: dict[str, dict[str, str]] | None = None,
         worker_args: list[str] | None = None,
+        nats_url: str | None = None,
     ) -> None:
         """``nats_args``/``nats_env``: extra nats-server arguments and environment (a config with
         users); ``role_env``: extra environment per role (requester, verifier, worker), e.g. its
-        BACQ_NATS_USER/_PASSWORD; ``worker_args``: extra ``bacq worker`` flags."""
+        BACQ_NATS_USER/_PASSWORD; ``worker_args``: extra ``bacq worker`` flags; ``nats_url``:
+        use these running NATS servers (comma-separated, a cluster) instead of starting one."""
         if workers < 0 or not 0 <= bad_workers <= workers:
             raise ValueError("bad_workers must be between 0 and the number of workers")
         if kubo_nodes < 1:
@@ -325,6 +327,9 @@ class Devstack:
             args=list(nats_args or []),
             env=dict(nats_env or {}),
         )
+        self.external_nats = bool(nats_url)
+        if nats_url:
+            self.nats.url = nats_url
         self.role_env = role_env or {}
         self.worker_args = list(worker_args or [])
         self.kubo = [
@@ -373,7 +378,8 @@ class Devstack:
     def start(self) -> Devstack:
         self.logs.mkdir(parents=True, exist_ok=True)
         try:
-            self.nats.start()
+            if not self.external_nats:
+                self.nats.start()
             first = self.kubo[0]
             first.start()
             for node in self.kubo[1:]:
