@@ -319,7 +319,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 async def _serve(run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
     """Run a service until SIGTERM/SIGINT, telling systemd (when it runs us) how it goes."""
     service = getattr(run, "__self__", None)
-    status_line: Callable[[], str] = getattr(service, "status_line", None) or (lambda: "running")
+    status_line: Callable[[], str] = getattr(service, "status_line", None) or (lambda: "serving")
     notifier = Notifier()
     on_log_event("service.ready", lambda: notifier.ready(status_line()))
     stop = asyncio.Event()
