@@ -7,13 +7,16 @@ the container sees under /sys/fs/cgroup. A results limit stops oversized output 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from bacq.client import Client
+from bacq.devstack import Devstack
 from bacq.errors import ExecutionError, ResultsTooLarge
 from bacq.spec import JobSpec, parse_spec
+from bacq.states import JobState
 from bacq.worker.executor import DockerExecutor, bind
 
 PROBE = r"""
@@ -156,3 +159,40 @@ async def test_results_over_the_workers_limit_fail_with_a_clear_error(tmp_path: 
             )
     finally:
         ex.close()
+
+
+async def test_a_job_that_keeps_writing_is_killed_once_over_the_limit(tmp_path: Path) -> None:
+    ex = DockerExecutor.from_env(results_limit=1_000_000)
+    out = tmp_path / "out"
+    out.mkdir()
+    try:
+        with pytest.raises(ResultsTooLarge, match="limit of 1000000 bytes"):
+            await ex.run(
+                _spec(
+                    "while true; do head -c 200000 /dev/zero >> /out/f; sleep 0.1; done",
+                    timeout=600,
+                ),
+                name=_name("filler"),
+                mounts=[bind(out, "/out", read_only=False)],
+                labels={"bacq.test": "filler"},
+            )
+    finally:
+        ex.close()
+
+
+async def test_a_worker_started_with_a_results_limit_fails_the_job_with_the_reason(
+    make_stack: Callable[..., Devstack],
+) -> None:
+    stack = make_stack(workers=1, kubo_nodes=1, worker_args=["--results-limit", "100k"])
+    async with await Client.connect(stack.nats.url) as client:
+        job_id = await client.submit(
+            {
+                "image": "bacq-test/busybox",
+                "command": ["sh", "-c", "head -c 200000 /dev/zero > /out/big"],
+                "outputs": [{"name": "big", "path": "/out"}],
+            }
+        )
+        job = await client.wait(job_id, timeout=180)
+    assert job.state == JobState.FAILED
+    error = job.executions["w1"].error or ""
+    assert "exceed this worker's limit of 102400 bytes" in error

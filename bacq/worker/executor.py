@@ -41,7 +41,7 @@ from bacq.spec import JobSpec
 __all__ = ["DEFAULT_RESULTS_LIMIT", "ContainerResult", "DockerExecutor", "tree_size"]
 
 log = get_logger("bacq.worker.executor")
-_WAIT_SLICE = 5.0  # seconds per docker wait request; the deadline is checked between them
+_WAIT_SLICE = 2.0  # seconds per docker wait request; deadline and output size checked between
 DEFAULT_RESULTS_LIMIT = 1024**3  # bytes of outputs + stdout + stderr per job (--results-limit)
 DEFAULT_TMPFS = "64m"  # the container's writable /tmp (its root filesystem is read-only)
 NOBODY = "65534:65534"
@@ -167,7 +167,7 @@ class DockerExecutor:
                 await asyncio.to_thread(container.start)
             except docker.errors.APIError as exc:
                 raise _start_error(spec, exc) from None
-            exit_code = await self._wait(container, spec.timeout)
+            exit_code = await self._wait(container, spec.timeout, mounts)
             stdout = await asyncio.to_thread(container.logs, stdout=True, stderr=False)
             stderr = await asyncio.to_thread(container.logs, stdout=False, stderr=True)
             await self._check_results_size(mounts, len(stdout) + len(stderr))
@@ -187,7 +187,7 @@ class DockerExecutor:
         if total > self.results_limit:
             raise ResultsTooLarge(
                 f"the job's results (output folders, stdout and stderr) exceed this worker's "
-                f"limit of {self.results_limit} bytes (found more than {total} bytes); write "
+                f"limit of {self.results_limit} bytes (found at least {total} bytes); write "
                 "less output or use a worker with a larger --results-limit"
             )
 
@@ -237,7 +237,7 @@ class DockerExecutor:
                 f"Docker refused to create the container: {exc.explanation}"
             ) from None
 
-    async def _wait(self, container: Container, timeout: float) -> int:
+    async def _wait(self, container: Container, timeout: float, mounts: list[Mount]) -> int:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -247,6 +247,12 @@ class DockerExecutor:
                     f"the container ran longer than the job's timeout of {timeout:g}s and was "
                     "killed; raise --timeout if the job needs more time"
                 )
+            try:
+                # between waits, the outputs so far: a job filling the disk is stopped early
+                await self._check_results_size(mounts, 0)
+            except ResultsTooLarge:
+                await asyncio.to_thread(_kill, container)
+                raise
             try:
                 status = await asyncio.to_thread(
                     container.wait, timeout=max(1.0, min(_WAIT_SLICE, remaining))
