@@ -4,7 +4,9 @@
 units, the host's own unit tree and the real binaries at their install paths. The real run starts
 systemd as PID 1 in a Debian container (image ``bacq-test/systemd:bookworm``, built once from
 tests/systemd/Dockerfile) with the host's Docker socket, the venv and its Python mounted read-only,
-and runs ``bacq-worker@NAME`` unchanged against a devstack on the host (host network, loopback).
+and runs ``bacq-requester``, ``bacq-verifier`` and ``bacq-worker@NAME`` unchanged, each with its
+role's NATS user, against nats-server (deploy/nats/nats-server.conf) and kubo on the host (host
+network, loopback).
 
 The worker's work dir (/var/lib/bacq/worker-NAME) is the same path on the host and in the container,
 because dockerd on the host bind-mounts job folders from it.
@@ -20,13 +22,13 @@ import subprocess
 import sys
 import sysconfig
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bacq.client import Client
-from bacq.devstack import Devstack, find_ipfs, find_nats_server
+from bacq.devstack import KuboNode, NatsServer, find_ipfs, find_nats_server
 from bacq.states import ExecState, JobState
 from bacq.storage import Storage
 
@@ -35,10 +37,12 @@ UNITS = ROOT / "deploy" / "systemd"
 IMAGE = "bacq-test/systemd:bookworm"
 # `systemd-analyze security --offline=yes` exposure (0 best, 10 worst) recorded in deploy/README.md;
 # a change to a unit that raises one fails here until the README says why.
+ROLES = ("client", "requester", "verifier", "worker")
+PASSWORDS = {role: f"{role}-sd-{os.getpid()}" for role in ROLES}
 RECORDED_EXPOSURE = {
     "bacq-worker@w1.service": 1.5,
-    "bacq-requester.service": 1.2,
-    "bacq-verifier.service": 1.2,
+    "bacq-requester.service": 1.4,
+    "bacq-verifier.service": 1.4,
     "nats-server.service": 1.2,
     "kubo.service": 1.6,
 }
@@ -211,22 +215,54 @@ async def _wait_status(m: Machine, unit: str, text: str) -> str:
     raise AssertionError(f"{unit} status stayed {status!r}, expected {text!r}")
 
 
-async def test_a_worker_unit_under_real_systemd_reports_ready_takes_a_job_and_stops_cleanly(
-    machine: Machine, make_stack: Callable[..., Devstack], tmp_path: Path
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[tuple[NatsServer, KuboNode]]:
+    """nats-server with deploy/nats/nats-server.conf (users per role) and kubo, on the host."""
+    nats_server = NatsServer(
+        tmp_path / "nats",
+        tmp_path / "nats.log",
+        args=["-c", str(ROOT / "deploy" / "nats" / "nats-server.conf")],
+        env={f"BACQ_{role.upper()}_PASSWORD": pw for role, pw in PASSWORDS.items()},
+    )
+    kubo = KuboNode(tmp_path / "kubo", tmp_path / "kubo.log")
+    try:
+        nats_server.start()
+        kubo.start()
+        yield nats_server, kubo
+    finally:
+        kubo.stop()
+        nats_server.stop()
+
+
+def _credentials(role: str) -> str:
+    return f"BACQ_NATS_USER={role}\\nBACQ_NATS_PASSWORD={PASSWORDS[role]}\\n"
+
+
+async def test_units_under_real_systemd_report_ready_run_a_job_and_stop_cleanly(
+    machine: Machine, servers: tuple[NatsServer, KuboNode], tmp_path: Path
 ) -> None:
-    stack = make_stack(workers=0, kubo_nodes=1)
+    nats_server, kubo = servers
     node = f"sd{uuid.uuid4().hex[:6]}"
     unit = f"bacq-worker@{node}.service"
     machine.sh(
         f"""
-        printf 'BACQ_NATS_URL={stack.nats.url}\\nBACQ_IPFS_API={stack.ipfs_api}\\n' \
-            > /etc/bacq/bacq.env
-        printf 'BACQ_WORKER_ARGS=--cpu 1 --memory 1g --max-jobs 2 --results-limit 10m\\n' \
+        printf 'BACQ_NATS_URL={nats_server.url}\\nBACQ_IPFS_API={kubo.api}\\n' > /etc/bacq/bacq.env
+        printf '{_credentials("requester")}' > /etc/bacq/requester.env
+        printf '{_credentials("verifier")}' > /etc/bacq/verifier.env
+        printf '{_credentials("worker")}BACQ_WORKER_ARGS=--cpu 1 --memory 1g --max-jobs 2\\n' \\
             > /etc/bacq/worker-{node}.env
+        chmod 0640 /etc/bacq/*.env && chgrp bacq /etc/bacq/*.env
         """
     )
+    os.environ.update({"BACQ_NATS_USER": "client", "BACQ_NATS_PASSWORD": PASSWORDS["client"]})
     try:
-        # Type=notify: `systemctl start` returns once the worker sent READY=1
+        # Type=notify: `systemctl start` returns once each service sent READY=1
+        machine.sh("systemctl start bacq-requester bacq-verifier", timeout=120)
+        for service in ("bacq-requester.service", "bacq-verifier.service"):
+            assert machine.show(service, "ActiveState", "StatusText") == {
+                "ActiveState": "active",
+                "StatusText": "serving",
+            }
         machine.sh(f"systemctl start {unit}", timeout=120)
         state = machine.show(unit, "ActiveState", "SubState", "Type", "WatchdogUSec", "User")
         assert state == {
@@ -248,8 +284,8 @@ async def test_a_worker_unit_under_real_systemd_reports_ready_takes_a_job_and_st
             await asyncio.sleep(0.2)
         assert now != first, "no watchdog ping reached systemd"
 
-        storage = await Storage.connect(stack.ipfs_api)
-        client = await Client.connect(stack.nats.url)
+        storage = await Storage.connect(kubo.api)
+        client = await Client.connect(nats_server.url)
         try:
             source = tmp_path / "in.txt"
             source.write_text("hello from the host\n")
@@ -292,7 +328,8 @@ async def test_a_worker_unit_under_real_systemd_reports_ready_takes_a_job_and_st
             assert long_job.final
             assert long_job.executions[node].state in (
                 ExecState.VERIFIED,  # drained: the job finished before the worker left
-                ExecState.REJECTED,  # handed back: reported as failed by the stopping worker
+                ExecState.FAILED,  # handed back: reported as failed by the stopping worker
+                ExecState.REJECTED,  # the same, once the verifier has counted it
             )
             leftovers = _run("docker", "ps", "-aq", "--filter", f"label=bacq.node={node}")
             assert leftovers.stdout.strip() == ""
@@ -300,5 +337,7 @@ async def test_a_worker_unit_under_real_systemd_reports_ready_takes_a_job_and_st
             await client.close()
             await storage.close()
     finally:
-        machine.sh(f"systemctl stop {unit} || true", check=False)
+        for key in ("BACQ_NATS_USER", "BACQ_NATS_PASSWORD"):
+            os.environ.pop(key, None)
+        machine.sh(f"systemctl stop {unit} bacq-requester bacq-verifier || true", check=False)
         shutil.rmtree(f"/var/lib/bacq/worker-{node}", ignore_errors=True)
