@@ -304,9 +304,10 @@ class Devstack:
         nats_url: str | None = None,
     ) -> None:
         """``nats_args``/``nats_env``: extra nats-server arguments and environment (a config with
-        users); ``role_env``: extra environment per role (requester, verifier, worker), e.g. its
-        BACQ_NATS_USER/_PASSWORD; ``worker_args``: extra ``bacq worker`` flags; ``nats_url``:
-        use these running NATS servers (comma-separated, a cluster) instead of starting one."""
+        users); ``role_env``: extra environment per role (requester, verifier, worker) or worker
+        name (w1, ...), e.g. its BACQ_NATS_USER/_PASSWORD; ``worker_args``: extra ``bacq worker``
+        flags; ``nats_url``: use these running NATS servers (comma-separated, a cluster) instead
+        of starting one."""
         if workers < 0 or not 0 <= bad_workers <= workers:
             raise ValueError("bad_workers must be between 0 and the number of workers")
         if kubo_nodes < 1:
@@ -369,7 +370,10 @@ class Devstack:
             argv.append("--tamper")
         argv += self.worker_args
         service = _Service(
-            name, argv, self.logs / f"{name}.log", env=self.role_env.get("worker", {})
+            name,
+            argv,
+            self.logs / f"{name}.log",
+            env={**self.role_env.get("worker", {}), **self.role_env.get(name, {})},
         )
         self.services[name] = service
         service.start()

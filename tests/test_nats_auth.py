@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +24,7 @@ from bacq.auth import NatsOptions
 from bacq.client import Client
 from bacq.devstack import Devstack
 from bacq.models import ResultMessage, encode
+from bacq.natsconf import render
 from bacq.states import JobState
 from bacq.storage import Storage
 from tests.scenarios import BUSYBOX, HELLO_WORLD, setup_storage
@@ -205,3 +207,76 @@ async def test_jobs_flow_end_to_end_with_every_role_authenticated(
             os.environ.pop(key, None)
     assert [job.state for job in jobs] == [JobState.ACCEPTED]
     assert len([e for e in jobs[0].executions.values() if e.result_cid]) == 2
+
+
+def test_the_shipped_auth_conf_is_what_natsconf_renders() -> None:
+    shipped = (ROOT / "deploy" / "nats" / "auth.conf").read_text()
+    assert shipped == render(), "regenerate: python -m bacq.natsconf > deploy/nats/auth.conf"
+
+
+async def test_with_a_user_per_worker_node_no_worker_sends_results_in_anothers_name(
+    make_stack: Callable[..., Devstack], tmp_path: Path
+) -> None:
+    config_dir = tmp_path / "nats-config"
+    config_dir.mkdir()
+    shutil.copy(ROOT / "deploy" / "nats" / "nats-server.conf", config_dir)
+    (config_dir / "auth.conf").write_text(render(["w1", "w2"]))
+    passwords = {**PASSWORDS, "w1": "w1-secret", "w2": "w2-secret"}
+    nats_env = {
+        f"BACQ_{r.upper()}_PASSWORD": PASSWORDS[r] for r in ("client", "requester", "verifier")
+    }
+    nats_env |= {"BACQ_WORKER_W1_PASSWORD": "w1-secret", "BACQ_WORKER_W2_PASSWORD": "w2-secret"}
+    stack = make_stack(
+        workers=2,
+        kubo_nodes=1,
+        nats_args=["-c", str(config_dir / "nats-server.conf")],
+        nats_env=nats_env,
+        role_env={
+            name: {"BACQ_NATS_USER": name, "BACQ_NATS_PASSWORD": passwords[name]}
+            for name in ("requester", "verifier", "w1", "w2")
+        },
+    )
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc).lower())
+
+    w1 = await nats.connect(
+        stack.nats.url,
+        error_cb=on_error,
+        **NatsOptions(role="worker", user="w1", password="w1-secret").connect_kwargs(),
+    )
+    try:
+        forged = ResultMessage(job_id="job1", node_id="w2", cid="bafyforged")
+        await w1.publish(subjects.verify("job1", "w2"), encode(forged))
+        await w1.publish(subjects.exec_update("job1", "w2"), b"{}")
+        await w1.subscribe(subjects.assign("w2"))
+        await w1.publish(subjects.verify("job1", "w1"), b"{}")  # its own name: allowed
+        await w1.flush()
+        expected = [
+            'publish to "bacq.verify.job1.w2"',
+            'publish to "bacq.exec.job1.w2"',
+            'subscription to "bacq.node.w2.assign"',
+        ]
+        for _ in range(100):
+            if all(any(e in error for error in errors) for e in expected):
+                break
+            await asyncio.sleep(0.1)
+        for e in expected:
+            assert any(e in error for error in errors), (e, errors)
+        assert not any("bacq.verify.job1.w1" in error for error in errors)
+    finally:
+        await w1.close()
+    # and jobs flow with every worker under its own user
+    os.environ.update({"BACQ_NATS_USER": "client", "BACQ_NATS_PASSWORD": PASSWORDS["client"]})
+    try:
+        async with await Client.connect(stack.nats.url) as client:
+            job_id = await client.submit(
+                {"image": BUSYBOX, "command": ["echo", "hi"], "concurrency": 2, "confidence": 2}
+            )
+            job = await client.wait(job_id, timeout=180)
+    finally:
+        for key in ("BACQ_NATS_USER", "BACQ_NATS_PASSWORD"):
+            os.environ.pop(key, None)
+    assert job.state == JobState.ACCEPTED, job.reason
+    assert sorted(job.executions) == ["w1", "w2"]
