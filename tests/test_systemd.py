@@ -18,6 +18,7 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -25,8 +26,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats
 import pytest
 
+from bacq.auth import NatsOptions
 from bacq.client import Client
 from bacq.devstack import KuboNode, NatsServer, find_ipfs, find_nats_server
 from bacq.states import ExecState, JobState
@@ -43,7 +46,7 @@ RECORDED_EXPOSURE = {
     "bacq-worker@w1.service": 1.5,
     "bacq-requester.service": 1.4,
     "bacq-verifier.service": 1.4,
-    "nats-server.service": 1.2,
+    "nats-server.service": 1.4,
     "kubo.service": 1.6,
 }
 
@@ -153,6 +156,8 @@ def machine() -> Iterator[Machine]:
         "-v", "/var/lib/bacq:/var/lib/bacq",
         "-v", f"{ROOT}:{ROOT}:ro",
         "-v", f"{python_home}:/opt/python:ro",
+        "-v", f"{find_nats_server()}:/usr/local/bin/nats-server:ro",
+        "-v", f"{find_ipfs()}:/usr/local/bin/ipfs:ro",
         IMAGE,
     )  # fmt: skip
     m = Machine(name)
@@ -341,3 +346,68 @@ async def test_units_under_real_systemd_report_ready_run_a_job_and_stop_cleanly(
             os.environ.pop(key, None)
         machine.sh(f"systemctl stop {unit} bacq-requester bacq-verifier || true", check=False)
         shutil.rmtree(f"/var/lib/bacq/worker-{node}", ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_the_nats_server_and_kubo_example_units_run_under_real_systemd(
+    machine: Machine,
+) -> None:
+    port = _free_port()
+    passwords = "".join(f"BACQ_{r.upper()}_PASSWORD={pw}\\n" for r, pw in PASSWORDS.items())
+    machine.sh(
+        f"""
+        install -d -m 0750 -o nats -g nats /etc/nats
+        cp {ROOT}/deploy/nats/nats-server.conf {ROOT}/deploy/nats/auth.conf /etc/nats/
+        # the operator's one edit: where to listen (a free loopback port on this shared machine)
+        sed -i 's/^listen: .*/listen: 127.0.0.1:{port}/' /etc/nats/nats-server.conf
+        printf '{passwords}' > /etc/nats/bacq.env && chmod 0600 /etc/nats/bacq.env
+        install -d -o kubo -g kubo /var/lib/kubo
+        runuser -u kubo -- env IPFS_PATH=/var/lib/kubo ipfs init --profile test >/dev/null
+        runuser -u kubo -- env IPFS_PATH=/var/lib/kubo ipfs config Routing.Type none
+        cp {UNITS}/nats-server.service {UNITS}/kubo.service /etc/systemd/system/
+        systemctl daemon-reload
+        """
+    )
+    try:
+        # kubo is Type=notify: start returns once the daemon said READY=1
+        machine.sh("systemctl start nats-server kubo", timeout=180)
+        for unit in ("nats-server.service", "kubo.service"):
+            assert machine.show(unit, "ActiveState", "SubState", "User") == {
+                "ActiveState": "active",
+                "SubState": "running",
+                "User": unit.split("-")[0].split(".")[0],
+            }
+        peer = machine.sh(
+            "IPFS_PATH=/var/lib/kubo ipfs --api $(cat /var/lib/kubo/api) id -f '<id>'"
+        )
+        assert peer.startswith("12D3")
+        # nats-server runs the users of auth.conf with JetStream in its state directory
+        options = NatsOptions(role="requester", user="requester", password=PASSWORDS["requester"])
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", **options.connect_kwargs())
+        try:
+            info = await nc.jetstream(timeout=10).account_info()
+            assert info.limits is not None
+        finally:
+            await nc.close()
+        anonymous = subprocess.run(
+            [sys.executable, "-m", "bacq", "list", "--nats", f"nats://127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("BACQ_NATS_")},
+            check=False,
+        )
+        assert anonymous.returncode == 1
+        assert "authorization violation" in anonymous.stderr
+        machine.sh("test -d /var/lib/nats/jetstream")
+        machine.sh("systemctl stop nats-server kubo", timeout=120)
+        for unit in ("nats-server.service", "kubo.service"):
+            assert machine.show(unit, "ActiveState")["ActiveState"] == "inactive"
+    finally:
+        machine.sh("systemctl stop nats-server kubo || true", check=False)
