@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -31,13 +33,16 @@ from pydantic import BaseModel
 
 from bacq import subjects
 from bacq.errors import NatsUnavailable
+from bacq.events import Event
 from bacq.log import get_logger
 from bacq.models import JobRecord, decode, encode
 
 __all__ = ["DEFAULT_NATS_URL", "Bus", "ensure_bucket"]
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-STREAM_MAX_AGE = 30 * 24 * 3600.0  # seconds of history kept in the BACQ stream
+STREAM_MAX_AGE = 30 * 24 * 3600.0  # seconds of messages kept in the BACQ stream
+EVENTS_MAX_AGE = 365 * 24 * 3600.0  # default retention of job histories: a year …
+EVENTS_MAX_BYTES = 10 * 1024**3  # … or 10 GiB, whichever comes first (oldest go first)
 DUPLICATE_WINDOW = 120.0  # seconds within which a repeated Nats-Msg-Id is dropped
 
 M = TypeVar("M", bound=BaseModel)
@@ -48,6 +53,7 @@ class Bus:
     """One NATS connection with JetStream, the BACQ stream and the jobs bucket."""
 
     closing = False  # set while closing on purpose: the disconnect then is no news
+    reconnected_at = 0.0  # monotonic time of the last reconnection (nothing was heard before it)
 
     def __init__(self, nc: NatsClient, js: JetStreamContext, jobs: KeyValue) -> None:
         self.nc = nc
@@ -72,6 +78,8 @@ class Bus:
                 log.warning("nats.disconnected")
 
         async def on_reconnect() -> None:
+            if bus is not None:
+                bus.reconnected_at = time.monotonic()
             log.info("nats.reconnected")
 
         try:
@@ -95,7 +103,7 @@ class Bus:
             ) from None
         js = nc.jetstream()
         try:
-            await _ensure_stream(js)
+            await _ensure_streams(js)
             jobs = await ensure_bucket(js, subjects.JOBS_BUCKET)
         except (nats.errors.Error, TimeoutError) as exc:
             await nc.close()
@@ -175,10 +183,74 @@ class Bus:
             for msg in msgs:
                 yield msg
 
+    async def set_events_retention(self, *, max_age: float, max_bytes: int) -> None:
+        """Apply the retention of the BACQ_EVENTS stream (seconds, bytes; 0 = unlimited)."""
+        info = await self.js.stream_info(subjects.EVENTS_STREAM)
+        config = info.config
+        if config.max_age == max_age and config.max_bytes == (max_bytes or -1):
+            return
+        config.max_age = max_age
+        config.max_bytes = max_bytes or -1
+        await self.js.update_stream(config)
+        log.info("events.retention", max_age=max_age, max_bytes=max_bytes)
+
+    async def publish_events(self, events: list[Event]) -> None:
+        for event in events:
+            await self.publish_durable(
+                subjects.events(event.job_id), event, msg_id=f"ev.{event.job_id}.{event.seq}"
+            )
+
+    async def replay_events(
+        self,
+        filter_subject: str = subjects.EVENTS_ALL,
+        *,
+        from_seq: int | None = None,
+        since: dt.datetime | None = None,
+        follow: bool = False,
+    ) -> AsyncIterator[tuple[int, Event]]:
+        """Yield (stream sequence, event) from the events stream, oldest first; with ``follow``,
+        go on with new events forever. An ephemeral consumer: nothing is left behind."""
+        if from_seq is not None:
+            policy, start_seq, start_time = DeliverPolicy.BY_START_SEQUENCE, from_seq, None
+        elif since is not None:
+            policy, start_seq, start_time = DeliverPolicy.BY_START_TIME, None, since
+        else:
+            policy, start_seq, start_time = DeliverPolicy.ALL, None, None
+        config = ConsumerConfig(
+            deliver_policy=policy,
+            opt_start_seq=start_seq,
+            opt_start_time=start_time,
+            ack_policy=AckPolicy.EXPLICIT,
+            filter_subject=filter_subject,
+            inactive_threshold=60.0,
+        )
+        sub = await self.js.pull_subscribe(
+            filter_subject, stream=subjects.EVENTS_STREAM, config=config
+        )
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(256, timeout=0.5)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    msgs = []
+                for msg in msgs:
+                    await msg.ack()
+                    yield msg.metadata.sequence.stream, decode(Event, msg.data)
+                if not msgs and not follow:
+                    info = await sub.consumer_info()
+                    if not info.num_pending:
+                        return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def job_events(self, job_id: str) -> list[Event]:
+        return [event async for _, event in self.replay_events(subjects.events(job_id))]
+
     # -- job records ------------------------------------------------------------------------------
     async def load_job(self, job_id: str) -> JobRecord | None:
         try:
-            entry = await self.jobs.get(job_id)
+            entry = await _again(lambda: self.jobs.get(job_id))
         except nats.js.errors.KeyNotFoundError:
             return None
         if entry.value is None:
@@ -186,30 +258,64 @@ class Bus:
         return decode(JobRecord, entry.value)
 
     async def save_job(self, job: JobRecord) -> None:
-        await self.jobs.put(job.id, encode(job))
+        await _again(lambda: self.jobs.put(job.id, encode(job)))
 
     async def job_ids(self) -> list[str]:
+        async def keys() -> list[str]:
+            try:
+                return list(await self.jobs.keys())
+            except nats.js.errors.NoKeysError:
+                return []
+
+        return await _again(keys)
+
+
+T = TypeVar("T")
+_TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+)
+
+
+async def _again(call: Callable[[], Awaitable[T]], attempts: int = 15) -> T:
+    """``call()``, asked again while JetStream is away for a moment (a server restart)."""
+    for attempt in range(1, attempts):
         try:
-            return list(await self.jobs.keys())
-        except nats.js.errors.NoKeysError:
-            return []
+            return await call()
+        except _TRANSIENT:
+            await asyncio.sleep(min(0.2 * attempt, 1.0))
+    return await call()
 
 
-async def _ensure_stream(js: JetStreamContext) -> None:
-    config = StreamConfig(
-        name=subjects.STREAM,
-        subjects=list(subjects.STREAM_SUBJECTS),
-        storage=StorageType.FILE,
-        max_age=STREAM_MAX_AGE,
-        duplicate_window=DUPLICATE_WINDOW,
-    )
-    try:
-        await js.stream_info(subjects.STREAM)
-    except nats.js.errors.NotFoundError:
-        with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
-            await js.add_stream(config)
-        return
-    await js.update_stream(config)
+def _stream_configs() -> list[StreamConfig]:
+    return [
+        StreamConfig(
+            name=subjects.STREAM,
+            subjects=list(subjects.STREAM_SUBJECTS),
+            storage=StorageType.FILE,
+            max_age=STREAM_MAX_AGE,
+            duplicate_window=DUPLICATE_WINDOW,
+        ),
+        StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            subjects=[subjects.EVENTS_ALL],
+            storage=StorageType.FILE,
+            max_age=EVENTS_MAX_AGE,
+            max_bytes=EVENTS_MAX_BYTES,
+            duplicate_window=DUPLICATE_WINDOW,
+        ),
+    ]
+
+
+async def _ensure_streams(js: JetStreamContext) -> None:
+    """Create the streams that are missing; an existing stream keeps its (operator's) settings."""
+    for config in _stream_configs():
+        try:
+            await js.stream_info(str(config.name))
+        except nats.js.errors.NotFoundError:
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
+                await js.add_stream(config)
 
 
 async def ensure_bucket(js: JetStreamContext, name: str) -> KeyValue:

@@ -26,10 +26,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bacq import __version__
+from bacq import __version__, _audit
 from bacq.bus import DEFAULT_NATS_URL, Bus
 from bacq.client import Client
-from bacq.errors import BacqError, SpecError
+from bacq.errors import BacqError, ConfigError, SpecError
 from bacq.log import configure as configure_logging
 from bacq.models import JobRecord
 from bacq.spec import json_schema, parse_memory, parse_spec
@@ -204,7 +204,7 @@ def render_list(jobs: list[JobRecord]) -> None:
 async def cmd_run(args: argparse.Namespace) -> int:
     spec = parse_spec(_spec_from_run_args(args))
     async with await Client.connect(nats_url(args)) as client:
-        job_id = await client.submit(spec)
+        job_id = await client.submit(spec, idempotency_key=args.idempotency_key)
         if args.id_only or args.no_wait:
             print(job_id)
             return EXIT_OK
@@ -313,6 +313,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _with_client(func: Any, args: argparse.Namespace) -> int:
+    async with await Client.connect(nats_url(args)) as client:
+        return int(await func(args, client, out))
+
+
 # -- services ------------------------------------------------------------------------------------
 async def _serve(run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
     stop = asyncio.Event()
@@ -324,11 +329,18 @@ async def _serve(run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> i
 
 
 async def cmd_requester(args: argparse.Namespace) -> int:
-    from bacq.requester.service import Requester
+    from bacq.requester.service import Requester, RequesterConfig
 
+    config = RequesterConfig(
+        result_grace=args.result_grace,
+        lost_after=args.lost_after,
+        verify_timeout=args.verify_timeout,
+        events_max_age=args.events_max_age * 86400,
+        events_max_bytes=int(parse_memory(args.events_max_bytes)),
+    )
     bus = await Bus.connect(nats_url(args), name="bacq-requester", wait=SERVICE_CONNECT_WAIT)
     try:
-        return await _serve(Requester(bus, result_grace=args.result_grace).serve)
+        return await _serve(Requester(bus, config).serve)
     finally:
         await bus.close()
 
@@ -358,6 +370,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
             memory=parse_memory(args.memory),
             max_jobs=args.max_jobs,
             fetch_timeout=args.fetch_timeout,
+            heartbeat_interval=args.heartbeat_interval,
+            drain_timeout=args.drain_timeout,
             tamper=args.tamper,
         )
     except ValueError as exc:
@@ -491,6 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="only workers with this label may bid (repeatable)",
     )
     run.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    run.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="submitting again with the same key returns the same job",
+    )
     run.add_argument("--id-only", action="store_true", help="print only the job id and return")
     run.add_argument("--output", choices=["table", "json"], default="table")
     _connection_flags(run)
@@ -531,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the JSON Schema of a job spec")
     schema.set_defaults(func=cmd_validate)
 
+    _audit.add_parsers(sub, _connection_flags)
+
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda _: print(f"bacq {__version__}") or EXIT_OK)
 
@@ -550,6 +571,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=120.0,
         help="seconds beyond a job's timeout to wait for results (120)",
+    )
+    requester.add_argument(
+        "--lost-after",
+        type=float,
+        default=10.0,
+        help="seconds without a worker heartbeat before its job moves (10)",
+    )
+    requester.add_argument(
+        "--verify-timeout",
+        type=float,
+        default=60.0,
+        help="seconds from the last answer to the verdict (60)",
+    )
+    requester.add_argument(
+        "--events-max-age",
+        type=float,
+        default=365.0,
+        metavar="DAYS",
+        help="job histories older than this are dropped (365; 0 = never)",
+    )
+    requester.add_argument(
+        "--events-max-bytes",
+        default="10g",
+        metavar="SIZE",
+        help="the oldest histories go beyond this size (10g; 0 = no limit)",
     )
     _connection_flags(requester)
     requester.set_defaults(func=cmd_requester)
@@ -576,6 +622,15 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--ipfs-timeout", type=float, default=600.0, help="seconds for other IPFS calls (600)"
     )
+    worker.add_argument(
+        "--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats (2)"
+    )
+    worker.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="on SIGTERM, seconds running jobs get to finish before they are handed back (60)",
+    )
     worker.add_argument("--tamper", action="store_true", help=argparse.SUPPRESS)
     _connection_flags(worker, ipfs=True)
     worker.set_defaults(func=cmd_worker)
@@ -591,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
         level=None if service or args.debug else "WARNING",
     )
     try:
-        result = args.func(args)
+        client_func = getattr(args, "client_func", None)
+        result = _with_client(client_func, args) if client_func else args.func(args)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
         return int(result or 0)
@@ -600,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         for field, message in exc.problems:
             err.print(f"  [bold]{field}[/]: {message}")
         return EXIT_USAGE
-    except UsageError as exc:
+    except (UsageError, ConfigError) as exc:
         err.print(f"[red]error:[/] {exc}")
         return EXIT_USAGE
     except BacqError as exc:

@@ -61,6 +61,17 @@ class DockerExecutor:
             ) from None
         return cls(client, pull_timeout=pull_timeout)
 
+    def remove_leftovers(self, node_id: str) -> list[str]:
+        """Remove this node's containers that a crash left behind (a worker killed mid-job)."""
+        removed = []
+        leftovers = self._docker.containers.list(
+            all=True, filters={"label": f"bacq.node={node_id}"}
+        )
+        for container in leftovers:
+            self._remove(container)
+            removed.append(container.name or container.id or "?")
+        return removed
+
     def close(self) -> None:
         self._docker.close()
 
