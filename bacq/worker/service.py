@@ -21,6 +21,7 @@ from bacq import subjects
 from bacq.bus import Bus
 from bacq.errors import BacqError, StorageError
 from bacq.log import get_logger
+from bacq.logs import LogStreamer
 from bacq.models import (
     Announcement,
     Assignment,
@@ -33,6 +34,7 @@ from bacq.models import (
     encode,
     now,
 )
+from bacq.nodes import NodeRegistry
 from bacq.spec import JobSpec
 from bacq.states import ExecState
 from bacq.storage import Storage, remove_tree, sanitize_tree
@@ -253,12 +255,18 @@ class Worker:
             mounts.append(bind(host, output.path, read_only=False))
 
         await self._update(job_id, ExecState.RUNNING, detail=spec.image)
-        result = await self.executor.run(
-            spec,
-            name=f"bacq-{job_id}-{self.config.node_id}",
-            mounts=mounts,
-            labels={"bacq.job": job_id, "bacq.node": self.config.node_id},
-        )
+        streamer = LogStreamer(self.bus, job_id, self.config.node_id)  # live output (bacq logs)
+        streamer.start()
+        try:
+            result = await self.executor.run(
+                spec,
+                name=f"bacq-{job_id}-{self.config.node_id}",
+                mounts=mounts,
+                labels={"bacq.job": job_id, "bacq.node": self.config.node_id},
+                output=streamer.feed,
+            )
+        finally:
+            await streamer.close()
 
         await self._update(job_id, ExecState.PUBLISHING)
         stdout = result.stdout
@@ -290,11 +298,12 @@ class Worker:
         assign_sub = await self.bus.subscribe(subjects.assign(self.config.node_id), self.on_assign)
         await self.bus.nc.flush()
         self.log.info("service.ready", service="worker", labels=self.config.labels)
+        registry = NodeRegistry(self.bus)  # heartbeat + the bacq-nodes bucket (bacq nodes)
         try:
             while not stop.is_set():
                 self._expire_reservations()
                 with contextlib.suppress(Exception):
-                    await self.bus.publish(subjects.HEARTBEAT, self.info())
+                    await registry.heartbeat(self.info())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self.config.heartbeat_interval)
         finally:
