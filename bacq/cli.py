@@ -967,8 +967,13 @@ def main(argv: list[str] | None = None) -> int:
 def _report(exc: Exception) -> int:
     """One line per problem, no traceback (``--debug`` shows it); returns the exit code."""
     if isinstance(exc, JobFileError):
+        if all(p.field == "file" for p in exc.problems):  # unreadable, not YAML, not a mapping
+            for problem in exc.problems:
+                where = f"{exc.source}:{problem.line}" if problem.line else exc.source
+                err.print(f"[red]error:[/] {where}: {problem.message}")
+            return EXIT_USAGE
         err.print(f"[red]error:[/] {exc.source} is not a valid job file")
-        for problem in exc.problems:
+        for problem in sorted(exc.problems, key=lambda p: p.line or 0):
             where = f"{exc.source}:{problem.line}" if problem.line else exc.source
             err.print(f"  {where}: [bold]{problem.field}[/]: {problem.message}")
         return EXIT_USAGE

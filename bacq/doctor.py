@@ -49,7 +49,8 @@ async def _check_nats(url: str) -> list[Check]:
         ]
     checks = []
     try:
-        version = bus.nc.connected_server_version
+        server = bus.nc.connected_server_version
+        version = f"{server.major}.{server.minor}.{server.patch}"
         checks.append(Check("nats", True, f"nats-server {version} at {url}, JetStream on"))
         try:
             await bus.nc.request(subjects.SUBMIT, b"", timeout=2.0)

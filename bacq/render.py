@@ -151,6 +151,8 @@ class LiveView:
             )
         if not executions:
             rows.add_row(" ", "", Text("waiting for bids…", style="dim"), "", "")
+        if job is not None and job.final:
+            return Group(head, rows)
         hint = Text("Ctrl-C detaches; the job goes on.", style="dim")
         return Group(head, rows, hint)
 
@@ -229,7 +231,8 @@ def render_verdict(
         if not shown:
             console.print(f"[dim]── {name}: (empty)[/]")
             continue
-        console.print(f"[dim]── {name} (last {len(shown)} lines) ──[/]")
+        count = "last line" if len(shown) == 1 else f"last {len(shown)} lines"
+        console.print(f"[dim]── {name} ({count}) ──[/]")
         for line in shown:
             console.print(Text(line))
     if output_note:
@@ -306,8 +309,8 @@ def render_list(console: Console, jobs: list[JobRecord], *, wide: bool = False) 
     columns = ["ID", "STATE", "IMAGE", "CREATED", "VERIFIED", "RESULT"]
     if wide:
         columns += ["EXIT", "UPDATED", "NODES", "LABELS", "REASON"]
-    for column in columns:
-        table.add_column(column, overflow="fold")
+    for column in columns:  # ids and CIDs stay whole: other columns fold first
+        table.add_column(column, overflow="fold", no_wrap=column in ("ID", "RESULT"))
     for job in jobs:
         chosen = _chosen(job)
         verified = sum(1 for e in chosen if e.state == ExecState.VERIFIED)
