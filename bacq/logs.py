@@ -119,6 +119,7 @@ class LogStreamer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
+        self._stream_ready = False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -150,16 +151,17 @@ class LogStreamer:
                 await self._task
 
     async def _run(self) -> None:
+        # a job that prints nothing costs no message at all (not even the stream check), so the
+        # worker's own progress messages are not delayed by this
         try:
-            with contextlib.suppress(Exception):
-                await ensure_logs_stream(self.bus.js)
             while True:
                 closing = self._closing.is_set()
                 for name, pending in self._streams.items():
                     await self._flush(name, pending, final=closing)
                 if closing and all(not p.buffer for p in self._streams.values()):
                     for name, pending in self._streams.items():
-                        await self._send(name, pending, "", eof=True)
+                        if pending.seq:
+                            await self._send(name, pending, "", eof=True)
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), timeout=self.interval)
@@ -187,6 +189,10 @@ class LogStreamer:
         await self._send(name, pending, text)
 
     async def _send(self, name: Stream, pending: _Pending, text: str, *, eof: bool = False) -> None:
+        if not self._stream_ready:
+            with contextlib.suppress(Exception):
+                await ensure_logs_stream(self.bus.js)
+            self._stream_ready = True
         pending.seq += 1
         chunk = LogChunk(
             job_id=self.job_id,

@@ -219,11 +219,13 @@ def render_verdict(
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column(overflow="fold")
     code = "?" if job.exit_code is None else str(job.exit_code)
-    grid.add_row(
-        "exit code", code if not job.exit_code else f"[yellow]{code}[/] (the command failed)"
-    )
+    grid.add_row("exit code", code if not job.exit_code else f"[yellow]{code}[/]")
     grid.add_row("result CID", job.result_cid or "")
     console.print(grid)
+    if job.exit_code:
+        console.print(
+            f"[yellow]the command exited with code {job.exit_code}[/] (its result was verified)"
+        )
     for name, data in (("stdout", stdout), ("stderr", stderr)):
         if data is None:
             continue

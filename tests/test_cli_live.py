@@ -172,7 +172,7 @@ def test_live_view_of_a_failing_command_exits_3_and_says_so(
     term = terminal(bacq("run", "bacq-test/busybox", "--", "sh", "-c", "echo no-luck; exit 4"))
     after = term.wait_for(lambda s: "EXIT=" in s, "the end of bacq run")
     assert "EXIT=3" in after, after
-    assert "the command failed" in after
+    assert "the command exited with code 4" in after
     assert "no-luck" in after
 
 
