@@ -76,7 +76,7 @@ async def ensure_logs_stream(js: JetStreamContext) -> None:
         storage=StorageType.FILE,
         max_age=STREAM_MAX_AGE,
         max_bytes=STREAM_MAX_BYTES,
-        max_msg_size=4 * CHUNK_BYTES,
+        max_msg_size=8 * CHUNK_BYTES,  # JSON escapes (\\u0000) may grow a chunk up to 6 times
         discard=DiscardPolicy.OLD,
     )
     try:
@@ -143,12 +143,16 @@ class LogStreamer:
             data = data[: max(room, 0)]
         pending.buffer += data
 
-    async def close(self) -> None:
-        """Send what is left and an end-of-output mark per stream."""
+    async def close(self, *, timeout: float = 10.0) -> None:
+        """Send what is left and an end-of-output mark per stream (giving up after ``timeout``)."""
         self._closing.set()
         if self._task is not None:
-            with contextlib.suppress(Exception):
-                await self._task
+            try:
+                await asyncio.wait_for(self._task, timeout)
+            except TimeoutError:  # NATS is away: the job must not wait for its live output
+                log.warning("logs.close_timeout", job=self.job_id)
+            except Exception as exc:
+                log.warning("logs.close_failed", job=self.job_id, error=str(exc))
 
     async def _run(self) -> None:
         # a job that prints nothing costs no message at all (not even the stream check), so the
