@@ -754,6 +754,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="only workers with this label may bid (repeatable)",
     )
+    run.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the job to its verdict (the default; --no-wait turns it off)",
+    )
     run.add_argument("--no-wait", action="store_true", help="print the job id and return")
     _follow_flags(run)
     run.add_argument("image", help="Docker image, e.g. bacq-test/debian:bookworm")

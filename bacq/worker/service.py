@@ -1,8 +1,9 @@
 """The worker: bids on jobs it can take, runs them in Docker over IPFS inputs, publishes results.
 
-Touches NATS (announcements, bids, assignments, progress, results), its kubo node, the Docker daemon
-and its own work directory. Capacity (cpu, memory, job slots) is reserved when it bids, so it never
-promises more than it has; a reservation the requester never answers expires on its own.
+Touches NATS (announcements, bids, assignments, progress, results; live output and its heartbeat
+record, see bacq.logs and bacq.nodes), its kubo node, the Docker daemon and its own work directory.
+Capacity (cpu, memory, job slots) is reserved when it bids, so it never promises more than it has;
+a reservation the requester never answers expires on its own.
 """
 
 from __future__ import annotations
