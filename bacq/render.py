@@ -164,6 +164,8 @@ def _exec_order(execution: Execution) -> tuple[int, str]:
 def _exec_note(execution: Execution) -> str:
     if execution.error:
         return execution.error
+    if execution.state == ExecState.REJECTED and execution.result_cid:
+        return f"outvoted: its result {execution.result_cid[:14]}… differs"
     if execution.state in (ExecState.VERIFIED, ExecState.REJECTED, ExecState.COMPLETED) and (
         execution.exit_code is not None
     ):
