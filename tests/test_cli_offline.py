@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from bacq.jobfile import JobFileError, parse_job_text
 from bacq.models import Execution, JobRecord, NodeInfo
 from bacq.nodes import node_rows
 from bacq.spec import JobSpec
-from bacq.states import ExecState
+from bacq.states import ExecState, JobState
 from tests.conftest import run_cli
 
 GOOD_CID = "bafkreie7q3iidccmpvszul7kudcvvuavuo7u6gzlbobczuk5nqk3b4akba"
@@ -304,3 +306,67 @@ def test_node_rows_count_verdicts_and_running_jobs_per_node() -> None:
     assert rows["w3"]["online"] is False
     fresh = node_rows(nodes, jobs, at + dt.timedelta(seconds=3))
     assert fresh[0]["online"] is True
+
+
+# -- what the live view and the verdict draw (pure rendering) ------------------------------------
+def _render(renderable: object) -> str:
+    from rich.console import Console
+
+    console = Console(width=120, record=True, color_system=None, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_live_view_names_every_worker_state_a_person_cares_about() -> None:
+    from bacq.render import LiveView
+
+    spec = JobSpec(image="busybox")
+    job = JobRecord(
+        id="j-1",
+        spec=spec,
+        executions={
+            "w1": Execution(node_id="w1", state=ExecState.BID),
+            "w2": Execution(node_id="w2", state=ExecState.DOWNLOADING, detail="1 input(s)"),
+            "w3": Execution(node_id="w3", state=ExecState.PUBLISHING),
+            "w4": Execution(node_id="w4", state=ExecState.BID_REJECTED),
+        },
+    )
+    view = LiveView("j-1")
+    assert "waiting for bids" in _render(view)
+    view.update(job)
+    screen = _render(view)
+    assert re.search(r"w1\s+bidding", screen)
+    assert re.search(r"w2\s+downloading inputs\s+\d:\d\d\s+1 input\(s\)", screen)
+    assert re.search(r"w3\s+publishing", screen)
+    assert re.search(r"w4\s+not chosen", screen)
+    assert "Ctrl-C detaches; the job goes on." in screen
+    job.state = JobState.ACCEPTED
+    job.executions["w2"] = Execution(node_id="w2", state=ExecState.VERIFIED, exit_code=0)
+    job.executions["w3"] = Execution(
+        node_id="w3", state=ExecState.REJECTED, exit_code=0, result_cid="bafyother" * 3
+    )
+    screen = _render(view)
+    assert re.search(r"w2\s+verified\s+\d:\d\d\s+exit code 0", screen)
+    assert re.search(r"w3\s+rejected\s+\d:\d\d\s+outvoted", screen)
+    assert "Ctrl-C" not in screen  # over: nothing to detach from
+
+
+def test_verdict_of_a_void_job_names_the_reason_and_where_to_look() -> None:
+    from rich.console import Console
+
+    from bacq.render import render_verdict
+
+    job = JobRecord(
+        id="j-2",
+        spec=JobSpec(image="busybox"),
+        state=JobState.VOID,
+        reason="results disagree: no two alike",
+        executions={"w1": Execution(node_id="w1", state=ExecState.FAILED, error="image gone")},
+    )
+    console = Console(width=120, record=True, color_system=None, file=io.StringIO())
+    render_verdict(console, job)
+    text = console.export_text()
+    assert "void: results disagree: no two alike" in text
+    assert "w1: image gone" in text
+    assert "bacq describe j-2" in text
+    assert "bacq get" not in text
