@@ -353,11 +353,17 @@ async def cmd_nodes(args: argparse.Namespace) -> int:
 class _LineWriter:
     """Writes chunks of output as whole lines, prefixed by the node when several nodes speak."""
 
-    def __init__(self, prefix: bool) -> None:
+    def __init__(self, prefix: bool, *, as_json: bool = False) -> None:
         self.prefix = prefix
+        self.as_json = as_json  # one JSON object per piece, all on stdout
         self.partial: dict[tuple[str, str], str] = {}
 
     def write(self, node: str, stream: str, text: str, *, end: bool = False) -> None:
+        if self.as_json:
+            if text:
+                piece = {"node_id": node, "stream": stream, "text": text}
+                print(json.dumps(piece), flush=True)
+            return
         target = sys.stdout if stream == "stdout" else sys.stderr
         if not self.prefix:
             target.write(text)
@@ -392,7 +398,9 @@ async def cmd_logs(args: argparse.Namespace) -> int:
             )
         if job.final and (job.result_cid or any(e.result_cid for e in job.executions.values())):
             return await _logs_from_results(args, job)
-        writer = _LineWriter(prefix=args.node is None and job.spec.concurrency > 1)
+        writer = _LineWriter(
+            prefix=args.node is None and job.spec.concurrency > 1, as_json=args.output == "json"
+        )
         ended = asyncio.Event()
         watcher = None
         if args.follow and not job.final:
@@ -446,8 +454,11 @@ async def _logs_from_results(args: argparse.Namespace, job: JobRecord) -> int:
         raise StorageError(f"node {args.node} left no results for {job.id}")
     storage = await Storage.connect(ipfs_api(args), timeout=args.timeout)
     try:
-        writer = _LineWriter(prefix=len(found) > 1)
+        writer = _LineWriter(prefix=len(found) > 1, as_json=args.output == "json")
         for node, cid in found:
+            node = node or next(  # the accepted result: name a node that produced it
+                (e.node_id for e in job.executions.values() if e.result_cid == cid), ""
+            )
             for stream in ("stdout", "stderr"):
                 data = await storage.read_tail(f"{cid}/{stream}", limit=args.limit)
                 writer.write(node, stream, data.decode("utf-8", errors="replace"), end=True)
@@ -840,6 +851,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="from results: the last BYTES of each stream (16 MiB)",
     )
     logs.add_argument("--timeout", type=float, default=60.0, help="seconds for IPFS reads (60)")
+    logs.add_argument(
+        "--output",
+        choices=["text", "json"],
+        default="text",
+        help="text: the output as printed (default); json: one object per piece on stdout, "
+        "with node_id, stream and text",
+    )
     _connection_flags(logs, ipfs=True)
     logs.set_defaults(func=cmd_logs)
 

@@ -248,6 +248,13 @@ def test_logs_of_several_workers_are_prefixed_by_node(stack: Devstack) -> None:
     wait_final(stack, job_id)
     live = run_cli(stack, "logs", job_id, "--node", "w2")
     assert live.stdout == "hi\n"
+    pieces = [
+        json.loads(line)
+        for line in run_cli(stack, "logs", job_id, "--output", "json").stdout.splitlines()
+    ]
+    assert pieces[0]["node_id"] in ("w1", "w2")
+    assert [(p["stream"], p["text"]) for p in pieces] == [("stdout", "hi\n")]
+    assert all(set(p) == {"node_id", "stream", "text"} for p in pieces)
     unknown = run_cli(stack, "logs", job_id, "--node", "w9")
     assert unknown.returncode == 2
     assert "w1, w2" in unknown.stderr
