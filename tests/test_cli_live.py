@@ -56,20 +56,24 @@ NODE_KEYS = {
 
 # -- a real terminal -------------------------------------------------------------------------------
 class Terminal:
-    """A tmux session running one shell command line in a 120 by 40 terminal."""
+    """A tmux session running one shell command line in a 120 by 40 terminal.
+
+    Each terminal has its own tmux server (socket ``-L``), apart from anyone else's tmux.
+    """
 
     def __init__(self, stack: Devstack, command: str) -> None:
         self.name = f"bacq-test-{uuid.uuid4().hex[:8]}"
+        self.tmux = ["tmux", "-L", self.name]
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in stack.env().items())
         line = f"env {env} {command}; echo EXIT=$?; sleep 600"
         subprocess.run(
-            ["tmux", "new-session", "-d", "-s", self.name, "-x", "120", "-y", "40", line],
+            [*self.tmux, "new-session", "-d", "-s", self.name, "-x", "120", "-y", "40", line],
             check=True,
         )
 
     def screen(self) -> str:
         done = subprocess.run(
-            ["tmux", "capture-pane", "-p", "-t", self.name],
+            [*self.tmux, "capture-pane", "-p", "-t", self.name],
             capture_output=True,
             text=True,
             check=True,
@@ -86,10 +90,10 @@ class Terminal:
         raise AssertionError(f"never saw {what}; the screen was:\n{self.screen()}")
 
     def keys(self, *keys: str) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+        subprocess.run([*self.tmux, "send-keys", "-t", self.name, *keys], check=True)
 
     def close(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], check=False)
+        subprocess.run([*self.tmux, "kill-server"], check=False)  # this terminal's own server
 
 
 @pytest.fixture
