@@ -264,6 +264,26 @@ def test_logs_of_several_workers_are_prefixed_by_node(stack: Devstack) -> None:
     assert "w1, w2" in unknown.stderr
 
 
+def test_logs_of_a_job_killed_at_its_timeout_show_what_it_printed(stack: Devstack) -> None:
+    done = run_cli(
+        stack,
+        "run",
+        "--timeout",
+        "3",
+        "bacq-test/busybox",
+        "--",
+        "sh",
+        "-c",
+        "echo before-the-deadline; sleep 60",
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    job_id = re.search(r"(j-[0-9a-f]+)", done.stdout).group(1)  # type: ignore[union-attr]
+    logs = run_cli(stack, "logs", job_id)
+    assert logs.returncode == 0, logs.stderr
+    assert logs.stdout == "before-the-deadline\n"  # no results in IPFS: the live output
+    assert "left no results; live output shown" in logs.stderr
+
+
 async def test_live_output_is_bounded_in_size_and_says_where_the_rest_is(stack: Devstack) -> None:
     bus = await Bus.connect(stack.nats.url, name="test-logs")
     try:
