@@ -279,7 +279,10 @@ async def cmd_list(args: argparse.Namespace) -> int:
     newest_first = args.sort in ("created", "updated")
     jobs.sort(key=_SORT_KEYS[args.sort], reverse=newest_first != args.reverse)
     jobs = jobs[: args.n] if args.n else jobs
-    if args.output in ("json", "yaml"):
+    if args.quiet:
+        for job in jobs:
+            print(job.id)
+    elif args.output in ("json", "yaml"):
         _emit([_job_json(j) for j in jobs], args.output)
     elif not jobs:
         err.print(
@@ -541,10 +544,30 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def cmd_completion(args: argparse.Namespace) -> int:
-    import shtab
+# job ids complete from `bacq list -q` (given 3 s: a Tab must not hang when NATS is away)
+JOB_ID_COMPLETION = {"bash": "_bacq_compgen_job_ids", "zsh": "_bacq_job_ids"}
+COMPLETION_PREAMBLE = {
+    "bash": """
+# $1=the word being completed
+_bacq_compgen_job_ids() {
+  compgen -W "$(timeout 3 bacq list -q 2>/dev/null)" -- "$1"
+}
+""",
+    "zsh": """
+_bacq_job_ids() {
+  local -a ids
+  ids=(${(f)"$(timeout 3 bacq list -q 2>/dev/null)"})
+  compadd -a ids
+}
+""",
+}
 
-    print(shtab.complete(build_parser(), shell=args.shell))
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    script = shtab.complete(
+        build_parser(), shell=args.shell, preamble=COMPLETION_PREAMBLE[args.shell]
+    )
+    print(script)
     return EXIT_OK
 
 
@@ -823,12 +846,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lst.add_argument("--reverse", action="store_true", help="reverse the order")
     lst.add_argument("--wide", action="store_true", help="more columns")
+    lst.add_argument("-q", "--quiet", action="store_true", help="print only the job ids")
     _output_flag(lst)
     _connection_flags(lst)
     lst.set_defaults(func=cmd_list)
 
     describe = command("describe", "a job's spec, per-node states, CIDs and verdict")
-    describe.add_argument("job_id", metavar="JOB_ID", help="job id (a unique prefix will do)")
+    describe.add_argument(
+        "job_id", metavar="JOB_ID", help="job id (a unique prefix will do)"
+    ).complete = JOB_ID_COMPLETION  # type: ignore[attr-defined]
     _output_flag(describe)
     _connection_flags(describe)
     describe.set_defaults(func=cmd_describe)
@@ -840,7 +866,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the output streamed by its workers; once it has results, the output in them (IPFS). "
         "Several workers: each line is prefixed with the node.",
     )
-    logs.add_argument("job_id", metavar="JOB_ID", help="job id (a unique prefix will do)")
+    logs.add_argument(
+        "job_id", metavar="JOB_ID", help="job id (a unique prefix will do)"
+    ).complete = JOB_ID_COMPLETION  # type: ignore[attr-defined]
     logs.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     logs.add_argument("--node", metavar="NODE", help="only this worker's output")
     logs.add_argument(
@@ -868,7 +896,9 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.set_defaults(func=cmd_nodes)
 
     get = command("get", "download a job's accepted results")
-    get.add_argument("job_id", metavar="JOB_ID")
+    get.add_argument(
+        "job_id", metavar="JOB_ID", help="job id (a unique prefix will do)"
+    ).complete = JOB_ID_COMPLETION  # type: ignore[attr-defined]
     get.add_argument(
         "--output-dir",
         metavar="DIR",

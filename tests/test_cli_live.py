@@ -373,6 +373,27 @@ def test_create_submits_a_job_file_and_wait_follows_it(stack: Devstack, tmp_path
     assert wait_final(stack, job_id)["state"] == "accepted"
 
 
+def test_bash_completes_job_ids_from_the_network(stack: Devstack, tmp_path: Path) -> None:
+    job_id = run_cli(stack, "run", "--id-only", "bacq-test/busybox", "--", "true").stdout.strip()
+    script = tmp_path / "bacq.bash"
+    script.write_text(run_cli(None, "completion", "bash").stdout)
+    probe = (
+        f"source {script}; COMP_WORDS=(bacq logs {job_id[:4]}); COMP_CWORD=2; "
+        f"COMP_LINE='bacq logs {job_id[:4]}'; COMP_POINT=${{#COMP_LINE}}; "
+        f"_shtab_bacq bacq {job_id[:4]} logs; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+    )
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    done = subprocess.run(
+        ["bash", "-c", probe],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={**os.environ, **stack.env(), "PATH": path},
+    )
+    assert job_id in done.stdout.split(), done.stdout + done.stderr
+
+
 def test_doctor_on_a_devstack_is_all_good(stack: Devstack) -> None:
     done = run_cli(stack, "doctor", "--output", "json")
     assert done.returncode == 0, done.stdout

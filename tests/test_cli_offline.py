@@ -206,6 +206,9 @@ def test_zsh_completion_script_declares_the_commands_and_options() -> None:
     assert done.stdout.startswith("#compdef bacq")
     for word in ("run", "logs", "nodes", "validate", "--output", "--follow"):
         assert word in done.stdout
+    # job ids complete from the network, through a function the script defines
+    assert "_bacq_job_ids() {" in done.stdout
+    assert done.stdout.count("_bacq_job_ids") >= 4  # defined, then used by describe, logs, get
 
 
 def test_completion_for_an_unknown_shell_is_a_usage_error() -> None:
