@@ -23,6 +23,15 @@ requester): ``bacq.events.<job>``, every state change of a job and its execution
 Key-value buckets: ``bacq-jobs`` (key = job id, value = the job record; written by the requester
 only), ``bacq-results`` (key = job id, the results the verifier has collected; verifier only) and
 ``bacq-idempotency`` (key = hash of a client's idempotency key, value = the job id it created).
+
+Live output and node records (read by ``bacq logs`` and ``bacq nodes``; losing them loses no job):
+
+    bacq.logs.<job>.<node>               worker → CLI         JetStream stream ``BACQ_LOGS``: the
+                                                              stdout/stderr of a running container,
+                                                              rate- and size-bounded (bacq.logs)
+    bucket ``bacq-nodes``                worker → CLI         key = node id, value = its latest
+                                                              heartbeat (NodeInfo); each worker
+                                                              writes its own key only
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ __all__ = [
     "HEARTBEAT",
     "IDEMPOTENCY_BUCKET",
     "JOBS_BUCKET",
+    "LOGS_ALL",
+    "LOGS_STREAM",
+    "NODES_BUCKET",
     "REQUESTER_EXEC_CONSUMER",
     "REQUESTER_VERDICT_CONSUMER",
     "RESULTS_BUCKET",
@@ -50,6 +62,8 @@ __all__ = [
     "cancel",
     "events",
     "exec_update",
+    "logs",
+    "logs_of_job",
     "verdict",
     "verify",
 ]
@@ -114,3 +128,17 @@ def verify(job_id: str, node_id: str) -> str:
 
 def verdict(job_id: str) -> str:
     return f"{PREFIX}.verdict.{_token(job_id)}"
+
+
+# -- live output and node records (bacq logs, bacq nodes) ----------------------------------------
+LOGS_STREAM = "BACQ_LOGS"  # its own stream: bounded by size and age, apart from the BACQ stream
+LOGS_ALL = f"{PREFIX}.logs.>"
+NODES_BUCKET = "bacq-nodes"
+
+
+def logs(job_id: str, node_id: str) -> str:
+    return f"{PREFIX}.logs.{_token(job_id)}.{_token(node_id)}"
+
+
+def logs_of_job(job_id: str) -> str:
+    return f"{PREFIX}.logs.{_token(job_id)}.*"

@@ -1,8 +1,9 @@
 """The worker: bids on jobs it can take, runs them in Docker over IPFS inputs, publishes results.
 
-Touches NATS (announcements, bids, assignments, progress, results), its kubo node, the Docker daemon
-and its own work directory. Capacity (cpu, memory, job slots) is reserved when it bids, so it never
-promises more than it has; a reservation the requester never answers expires on its own.
+Touches NATS (announcements, bids, assignments, progress, results; live output and its heartbeat
+record, see bacq.logs and bacq.nodes), its kubo node, the Docker daemon and its own work directory.
+Capacity (cpu, memory, job slots) is reserved when it bids, so it never promises more than it has;
+a reservation the requester never answers expires on its own.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from bacq import subjects
 from bacq.bus import Bus
 from bacq.errors import BacqError, StorageError
 from bacq.log import get_logger
+from bacq.logs import LogStreamer
 from bacq.models import (
     Announcement,
     Assignment,
@@ -35,6 +37,7 @@ from bacq.models import (
     encode,
     now,
 )
+from bacq.nodes import NodeRegistry
 from bacq.spec import JobSpec
 from bacq.states import ExecState
 from bacq.storage import Storage, remove_tree, sanitize_tree
@@ -86,6 +89,7 @@ class Worker:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done = 0
         self._cancelled: set[str] = set()
+        self._registry = NodeRegistry(bus)
         self._draining = False
 
     # -- capacity ---------------------------------------------------------------------------------
@@ -267,12 +271,18 @@ class Worker:
             mounts.append(bind(host, output.path, read_only=False))
 
         await self._update(job_id, ExecState.RUNNING, detail=spec.image)
-        result = await self.executor.run(
-            spec,
-            name=f"bacq-{job_id}-{self.config.node_id}",
-            mounts=mounts,
-            labels={"bacq.job": job_id, "bacq.node": self.config.node_id},
-        )
+        streamer = LogStreamer(self.bus, job_id, self.config.node_id)  # live output (bacq logs)
+        streamer.start()
+        try:
+            result = await self.executor.run(
+                spec,
+                name=f"bacq-{job_id}-{self.config.node_id}",
+                mounts=mounts,
+                labels={"bacq.job": job_id, "bacq.node": self.config.node_id},
+                output=streamer.feed,
+            )
+        finally:
+            await streamer.close()
 
         await self._update(job_id, ExecState.PUBLISHING)
         stdout = result.stdout
@@ -318,8 +328,9 @@ class Worker:
         await msg.respond(encode(CancelReply(ok=True, state="cancelled")))
 
     async def _heartbeat(self) -> None:
+        # the heartbeat, and this node's key in the bacq-nodes bucket (for bacq nodes)
         with contextlib.suppress(Exception):
-            await self.bus.publish(subjects.HEARTBEAT, self.info())
+            await self._registry.heartbeat(self.info())
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Bid, run and report until ``stop`` is set; then drain: bid no more, give running jobs
