@@ -36,6 +36,10 @@ JOB_KEYS = {
     "executions",
     "result_cid",
     "exit_code",
+    "event_seq",
+    "last_hash",
+    "idempotency_key",
+    "deadline",
 }
 EXECUTION_KEYS = {"node_id", "state", "updated_at", "detail", "error", "exit_code", "result_cid"}
 NODE_KEYS = {
