@@ -104,6 +104,23 @@ async def test_requester_killed_mid_run_finishes_its_jobs_when_started_again(
         assert contiguous(await client.history(running))
 
 
+async def test_verifier_killed_between_results_still_gives_one_verdict(
+    make_stack: Callable[..., Devstack],
+) -> None:
+    stack = make_stack(workers=2)
+    async with await Client.connect(stack.nats.url) as client:
+        job_id = await client.submit(sleeper(3, concurrency=2))
+        await running_on(client, job_id)
+        stack.kill("verifier")  # results arrive while no verifier runs
+        await asyncio.sleep(5)
+        await asyncio.to_thread(stack.restart, "verifier")
+        job = await client.wait(job_id, timeout=120)
+        history = await client.history(job_id)
+    assert job.state == JobState.ACCEPTED, job.reason
+    assert job.reason == "2 of 2 results agree"
+    assert sum(1 for e in history if e.kind == "job" and e.state == "accepted") == 1
+
+
 async def test_only_capable_worker_disappearing_fails_the_job_with_a_reason(
     make_stack: Callable[..., Devstack],
 ) -> None:
