@@ -236,6 +236,8 @@ class Bus:
                 for msg in msgs:
                     await msg.ack()
                     yield msg.metadata.sequence.stream, decode(Event, msg.data)
+                if msgs and not follow and not msgs[-1].metadata.num_pending:
+                    return  # that was the last one: no need to wait for an empty fetch
                 if not msgs and not follow:
                     info = await sub.consumer_info()
                     if not info.num_pending:

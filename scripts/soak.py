@@ -55,11 +55,14 @@ async def soak(args: argparse.Namespace) -> int:
         async with await Client.connect(stack.nats.url) as client:
             stop = asyncio.Event()
             chaos_task = asyncio.create_task(chaos(stack, stop, args, events))
-            gate = asyncio.Semaphore(32)
+            # at most --parallel jobs in flight: bidding has a deadline, and a job that finds
+            # every slot taken fails for want of bids (bacq does not queue jobs)
+            gate = asyncio.Semaphore(args.parallel)
+            ids: list[str] = [""] * args.jobs
 
-            async def submit(i: int) -> str:
+            async def one(i: int) -> JobState:
                 async with gate:
-                    return await client.submit(
+                    ids[i] = await client.submit(
                         {
                             "image": "bacq-test/busybox",
                             "command": ["echo", f"job {i}"],
@@ -69,20 +72,16 @@ async def soak(args: argparse.Namespace) -> int:
                         timeout=30,
                         attempts=10,
                     )
+                    return (await client.wait(ids[i], timeout=args.timeout)).state
 
-            ids = await asyncio.gather(*(submit(i) for i in range(args.jobs)))
-            print(f"submitted {len(ids)} jobs in {time.monotonic() - started:.0f}s", flush=True)
-
-            async def wait(job_id: str) -> JobState:
-                async with gate:
-                    return (await client.wait(job_id, timeout=args.timeout)).state
-
-            states = await asyncio.gather(*(wait(i) for i in ids), return_exceptions=True)
+            states = await asyncio.gather(
+                *(one(i) for i in range(args.jobs)), return_exceptions=True
+            )
             stop.set()
             chaos_task.cancel()
             anomalies = []
             for job_id, state in zip(ids, states, strict=True):
-                if isinstance(state, BaseException):
+                if isinstance(state, BaseException) or not job_id:
                     anomalies.append(f"{job_id}: never reached a final state ({state!r})")
                     continue
                 history = await client.history(job_id)
@@ -122,6 +121,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--parallel", type=int, default=8, help="jobs in flight at once")
     parser.add_argument("--kill-every", type=float, default=8.0, help="seconds between kills")
     parser.add_argument(
         "--nats-every", type=float, default=45.0, help="seconds between nats-server restarts"
