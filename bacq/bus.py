@@ -37,7 +37,7 @@ from bacq.events import Event
 from bacq.log import get_logger
 from bacq.models import JobRecord, decode, encode
 
-__all__ = ["DEFAULT_NATS_URL", "Bus", "ensure_bucket"]
+__all__ = ["DEFAULT_NATS_URL", "TRANSIENT", "Bus", "again", "ensure_bucket"]
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 STREAM_MAX_AGE = 30 * 24 * 3600.0  # seconds of messages kept in the BACQ stream
@@ -252,7 +252,7 @@ class Bus:
     # -- job records ------------------------------------------------------------------------------
     async def load_job(self, job_id: str) -> JobRecord | None:
         try:
-            entry = await _again(lambda: self.jobs.get(job_id))
+            entry = await again(lambda: self.jobs.get(job_id))
         except nats.js.errors.KeyNotFoundError:
             return None
         if entry.value is None:
@@ -260,7 +260,7 @@ class Bus:
         return decode(JobRecord, entry.value)
 
     async def save_job(self, job: JobRecord) -> None:
-        await _again(lambda: self.jobs.put(job.id, encode(job)))
+        await again(lambda: self.jobs.put(job.id, encode(job)))
 
     async def job_ids(self) -> list[str]:
         async def keys() -> list[str]:
@@ -269,23 +269,23 @@ class Bus:
             except nats.js.errors.NoKeysError:
                 return []
 
-        return await _again(keys)
+        return await again(keys)
 
 
 T = TypeVar("T")
-_TRANSIENT = (
+TRANSIENT = (
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
     nats.errors.ConnectionReconnectingError,
 )
 
 
-async def _again(call: Callable[[], Awaitable[T]], attempts: int = 15) -> T:
+async def again(call: Callable[[], Awaitable[T]], attempts: int = 15) -> T:
     """``call()``, asked again while JetStream is away for a moment (a server restart)."""
     for attempt in range(1, attempts):
         try:
             return await call()
-        except _TRANSIENT:
+        except TRANSIENT:
             await asyncio.sleep(min(0.2 * attempt, 1.0))
     return await call()
 

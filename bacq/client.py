@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import nats.errors
+from nats.js.kv import KeyValue
 
 from bacq import subjects
-from bacq.bus import Bus
+from bacq.bus import TRANSIENT, Bus, again
 from bacq.errors import JobNotFound, RequestRejected, SpecError, StorageError
 from bacq.events import Event
 from bacq.models import (
@@ -154,19 +155,26 @@ class Client:
     ) -> JobRecord:
         """Follow the job's record until it is final (or ``timeout`` passes: TimeoutError)."""
         job_id = (await self.job(job_id)).id
-        watcher = await self.bus.jobs.watch(job_id)
+        watcher: Any = None
         revision = 0
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    try:
-                        # nats-py leaves KeyWatcher untyped
-                        entry = await watcher.updates(timeout=2.0)  # type: ignore[no-untyped-call]
-                    except nats.errors.TimeoutError:
-                        entry = await self.bus.jobs.get(job_id)  # quiet for a while: read afresh
-                    if entry is None or entry.value is None or entry.revision <= revision:
+                    entry: KeyValue.Entry | None = None
+                    if watcher is None:
+                        # the watch is only an accelerator: while NATS is away, poll
+                        with contextlib.suppress(*TRANSIENT):
+                            watcher = await self.bus.jobs.watch(job_id)
+                    if watcher is not None:
+                        with contextlib.suppress(nats.errors.TimeoutError):
+                            entry = await watcher.updates(timeout=2.0)
+                    else:
+                        await asyncio.sleep(1.0)
+                    if entry is None:  # quiet for a while, or no watch: read afresh
+                        entry = await again(lambda: self.bus.jobs.get(job_id))
+                    if entry.value is None or (entry.revision or 0) <= revision:
                         continue  # the end-of-history marker, or no newer than what was shown
-                    revision = entry.revision
+                    revision = entry.revision or 0
                     job = decode(JobRecord, entry.value)
                     if on_change is not None:
                         maybe = on_change(job)
@@ -175,8 +183,9 @@ class Client:
                     if job.final:
                         return job
         finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+            if watcher is not None:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
 
     async def fetch_results(self, storage: Storage, job: JobRecord, out_dir: Path) -> Path:
         """Download the accepted result of ``job`` into ``out_dir`` (stdout, stderr, exitCode…)."""
