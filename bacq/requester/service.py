@@ -14,6 +14,7 @@ On start it picks up every unfinished job and drives it to an end.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import contextlib
 import hashlib
 import time
@@ -29,7 +30,7 @@ from nats.aio.msg import Msg
 from bacq import subjects
 from bacq.bus import Bus, ensure_bucket
 from bacq.errors import SpecError
-from bacq.events import diff, fold, seal
+from bacq.events import Event, diff, fold, seal
 from bacq.log import get_logger
 from bacq.models import (
     Announcement,
@@ -153,8 +154,6 @@ class Requester:
             last = await self.bus.js.get_last_msg(subjects.EVENTS_STREAM, subjects.events(job.id))
         except nats.js.errors.NotFoundError:
             return job
-        from bacq.events import Event
-
         if decode(Event, last.data or b"{}").seq <= job.event_seq:
             return job
         rebuilt = fold(await self.bus.job_events(job.id))
@@ -395,7 +394,7 @@ class Requester:
         self.log.info("job.no_bids", job=job_id, reason=reason)
         await self.mutate(job_id, fail)
 
-    def _results_deadline(self, spec: JobSpec) -> Any:
+    def _results_deadline(self, spec: JobSpec) -> dt.datetime:
         return now() + timedelta(seconds=spec.timeout + self.config.result_grace)
 
     async def _assign(self, job_id: str, chosen: list[Bid], others: list[Bid]) -> None:
