@@ -14,8 +14,8 @@ On start it picks up every unfinished job and drives it to an end.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import contextlib
+import datetime as dt
 import hashlib
 import time
 from collections.abc import Callable, Coroutine
