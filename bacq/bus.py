@@ -2,6 +2,9 @@
 
 Touches the NATS connection only. Subject names come from ``bacq.subjects``; payloads are the models
 of ``bacq.models``. Every process uses ``Bus.connect`` so reconnection and errors behave alike.
+Credentials, TLS and the role's inbox prefix come from ``bacq.auth.NatsOptions``; only the
+requester and the verifier declare the stream and buckets (workers and clients may lack the
+JetStream API permissions to do so, see deploy/nats/bacq.conf).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -32,7 +36,8 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from bacq import subjects
-from bacq.errors import NatsUnavailable
+from bacq.auth import NatsOptions
+from bacq.errors import ConfigError, NatsUnavailable
 from bacq.events import Event
 from bacq.log import get_logger
 from bacq.models import JobRecord, decode, encode
@@ -43,9 +48,23 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 STREAM_MAX_AGE = 30 * 24 * 3600.0  # seconds of messages kept in the BACQ stream
 EVENTS_MAX_AGE = 365 * 24 * 3600.0  # default retention of job histories: a year …
 EVENTS_MAX_BYTES = 10 * 1024**3  # … or 10 GiB, whichever comes first (oldest go first)
+# copies of the stream and buckets in a JetStream cluster (BACQ_JS_REPLICAS; 3 for a 3-node cluster)
+REPLICAS_ENV = "BACQ_JS_REPLICAS"
+DECLARING_ROLES = ("requester", "verifier")
 DUPLICATE_WINDOW = 120.0  # seconds within which a repeated Nats-Msg-Id is dropped
 
+JS_RETRY_FOR = 30.0  # seconds a job-record read/write retries while JetStream is away (failover)
+# the server or the stream's leader is away (restart, network, a cluster electing a new leader)
+TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+)
+
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 log = get_logger("bacq.bus")
 
 
@@ -61,15 +80,31 @@ class Bus:
         self.jobs = jobs
 
     @classmethod
-    async def connect(cls, url: str, *, name: str, wait: float = 5.0) -> Bus:
-        """Connect, then declare the stream and the bucket.
+    async def connect(
+        cls,
+        url: str,
+        *,
+        name: str,
+        wait: float = 5.0,
+        options: NatsOptions | None = None,
+    ) -> Bus:
+        """Connect, then declare the stream and the bucket (requester and verifier only).
 
         The first connection is tried for ``wait`` seconds (a CLI fails fast; services wait
         longer for a server that is still starting); once connected, drops reconnect forever.
+        ``options`` default to the ``BACQ_NATS_*`` environment for the role named in ``name``
+        (``bacq-worker-w1`` is a worker, ``bacq-client`` a client). ``url`` may list several
+        servers separated by commas (a cluster).
         """
+        if options is None:
+            options = NatsOptions.from_env(_role(name))
         bus: Bus | None = None
+        refused: list[str] = []  # authorization errors before the first connection
 
         async def on_error(exc: Exception) -> None:
+            # nats-py reports it as a plain Error "nats: 'Authorization Violation'"
+            if bus is None and "authorization violation" in str(exc).lower():
+                refused.append(str(exc))
             # before the first connection, failures are the NatsUnavailable raised below
             (log.warning if bus is not None else log.debug)("nats.error", error=str(exc))
 
@@ -85,7 +120,7 @@ class Bus:
         try:
             async with asyncio.timeout(wait):
                 nc = await nats.connect(
-                    url,
+                    [u.strip() for u in url.split(",") if u.strip()],
                     name=name,
                     connect_timeout=min(wait, 5.0),
                     max_reconnect_attempts=-1,
@@ -94,17 +129,35 @@ class Bus:
                     error_cb=on_error,
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
+                    **options.connect_kwargs(),
                 )
         except (OSError, nats.errors.Error, TimeoutError) as exc:
             why = f"no answer within {wait:g}s" if isinstance(exc, TimeoutError) else str(exc)
+            if refused or isinstance(exc, nats.errors.AuthorizationError):
+                raise NatsUnavailable(
+                    f"NATS at {url} refused {name} ({options.describe()}): authorization "
+                    "violation; check the "
+                    "credentials (BACQ_NATS_USER/_PASSWORD, _TOKEN, _CREDS or _NKEY)"
+                ) from None
             raise NatsUnavailable(
                 f"cannot reach NATS at {url} ({why}); start one with "
                 "`bacq devstack` or set BACQ_NATS_URL / --nats to a running server"
             ) from None
         js = nc.jetstream()
         try:
-            await _ensure_streams(js)
-            jobs = await ensure_bucket(js, subjects.JOBS_BUCKET)
+            if options.role in DECLARING_ROLES:
+                await _ensure_streams(js)
+                jobs = await ensure_bucket(js, subjects.JOBS_BUCKET)
+            elif options.role == "worker":  # workers never read job records: bind, no lookup
+                jobs = KeyValue(
+                    name=subjects.JOBS_BUCKET,
+                    stream=f"KV_{subjects.JOBS_BUCKET}",
+                    pre=f"$KV.{subjects.JOBS_BUCKET}.",
+                    js=js,
+                    direct=False,
+                )
+            else:
+                jobs = await ensure_bucket(js, subjects.JOBS_BUCKET)
         except (nats.errors.Error, TimeoutError) as exc:
             await nc.close()
             raise NatsUnavailable(
@@ -144,11 +197,7 @@ class Bus:
             try:
                 await self.js.publish(subject, encode(message), headers={"Nats-Msg-Id": msg_id})
                 return
-            except (
-                nats.errors.TimeoutError,
-                nats.errors.NoRespondersError,
-                nats.errors.ConnectionReconnectingError,
-            ) as exc:
+            except TRANSIENT as exc:
                 # the server is away (restart, network): keep the message and try again
                 log.warning("bus.publish_retry", subject=subject, error=type(exc).__name__)
                 await asyncio.sleep(delay)
@@ -251,16 +300,20 @@ class Bus:
 
     # -- job records ------------------------------------------------------------------------------
     async def load_job(self, job_id: str) -> JobRecord | None:
-        try:
-            entry = await again(lambda: self.jobs.get(job_id))
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        if entry.value is None:
-            return None
-        return decode(JobRecord, entry.value)
+        async def get() -> bytes | None:
+            try:
+                return (await self.jobs.get(job_id)).value
+            except nats.js.errors.KeyNotFoundError:
+                return None
+
+        value = await again(get)
+        return None if value is None else decode(JobRecord, value)
 
     async def save_job(self, job: JobRecord) -> None:
-        await again(lambda: self.jobs.put(job.id, encode(job)))
+        async def put() -> None:
+            await self.jobs.put(job.id, encode(job))
+
+        await again(put)
 
     async def job_ids(self) -> list[str]:
         async def keys() -> list[str]:
@@ -272,22 +325,17 @@ class Bus:
         return await again(keys)
 
 
-T = TypeVar("T")
-TRANSIENT = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionReconnectingError,
-)
+def _role(name: str) -> str:
+    parts = name.split("-")
+    return parts[1] if len(parts) > 1 and parts[0] == "bacq" else "client"
 
 
-async def again(call: Callable[[], Awaitable[T]], attempts: int = 15) -> T:
-    """``call()``, asked again while JetStream is away for a moment (a server restart)."""
-    for attempt in range(1, attempts):
-        try:
-            return await call()
-        except TRANSIENT:
-            await asyncio.sleep(min(0.2 * attempt, 1.0))
-    return await call()
+def replicas() -> int:
+    """JetStream replicas for the stream and buckets: ``$BACQ_JS_REPLICAS`` (1 to 5), else 1."""
+    value = os.environ.get(REPLICAS_ENV, "1")
+    if not value.isdigit() or not 1 <= int(value) <= 5:
+        raise ConfigError(f"{REPLICAS_ENV} must be a number from 1 to 5, not {value!r}")
+    return int(value)
 
 
 def _stream_configs() -> list[StreamConfig]:
@@ -298,6 +346,7 @@ def _stream_configs() -> list[StreamConfig]:
             storage=StorageType.FILE,
             max_age=STREAM_MAX_AGE,
             duplicate_window=DUPLICATE_WINDOW,
+            num_replicas=replicas(),
         ),
         StreamConfig(
             name=subjects.EVENTS_STREAM,
@@ -306,18 +355,23 @@ def _stream_configs() -> list[StreamConfig]:
             max_age=EVENTS_MAX_AGE,
             max_bytes=EVENTS_MAX_BYTES,
             duplicate_window=DUPLICATE_WINDOW,
+            num_replicas=replicas(),
         ),
     ]
 
 
 async def _ensure_streams(js: JetStreamContext) -> None:
-    """Create the streams that are missing; an existing stream keeps its (operator's) settings."""
+    """Create the streams that are missing. BACQ is updated to this config (replicas); the
+    events stream keeps its retention, which the requester sets from its flags."""
     for config in _stream_configs():
         try:
             await js.stream_info(str(config.name))
         except nats.js.errors.NotFoundError:
             with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
                 await js.add_stream(config)
+            continue
+        if config.name == subjects.STREAM:
+            await js.update_stream(config)
 
 
 async def ensure_bucket(js: JetStreamContext, name: str) -> KeyValue:
@@ -327,6 +381,23 @@ async def ensure_bucket(js: JetStreamContext, name: str) -> KeyValue:
     except nats.js.errors.BucketNotFoundError:
         with contextlib.suppress(nats.js.errors.BadRequestError):
             await js.create_key_value(
-                KeyValueConfig(bucket=name, history=5, storage=StorageType.FILE)
+                KeyValueConfig(
+                    bucket=name, history=5, storage=StorageType.FILE, replicas=replicas()
+                )
             )
         return await js.key_value(name)
+
+
+async def again(call: Callable[[], Awaitable[T]], *, retry_for: float = JS_RETRY_FOR) -> T:
+    """``call()``, asked again while JetStream is briefly away (a restart, a failover)."""
+    deadline = asyncio.get_running_loop().time() + retry_for
+    delay = 0.2
+    while True:
+        try:
+            return await call()
+        except TRANSIENT as exc:
+            if asyncio.get_running_loop().time() + delay > deadline:
+                raise
+            log.warning("bus.retry", error=type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)

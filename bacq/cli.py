@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import importlib.metadata
 import json
@@ -50,6 +51,7 @@ from bacq.render import (
     render_nodes,
     render_verdict,
 )
+from bacq.sdnotify import Notifier, on_log_event
 from bacq.spec import JobSpec, json_schema, parse_memory, parse_spec
 from bacq.states import ExecState, JobState
 from bacq.storage import DEFAULT_IPFS_API, Storage
@@ -578,11 +580,30 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 # -- services ------------------------------------------------------------------------------------
 async def _serve(run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
+    """Run a service until SIGTERM/SIGINT, telling systemd (when it runs us) how it goes."""
+    service = getattr(run, "__self__", None)
+    status_line: Callable[[], str] = getattr(service, "status_line", None) or (lambda: "serving")
+    notifier = Notifier()
+    on_log_event("service.ready", lambda: notifier.ready(status_line()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            notifier.stopping(f"stopping: {status_line()}")
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await run(stop)
+        loop.add_signal_handler(sig, on_signal)
+    keepalive = asyncio.create_task(notifier.keepalive(status_line), name="sd-keepalive")
+    try:
+        await run(stop)
+    finally:
+        keepalive.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keepalive
+        notifier.status(f"stopped: {status_line()}")
+        notifier.close()
     return EXIT_OK
 
 
@@ -634,7 +655,16 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    executor = DockerExecutor.from_env()
+    try:
+        results_limit = parse_memory(args.results_limit)
+    except ValueError as exc:
+        raise UsageError(f"--results-limit: {exc}") from None
+    executor = DockerExecutor.from_env(
+        allow_network=args.allow_network,
+        results_limit=results_limit,
+        container_user=args.container_user,
+        tmpfs_size=args.tmp_size,
+    )
     # adding a large results folder can take a while; fetches have their own --fetch-timeout
     storage = await Storage.connect(config.ipfs_api, timeout=args.ipfs_timeout)
     bus = await Bus.connect(
@@ -694,11 +724,50 @@ EPILOG = (
     "3 accepted but the command exited non-zero, 130 interrupted (the job goes on)."
 )
 
+# NATS credential and TLS flags: each sets the BACQ_NATS_* variable bacq.auth reads (secrets are
+# given as files or environment variables, never as arguments, which any local user can list)
+_NATS_AUTH_FLAGS = {
+    "nats_user": (
+        "--nats-user",
+        "NAME",
+        "BACQ_NATS_USER",
+        "NATS user (password: $BACQ_NATS_PASSWORD or --nats-password-file)",
+    ),
+    "nats_password_file": (
+        "--nats-password-file",
+        "FILE",
+        "BACQ_NATS_PASSWORD_FILE",
+        "file holding the NATS user's password",
+    ),
+    "nats_token_file": (
+        "--nats-token-file",
+        "FILE",
+        "BACQ_NATS_TOKEN_FILE",
+        "file holding a NATS token (or $BACQ_NATS_TOKEN)",
+    ),
+    "nats_creds": ("--nats-creds", "FILE", "BACQ_NATS_CREDS", "NATS .creds file (JWT + nkey)"),
+    "nats_nkey": ("--nats-nkey", "FILE", "BACQ_NATS_NKEY", "file holding an nkey seed (SU...)"),
+    "tls_ca": ("--tls-ca", "FILE", "BACQ_NATS_TLS_CA", "CA bundle to verify NATS servers (TLS)"),
+    "tls_cert": ("--tls-cert", "FILE", "BACQ_NATS_TLS_CERT", "client certificate (mutual TLS)"),
+    "tls_key": ("--tls-key", "FILE", "BACQ_NATS_TLS_KEY", "client certificate's key"),
+}
+
+
+def _export_nats_flags(args: argparse.Namespace) -> None:
+    for dest, (_, _, env, _) in _NATS_AUTH_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value:
+            os.environ[env] = str(value)
+
 
 def _connection_flags(parser: argparse.ArgumentParser, *, ipfs: bool = False) -> None:
     parser.add_argument(
-        "--nats", metavar="URL", help=f"NATS server (default: $BACQ_NATS_URL or {DEFAULT_NATS_URL})"
+        "--nats",
+        metavar="URL",
+        help=f"NATS server(s), comma-separated (default: $BACQ_NATS_URL or {DEFAULT_NATS_URL})",
     )
+    for dest, (flag, metavar, env, text) in _NATS_AUTH_FLAGS.items():
+        parser.add_argument(flag, dest=dest, metavar=metavar, help=f"{text} [${env}]")
     if ipfs:
         parser.add_argument(
             "--ipfs",
@@ -1044,6 +1113,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="on SIGTERM, seconds running jobs get to finish before they are handed back (60)",
     )
+    worker.add_argument(
+        "--allow-network",
+        action="store_true",
+        help="run jobs that ask for network access with a network (default: no job gets one)",
+    )
+    worker.add_argument(
+        "--results-limit",
+        default="1g",
+        metavar="SIZE",
+        help="most output (folders + stdout + stderr) a job may leave (1g)",
+    )
+    worker.add_argument(
+        "--container-user",
+        metavar="UID:GID|image",
+        help="user the job's container runs as (default: this worker's uid:gid, or 65534:65534 "
+        "when the worker runs as root); 'image' keeps the image's own USER",
+    )
+    worker.add_argument(
+        "--tmp-size", default="64m", metavar="SIZE", help="the container's writable /tmp (64m)"
+    )
     worker.add_argument("--tamper", action="store_true", help=argparse.SUPPRESS)
     _connection_flags(worker, ipfs=True)
     worker.set_defaults(func=cmd_worker)
@@ -1054,6 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False) or os.environ.get("BACQ_DEBUG"))
+    _export_nats_flags(args)
     service = args.cmd in ("requester", "verifier", "worker")
     configure_logging(
         json=True if service or os.environ.get("BACQ_LOG_JSON") else None,

@@ -101,6 +101,8 @@ class NatsServer:
     store_dir: Path
     log_path: Path
     port: int = -1
+    args: list[str] = field(default_factory=list)  # e.g. ["-c", "deploy/nats/nats-server.conf"]
+    env: dict[str, str] = field(default_factory=dict)  # e.g. the passwords the config reads
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
     _log: IO[bytes] | None = None
@@ -112,14 +114,15 @@ class NatsServer:
         self.proc = subprocess.Popen(
             [
                 find_nats_server(),
-                "-js",
-                "-sd",
-                str(self.store_dir),
+                # a config file (deploy/nats) names its store as $BACQ_NATS_STORE
+                *(["-js", "-sd", str(self.store_dir)] if "-c" not in self.args else []),
                 "-a",
                 "127.0.0.1",
                 "-p",
                 str(self.port),
+                *self.args,
             ],
+            env={**os.environ, "BACQ_NATS_STORE": str(self.store_dir), **self.env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -245,6 +248,7 @@ class _Service:
     name: str
     argv: list[str]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> None:
@@ -255,7 +259,7 @@ class _Service:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, "BACQ_LOG_JSON": "1", "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "BACQ_LOG_JSON": "1", "PYTHONUNBUFFERED": "1", **self.env},
             )
 
         def ready() -> bool:
@@ -293,7 +297,17 @@ class Devstack:
         max_jobs: int = 4,
         result_grace: float = 120.0,
         keep_state: bool = False,
+        nats_args: list[str] | None = None,
+        nats_env: dict[str, str] | None = None,
+        role_env: dict[str, dict[str, str]] | None = None,
+        worker_args: list[str] | None = None,
+        nats_url: str | None = None,
     ) -> None:
+        """``nats_args``/``nats_env``: extra nats-server arguments and environment (a config with
+        users); ``role_env``: extra environment per role (requester, verifier, worker) or worker
+        name (w1, ...), e.g. its BACQ_NATS_USER/_PASSWORD; ``worker_args``: extra ``bacq worker``
+        flags; ``nats_url``: use these running NATS servers (comma-separated, a cluster) instead
+        of starting one."""
         if workers < 0 or not 0 <= bad_workers <= workers:
             raise ValueError("bad_workers must be between 0 and the number of workers")
         if kubo_nodes < 1:
@@ -308,7 +322,17 @@ class Devstack:
         self.keep_state = keep_state
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="bacq-devstack-"))
         self.logs = self.state_dir / "logs"
-        self.nats = NatsServer(self.state_dir / "nats", self.logs / "nats-server.log")
+        self.nats = NatsServer(
+            self.state_dir / "nats",
+            self.logs / "nats-server.log",
+            args=list(nats_args or []),
+            env=dict(nats_env or {}),
+        )
+        self.external_nats = bool(nats_url)
+        if nats_url:
+            self.nats.url = nats_url
+        self.role_env = role_env or {}
+        self.worker_args = list(worker_args or [])
         self.kubo = [
             KuboNode(self.state_dir / f"kubo{i}", self.logs / f"kubo{i}.log")
             for i in range(kubo_nodes)
@@ -344,7 +368,13 @@ class Devstack:
             argv += ["--label", f"{key}={value}"]
         if index < self.bad_workers:
             argv.append("--tamper")
-        service = _Service(name, argv, self.logs / f"{name}.log")
+        argv += self.worker_args
+        service = _Service(
+            name,
+            argv,
+            self.logs / f"{name}.log",
+            env={**self.role_env.get("worker", {}), **self.role_env.get(name, {})},
+        )
         self.services[name] = service
         service.start()
         return name
@@ -352,7 +382,8 @@ class Devstack:
     def start(self) -> Devstack:
         self.logs.mkdir(parents=True, exist_ok=True)
         try:
-            self.nats.start()
+            if not self.external_nats:
+                self.nats.start()
             first = self.kubo[0]
             first.start()
             for node in self.kubo[1:]:
@@ -363,7 +394,10 @@ class Devstack:
                 ("verifier", ("verifier",)),
             ]:
                 service = _Service(
-                    name, self._argv(*args, "--nats", self.nats.url), self.logs / f"{name}.log"
+                    name,
+                    self._argv(*args, "--nats", self.nats.url),
+                    self.logs / f"{name}.log",
+                    env=self.role_env.get(name, {}),
                 )
                 self.services[name] = service
                 service.start()

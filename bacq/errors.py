@@ -35,6 +35,7 @@ __all__ = [
     "JobTimeout",
     "NatsUnavailable",
     "RequestRejected",
+    "ResultsTooLarge",
     "SpecError",
     "StorageError",
 ]
@@ -83,6 +84,10 @@ class StorageError(BacqError):
 
 class ExecutionError(BacqError):
     """A job could not run to completion on a worker."""
+
+
+class ResultsTooLarge(ExecutionError):
+    """The job's outputs (output folders, stdout and stderr) exceed the worker's results limit."""
 
 
 class ImageUnavailable(ExecutionError):

@@ -119,7 +119,6 @@ class LogStreamer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
-        self._stream_ready = False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -193,10 +192,6 @@ class LogStreamer:
         await self._send(name, pending, text)
 
     async def _send(self, name: Stream, pending: _Pending, text: str, *, eof: bool = False) -> None:
-        if not self._stream_ready:
-            with contextlib.suppress(Exception):
-                await ensure_logs_stream(self.bus.js)
-            self._stream_ready = True
         pending.seq += 1
         chunk = LogChunk(
             job_id=self.job_id,

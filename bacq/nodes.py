@@ -46,16 +46,21 @@ async def nodes_bucket(bus: Bus) -> KeyValue:
 
 
 class NodeRegistry:
-    """A worker's side: publish its heartbeat and keep its key in the bucket up to date."""
+    """A worker's side: publish its heartbeat and keep its key in the bucket up to date.
+
+    The requester declares the bucket; a worker binds to it without a lookup (with NATS
+    permissions on, a worker has no JetStream API: it may only publish to its own key).
+    """
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
-        self._bucket: KeyValue | None = None
+        name = subjects.NODES_BUCKET
+        self._bucket = KeyValue(
+            name=name, stream=f"KV_{name}", pre=f"$KV.{name}.", js=bus.js, direct=False
+        )
 
     async def heartbeat(self, info: NodeInfo) -> None:
         await self.bus.publish(subjects.HEARTBEAT, info)
-        if self._bucket is None:
-            self._bucket = await nodes_bucket(self.bus)
         await self._bucket.put(info.node_id, encode(info))
 
 

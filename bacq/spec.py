@@ -204,6 +204,10 @@ class JobSpec(_Model):
     inputs: list[InputVolume] = Field(default_factory=list, description="IPFS inputs, read-only")
     outputs: list[OutputVolume] = Field(default_factory=list, description="named output folders")
     resources: Resources = Field(default_factory=Resources)
+    network: bool = Field(
+        default=False,
+        description="the job needs network access; only workers started with --allow-network bid",
+    )
     timeout: float = Field(
         default=600.0, gt=0, le=86400, description="seconds the container may run"
     )

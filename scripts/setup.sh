@@ -4,7 +4,8 @@
 #   2. a Docker daemon that answers (started here when none does)
 #   3. kubo: `ipfs` from PATH, else the pinned release built once with Go into a cache outside the repo
 #   4. the Python venv in .venv with bacq and its dev tools
-#   5. the local test images bacq-test/busybox and bacq-test/debian:bookworm (no registry needed)
+#   5. the local test images bacq-test/busybox, bacq-test/debian:bookworm and bacq-test/systemd:bookworm
+#      (no registry needed)
 # Needs root (or sudo) for steps 1, 2 and 5.
 set -euo pipefail
 
@@ -117,6 +118,12 @@ if ! docker image inspect bacq-test/debian:bookworm >/dev/null 2>&1; then
     docker import --change 'CMD ["bash"]' \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         "$rootfs_tar" bacq-test/debian:bookworm >/dev/null
+fi
+
+if ! docker image inspect bacq-test/systemd:bookworm >/dev/null 2>&1; then
+    say "building image bacq-test/systemd:bookworm (systemd as PID 1, for tests/test_systemd.py)"
+    docker build -q -t bacq-test/systemd:bookworm "$ROOT/tests/systemd" >/dev/null \
+        || die "building bacq-test/systemd:bookworm failed (apt from deb.debian.org)"
 fi
 
 say "ready: docker $(docker version -f '{{.Server.Version}}'), kubo at $(command -v ipfs || echo "$KUBO_BIN")"

@@ -32,6 +32,7 @@ from bacq.bus import Bus, ensure_bucket
 from bacq.errors import SpecError
 from bacq.events import Event, diff, fold, seal
 from bacq.log import get_logger
+from bacq.logs import ensure_logs_stream
 from bacq.models import (
     Announcement,
     Assignment,
@@ -51,6 +52,7 @@ from bacq.models import (
     new_job_id,
     now,
 )
+from bacq.nodes import nodes_bucket
 from bacq.requester.record import apply_exec_update, apply_verdict, move_exec, move_job
 from bacq.spec import JobSpec, parse_spec
 from bacq.states import EXEC_ACTIVE, ExecState, JobState
@@ -591,6 +593,9 @@ class Requester:
             max_age=self.config.events_max_age, max_bytes=self.config.events_max_bytes
         )
         self._idempotency = await ensure_bucket(self.bus.js, subjects.IDEMPOTENCY_BUCKET)
+        # declared here for the workers, which may not use the JetStream API themselves
+        await ensure_logs_stream(self.bus.js)
+        await nodes_bucket(self.bus)
         subs = [
             await self.bus.subscribe(subjects.SUBMIT, self.on_submit, queue="requester"),
             await self.bus.subscribe(subjects.CANCEL, self.on_cancel, queue="requester"),

@@ -3,17 +3,25 @@
 docker-py blocks, so every call runs in a thread; the job's deadline is enforced here (docker-py's
 ``wait(timeout=)`` is only a request timeout), and a cancelled or overdue container is killed.
 Containers are removed after their logs are read (``auto_remove`` would race with that).
+
+Every container is hardened by default: no network (unless the job asks and the worker allows it),
+every capability dropped, no-new-privileges, a read-only root filesystem with a small tmpfs on
+``/tmp``, pids/memory/cpu limits, and a non-root user (see ``container_user``). After the container
+exits, its outputs (writable mounts, stdout, stderr) are measured against the results limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
@@ -27,14 +35,38 @@ from bacq.errors import (
     ExecutionError,
     ImageUnavailable,
     JobTimeout,
+    ResultsTooLarge,
 )
 from bacq.log import get_logger
 from bacq.spec import JobSpec
 
-__all__ = ["ContainerResult", "DockerExecutor"]
+__all__ = ["DEFAULT_RESULTS_LIMIT", "ContainerResult", "DockerExecutor", "tree_size"]
 
 log = get_logger("bacq.worker.executor")
-_WAIT_SLICE = 5.0  # seconds per docker wait request; the deadline is checked between them
+_WAIT_SLICE = 2.0  # seconds per docker wait request; deadline and output size checked between
+DEFAULT_RESULTS_LIMIT = 1024**3  # bytes of outputs + stdout + stderr per job (--results-limit)
+DEFAULT_TMPFS = "64m"  # the container's writable /tmp (its root filesystem is read-only)
+NOBODY = "65534:65534"
+
+
+def default_container_user() -> str:
+    """The worker's own uid:gid when it is not root (its files stay its own), else nobody."""
+    uid, gid = os.getuid(), os.getgid()
+    return f"{uid}:{gid}" if uid != 0 else NOBODY
+
+
+def tree_size(path: Path, *, stop_above: int | None = None) -> int:
+    """Bytes of the regular files under ``path`` (links not followed); stops past ``stop_above``."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(root, name))
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+            if stop_above is not None and total > stop_above:
+                return total
+    return total
 
 
 @dataclass(frozen=True)
@@ -47,12 +79,27 @@ class ContainerResult:
 class DockerExecutor:
     """Runs containers for a worker, with the limits of the job spec."""
 
-    def __init__(self, client: docker.DockerClient, *, pull_timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        *,
+        pull_timeout: float = 300.0,
+        allow_network: bool = False,
+        results_limit: int = DEFAULT_RESULTS_LIMIT,
+        container_user: str | None = None,
+        tmpfs_size: str = DEFAULT_TMPFS,
+    ) -> None:
+        """``container_user``: ``uid:gid`` to run as; None picks ``default_container_user()``;
+        ``"image"`` keeps the image's own USER (root for most images)."""
         self._docker = client
         self._pull_timeout = pull_timeout
+        self.allow_network = allow_network
+        self.results_limit = results_limit
+        self.container_user = container_user or default_container_user()
+        self.tmpfs_size = tmpfs_size
 
     @classmethod
-    def from_env(cls, *, pull_timeout: float = 300.0) -> DockerExecutor:
+    def from_env(cls, *, pull_timeout: float = 300.0, **options: Any) -> DockerExecutor:
         try:
             client = docker.from_env(timeout=60)
             client.ping()
@@ -61,7 +108,13 @@ class DockerExecutor:
                 f"the Docker daemon does not answer ({exc}); start dockerd "
                 "(scripts/setup.sh does) or set DOCKER_HOST"
             ) from None
-        return cls(client, pull_timeout=pull_timeout)
+        return cls(client, pull_timeout=pull_timeout, **options)
+
+    def why_not(self, spec: JobSpec) -> str | None:
+        """None when this executor may run ``spec``; otherwise why not (the worker does not bid)."""
+        if spec.network and not self.allow_network:
+            return "the job needs network access and this worker does not allow it"
+        return None
 
     def remove_leftovers(self, node_id: str) -> list[str]:
         """Remove this node's containers that a crash left behind (a worker killed mid-job)."""
@@ -117,7 +170,12 @@ class DockerExecutor:
 
         ``output(stream, data)``, when given, receives the output live ("stdout"/"stderr") from
         follower threads (for ``bacq logs -f``); the returned result holds all of it anyway.
+        Raises ``ResultsTooLarge`` when the writable mounts, stdout and stderr together exceed
+        the results limit.
         """
+        reason = self.why_not(spec)
+        if reason is not None:
+            raise ExecutionError(reason)
         await self.ensure_image(spec.image)
         container = await asyncio.to_thread(self._create, spec, name, mounts, labels)
         try:
@@ -126,19 +184,49 @@ class DockerExecutor:
             except docker.errors.APIError as exc:
                 raise _start_error(spec, exc) from None
             followers = [] if output is None else self._follow(container, output)
-            exit_code = await self._wait(container, spec.timeout)
+            exit_code = await self._wait(container, spec.timeout, mounts)
             for follower in followers:  # let them hand over the last bytes
                 await asyncio.to_thread(follower.join, 2.0)
             stdout = await asyncio.to_thread(container.logs, stdout=True, stderr=False)
             stderr = await asyncio.to_thread(container.logs, stdout=False, stderr=True)
+            await self._check_results_size(mounts, len(stdout) + len(stderr))
             return ContainerResult(exit_code=exit_code, stdout=stdout, stderr=stderr)
         finally:
             # on cancellation too: the container must not outlive the job
             await asyncio.shield(asyncio.to_thread(self._remove, container))
 
+    async def _check_results_size(self, mounts: list[Mount], logs: int) -> None:
+        total = logs
+        for mount in mounts:
+            if mount.get("ReadOnly") or total > self.results_limit:
+                continue
+            total += await asyncio.to_thread(
+                tree_size, Path(mount["Source"]), stop_above=self.results_limit - total
+            )
+        if total > self.results_limit:
+            raise ResultsTooLarge(
+                f"the job's results (output folders, stdout and stderr) exceed this worker's "
+                f"limit of {self.results_limit} bytes (found at least {total} bytes); write "
+                "less output or use a worker with a larger --results-limit"
+            )
+
+    def _user(self) -> str | None:
+        return None if self.container_user == "image" else self.container_user  # image: its USER
+
+    def _open_outputs(self, mounts: list[Mount]) -> None:
+        """Let the container's user write its output folders when it is not the worker's user."""
+        user = self._user()
+        if user is None or user.split(":")[0] == str(os.getuid()):
+            return
+        for mount in mounts:
+            if not mount.get("ReadOnly"):
+                os.chmod(mount["Source"], 0o777)  # noqa: S103 - the folder is the job's output
+
     def _create(
         self, spec: JobSpec, name: str, mounts: list[Mount], labels: dict[str, str]
     ) -> Container:
+        network = spec.network and self.allow_network
+        self._open_outputs(mounts)
         try:
             return self._docker.containers.create(
                 spec.image,
@@ -149,7 +237,10 @@ class DockerExecutor:
                 name=name,
                 labels=labels,
                 mounts=mounts,
-                network_mode="none",
+                network_mode="bridge" if network else "none",
+                user=self._user(),
+                read_only=True,
+                tmpfs={"/tmp": f"rw,nosuid,nodev,size={self.tmpfs_size},mode=1777"},
                 mem_limit=spec.resources.memory,
                 memswap_limit=spec.resources.memory,
                 nano_cpus=int(spec.resources.cpu * 1e9),
@@ -165,7 +256,7 @@ class DockerExecutor:
                 f"Docker refused to create the container: {exc.explanation}"
             ) from None
 
-    async def _wait(self, container: Container, timeout: float) -> int:
+    async def _wait(self, container: Container, timeout: float, mounts: list[Mount]) -> int:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -175,6 +266,12 @@ class DockerExecutor:
                     f"the container ran longer than the job's timeout of {timeout:g}s and was "
                     "killed; raise --timeout if the job needs more time"
                 )
+            try:
+                # between waits, the outputs so far: a job filling the disk is stopped early
+                await self._check_results_size(mounts, 0)
+            except ResultsTooLarge:
+                await asyncio.to_thread(_kill, container)
+                raise
             try:
                 status = await asyncio.to_thread(
                     container.wait, timeout=max(1.0, min(_WAIT_SLICE, remaining))

@@ -100,6 +100,9 @@ class Worker:
 
     def why_not(self, spec: JobSpec) -> str | None:
         """None when this worker can take ``spec`` now; otherwise the reason it cannot."""
+        refused = self.executor.why_not(spec)  # e.g. network asked but not allowed here
+        if refused is not None:
+            return refused
         for key, value in spec.node_selector.items():
             if self.config.labels.get(key) != value:
                 return f"label {key}={value} not on this worker"
