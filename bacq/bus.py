@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -36,13 +38,16 @@ from pydantic import BaseModel
 from bacq import subjects
 from bacq.auth import NatsOptions
 from bacq.errors import ConfigError, NatsUnavailable
+from bacq.events import Event
 from bacq.log import get_logger
 from bacq.models import JobRecord, decode, encode
 
-__all__ = ["DEFAULT_NATS_URL", "Bus", "ensure_bucket"]
+__all__ = ["DEFAULT_NATS_URL", "TRANSIENT", "Bus", "again", "ensure_bucket"]
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-STREAM_MAX_AGE = 30 * 24 * 3600.0  # seconds of history kept in the BACQ stream
+STREAM_MAX_AGE = 30 * 24 * 3600.0  # seconds of messages kept in the BACQ stream
+EVENTS_MAX_AGE = 365 * 24 * 3600.0  # default retention of job histories: a year …
+EVENTS_MAX_BYTES = 10 * 1024**3  # … or 10 GiB, whichever comes first (oldest go first)
 # copies of the stream and buckets in a JetStream cluster (BACQ_JS_REPLICAS; 3 for a 3-node cluster)
 REPLICAS_ENV = "BACQ_JS_REPLICAS"
 DECLARING_ROLES = ("requester", "verifier")
@@ -67,6 +72,7 @@ class Bus:
     """One NATS connection with JetStream, the BACQ stream and the jobs bucket."""
 
     closing = False  # set while closing on purpose: the disconnect then is no news
+    reconnected_at = 0.0  # monotonic time of the last reconnection (nothing was heard before it)
 
     def __init__(self, nc: NatsClient, js: JetStreamContext, jobs: KeyValue) -> None:
         self.nc = nc
@@ -107,6 +113,8 @@ class Bus:
                 log.warning("nats.disconnected")
 
         async def on_reconnect() -> None:
+            if bus is not None:
+                bus.reconnected_at = time.monotonic()
             log.info("nats.reconnected")
 
         try:
@@ -138,7 +146,7 @@ class Bus:
         js = nc.jetstream()
         try:
             if options.role in DECLARING_ROLES:
-                await _ensure_stream(js)
+                await _ensure_streams(js)
                 jobs = await ensure_bucket(js, subjects.JOBS_BUCKET)
             elif options.role == "worker":  # workers never read job records: bind, no lookup
                 jobs = KeyValue(
@@ -224,21 +232,73 @@ class Bus:
             for msg in msgs:
                 yield msg
 
-    # -- job records ------------------------------------------------------------------------------
-    async def _retrying(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
-        """Run a bucket operation, again while JetStream is briefly away (up to JS_RETRY_FOR)."""
-        deadline = asyncio.get_running_loop().time() + JS_RETRY_FOR
-        delay = 0.2
-        while True:
-            try:
-                return await op()
-            except TRANSIENT as exc:
-                if asyncio.get_running_loop().time() + delay > deadline:
-                    raise
-                log.warning("bus.bucket_retry", op=what, error=type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+    async def set_events_retention(self, *, max_age: float, max_bytes: int) -> None:
+        """Apply the retention of the BACQ_EVENTS stream (seconds, bytes; 0 = unlimited)."""
+        info = await self.js.stream_info(subjects.EVENTS_STREAM)
+        config = info.config
+        if config.max_age == max_age and config.max_bytes == (max_bytes or -1):
+            return
+        config.max_age = max_age
+        config.max_bytes = max_bytes or -1
+        await self.js.update_stream(config)
+        log.info("events.retention", max_age=max_age, max_bytes=max_bytes)
 
+    async def publish_events(self, events: list[Event]) -> None:
+        for event in events:
+            await self.publish_durable(
+                subjects.events(event.job_id), event, msg_id=f"ev.{event.job_id}.{event.seq}"
+            )
+
+    async def replay_events(
+        self,
+        filter_subject: str = subjects.EVENTS_ALL,
+        *,
+        from_seq: int | None = None,
+        since: dt.datetime | None = None,
+        follow: bool = False,
+    ) -> AsyncIterator[tuple[int, Event]]:
+        """Yield (stream sequence, event) from the events stream, oldest first; with ``follow``,
+        go on with new events forever. An ephemeral consumer: nothing is left behind."""
+        if from_seq is not None:
+            policy, start_seq, start_time = DeliverPolicy.BY_START_SEQUENCE, from_seq, None
+        elif since is not None:
+            policy, start_seq, start_time = DeliverPolicy.BY_START_TIME, None, since
+        else:
+            policy, start_seq, start_time = DeliverPolicy.ALL, None, None
+        config = ConsumerConfig(
+            deliver_policy=policy,
+            opt_start_seq=start_seq,
+            opt_start_time=start_time,
+            ack_policy=AckPolicy.EXPLICIT,
+            filter_subject=filter_subject,
+            inactive_threshold=60.0,
+        )
+        sub = await self.js.pull_subscribe(
+            filter_subject, stream=subjects.EVENTS_STREAM, config=config
+        )
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(256, timeout=0.5)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    msgs = []
+                for msg in msgs:
+                    await msg.ack()
+                    yield msg.metadata.sequence.stream, decode(Event, msg.data)
+                if msgs and not follow and not msgs[-1].metadata.num_pending:
+                    return  # that was the last one: no need to wait for an empty fetch
+                if not msgs and not follow:
+                    info = await sub.consumer_info()
+                    if not info.num_pending:
+                        return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def job_events(self, job_id: str) -> list[Event]:
+        return [event async for _, event in self.replay_events(subjects.events(job_id))]
+
+    # -- job records ------------------------------------------------------------------------------
     async def load_job(self, job_id: str) -> JobRecord | None:
         async def get() -> bytes | None:
             try:
@@ -246,14 +306,14 @@ class Bus:
             except nats.js.errors.KeyNotFoundError:
                 return None
 
-        value = await self._retrying("get", get)
+        value = await again(get)
         return None if value is None else decode(JobRecord, value)
 
     async def save_job(self, job: JobRecord) -> None:
         async def put() -> None:
             await self.jobs.put(job.id, encode(job))
 
-        await self._retrying("put", put)
+        await again(put)
 
     async def job_ids(self) -> list[str]:
         async def keys() -> list[str]:
@@ -262,7 +322,7 @@ class Bus:
             except nats.js.errors.NoKeysError:
                 return []
 
-        return await self._retrying("keys", keys)
+        return await again(keys)
 
 
 def _role(name: str) -> str:
@@ -278,22 +338,40 @@ def replicas() -> int:
     return int(value)
 
 
-async def _ensure_stream(js: JetStreamContext) -> None:
-    config = StreamConfig(
-        name=subjects.STREAM,
-        subjects=list(subjects.STREAM_SUBJECTS),
-        storage=StorageType.FILE,
-        max_age=STREAM_MAX_AGE,
-        duplicate_window=DUPLICATE_WINDOW,
-        num_replicas=replicas(),
-    )
-    try:
-        await js.stream_info(subjects.STREAM)
-    except nats.js.errors.NotFoundError:
-        with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
-            await js.add_stream(config)
-        return
-    await js.update_stream(config)
+def _stream_configs() -> list[StreamConfig]:
+    return [
+        StreamConfig(
+            name=subjects.STREAM,
+            subjects=list(subjects.STREAM_SUBJECTS),
+            storage=StorageType.FILE,
+            max_age=STREAM_MAX_AGE,
+            duplicate_window=DUPLICATE_WINDOW,
+            num_replicas=replicas(),
+        ),
+        StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            subjects=[subjects.EVENTS_ALL],
+            storage=StorageType.FILE,
+            max_age=EVENTS_MAX_AGE,
+            max_bytes=EVENTS_MAX_BYTES,
+            duplicate_window=DUPLICATE_WINDOW,
+            num_replicas=replicas(),
+        ),
+    ]
+
+
+async def _ensure_streams(js: JetStreamContext) -> None:
+    """Create the streams that are missing. BACQ is updated to this config (replicas); the
+    events stream keeps its retention, which the requester sets from its flags."""
+    for config in _stream_configs():
+        try:
+            await js.stream_info(str(config.name))
+        except nats.js.errors.NotFoundError:
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
+                await js.add_stream(config)
+            continue
+        if config.name == subjects.STREAM:
+            await js.update_stream(config)
 
 
 async def ensure_bucket(js: JetStreamContext, name: str) -> KeyValue:
@@ -308,3 +386,18 @@ async def ensure_bucket(js: JetStreamContext, name: str) -> KeyValue:
                 )
             )
         return await js.key_value(name)
+
+
+async def again(call: Callable[[], Awaitable[T]], *, retry_for: float = JS_RETRY_FOR) -> T:
+    """``call()``, asked again while JetStream is briefly away (a restart, a failover)."""
+    deadline = asyncio.get_running_loop().time() + retry_for
+    delay = 0.2
+    while True:
+        try:
+            return await call()
+        except TRANSIENT as exc:
+            if asyncio.get_running_loop().time() + delay > deadline:
+                raise
+            log.warning("bus.retry", error=type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)

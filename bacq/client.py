@@ -8,16 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import nats.errors
+from nats.js.kv import KeyValue
 
 from bacq import subjects
-from bacq.bus import Bus
+from bacq.bus import TRANSIENT, Bus, again
 from bacq.errors import JobNotFound, RequestRejected, SpecError, StorageError
-from bacq.models import JobRecord, SubmitReply, SubmitRequest, decode
+from bacq.events import Event
+from bacq.models import (
+    CancelReply,
+    CancelRequest,
+    JobRecord,
+    SubmitReply,
+    SubmitRequest,
+    decode,
+)
 from bacq.spec import JobSpec, parse_spec
 from bacq.storage import Storage
 
@@ -42,26 +53,78 @@ class Client:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def submit(self, spec: JobSpec | dict[str, Any], *, timeout: float = 10.0) -> str:
-        """Validate ``spec`` here, hand it to the requester, return the new job id."""
+    async def submit(
+        self,
+        spec: JobSpec | dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        timeout: float = 10.0,
+        attempts: int = 3,
+    ) -> str:
+        """Validate ``spec`` here, hand it to the requester, return the job id.
+
+        Every attempt carries the same idempotency key (a fresh one unless given), so a retry
+        after a lost answer, or a second submission with the same key, gives the same job.
+        """
         checked = parse_spec(spec)
-        request = SubmitRequest(spec=checked.model_dump(mode="json"))
-        try:
-            reply = await self.bus.request(subjects.SUBMIT, request, SubmitReply, timeout=timeout)
-        except nats.errors.NoRespondersError:
-            raise RequestRejected(
-                f"no requester is listening on NATS at {self.nats_url}; start one "
-                "(`bacq devstack`, or `bacq requester`)"
-            ) from None
-        except (TimeoutError, nats.errors.TimeoutError):
-            raise RequestRejected(
-                f"the requester did not answer within {timeout:g}s; is it overloaded or stuck?"
-            ) from None
+        request = SubmitRequest(
+            spec=checked.model_dump(mode="json"),
+            idempotency_key=idempotency_key or f"auto-{uuid.uuid4().hex}",
+        )
+        for attempt in range(1, attempts + 1):
+            try:
+                reply = await self.bus.request(
+                    subjects.SUBMIT, request, SubmitReply, timeout=timeout
+                )
+                break
+            except nats.errors.NoRespondersError:
+                if attempt == attempts:
+                    raise RequestRejected(
+                        f"no requester is listening on NATS at {self.nats_url}; start one "
+                        "(`bacq devstack`, or `bacq requester`)"
+                    ) from None
+                await asyncio.sleep(attempt)  # a requester that restarts is back in a moment
+            except (TimeoutError, nats.errors.TimeoutError):
+                if attempt == attempts:
+                    raise RequestRejected(
+                        f"the requester did not answer {attempts} times in {timeout:g}s; "
+                        "is it overloaded or stuck?"
+                    ) from None
         if reply.problems:
             raise SpecError([(p.field, p.message) for p in reply.problems])
         if reply.error or not reply.job_id:
             raise RequestRejected(reply.error or "the requester returned no job id")
         return reply.job_id
+
+    async def cancel(self, job_id: str, *, timeout: float = 60.0) -> CancelReply:
+        """Cancel a job: its containers are stopped and the workers' capacity freed."""
+        job = await self.job(job_id)
+        try:
+            reply = await self.bus.request(
+                subjects.CANCEL, CancelRequest(job_id=job.id), CancelReply, timeout=timeout
+            )
+        except nats.errors.NoRespondersError:
+            raise RequestRejected(f"no requester is listening on NATS at {self.nats_url}") from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise RequestRejected(f"the requester did not answer within {timeout:g}s") from None
+        if not reply.ok:
+            raise RequestRejected(reply.error or f"job {job.id} could not be cancelled")
+        return reply
+
+    async def history(self, job_id: str) -> list[Event]:
+        """The job's events, in order, replayed from JetStream."""
+        job = await self.job(job_id)
+        return sorted(await self.bus.job_events(job.id), key=lambda e: e.seq)
+
+    def events(
+        self,
+        *,
+        from_seq: int | None = None,
+        since: dt.datetime | None = None,
+        follow: bool = False,
+    ) -> AsyncIterator[tuple[int, Event]]:
+        """Every job's events from a stream sequence or a time, then (``follow``) live ones."""
+        return self.bus.replay_events(from_seq=from_seq, since=since, follow=follow)
 
     async def jobs(self) -> list[JobRecord]:
         """Every job the bucket holds, newest first."""
@@ -92,19 +155,26 @@ class Client:
     ) -> JobRecord:
         """Follow the job's record until it is final (or ``timeout`` passes: TimeoutError)."""
         job_id = (await self.job(job_id)).id
-        watcher = await self.bus.jobs.watch(job_id)
+        watcher: Any = None
         revision = 0
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    try:
-                        # nats-py leaves KeyWatcher untyped
-                        entry = await watcher.updates(timeout=2.0)  # type: ignore[no-untyped-call]
-                    except nats.errors.TimeoutError:
-                        entry = await self.bus.jobs.get(job_id)  # quiet for a while: read afresh
-                    if entry is None or entry.value is None or entry.revision <= revision:
+                    entry: KeyValue.Entry | None = None
+                    if watcher is None:
+                        # the watch is only an accelerator: while NATS is away, poll
+                        with contextlib.suppress(*TRANSIENT):
+                            watcher = await self.bus.jobs.watch(job_id)
+                    if watcher is not None:
+                        with contextlib.suppress(nats.errors.TimeoutError):
+                            entry = await watcher.updates(timeout=2.0)
+                    else:
+                        await asyncio.sleep(1.0)
+                    if entry is None:  # quiet for a while, or no watch: read afresh
+                        entry = await again(lambda: self.bus.jobs.get(job_id))
+                    if entry.value is None or (entry.revision or 0) <= revision:
                         continue  # the end-of-history marker, or no newer than what was shown
-                    revision = entry.revision
+                    revision = entry.revision or 0
                     job = decode(JobRecord, entry.value)
                     if on_change is not None:
                         maybe = on_change(job)
@@ -113,8 +183,9 @@ class Client:
                     if job.final:
                         return job
         finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+            if watcher is not None:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
 
     async def fetch_results(self, storage: Storage, job: JobRecord, out_dir: Path) -> Path:
         """Download the accepted result of ``job`` into ``out_dir`` (stdout, stderr, exitCode…)."""

@@ -423,6 +423,26 @@ class Devstack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    # -- failures, for tests and demonstrations ---------------------------------------------------
+    def kill(self, name: str) -> None:
+        """kill -9 the service ``name`` (requester, verifier, w1, …): no goodbye, no cleanup."""
+        self.services[name].kill()
+
+    def stop_service(self, name: str) -> None:
+        """SIGTERM the service ``name`` and wait for it (a worker drains first)."""
+        self.services[name].stop()
+
+    def restart(self, name: str) -> None:
+        """Start the service ``name`` again, with the same arguments, after a kill or stop."""
+        service = self.services[name]
+        service.stop()
+        service.start()
+
+    def restart_nats(self) -> None:
+        """Stop nats-server and start it again on the same port with the same store."""
+        self.nats.stop()
+        self.nats.start()
+
     # -- what a user needs ------------------------------------------------------------------------
     @property
     def ipfs_api(self) -> str:

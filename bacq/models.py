@@ -16,10 +16,13 @@ from bacq.spec import JobSpec
 from bacq.states import JOB_FINAL, ExecState, JobState
 
 __all__ = [
+    "GENESIS",
     "Announcement",
     "Assignment",
     "AssignmentReply",
     "Bid",
+    "CancelReply",
+    "CancelRequest",
     "ExecUpdate",
     "Execution",
     "JobRecord",
@@ -37,6 +40,9 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound=BaseModel)
+
+
+GENESIS = "0" * 64  # the "previous hash" of a job's first event (see bacq.events)
 
 
 def now() -> dt.datetime:
@@ -66,6 +72,18 @@ class Problem(_Msg):
 
 class SubmitRequest(_Msg):
     spec: dict[str, object]
+    idempotency_key: str | None = None  # a retry with the same key returns the same job
+
+
+class CancelRequest(_Msg):
+    job_id: str
+
+
+class CancelReply(_Msg):
+    ok: bool
+    state: str | None = None
+    error: str | None = None
+    stopped: list[str] = Field(default_factory=list)  # workers told to stop
 
 
 class SubmitReply(_Msg):
@@ -142,6 +160,8 @@ class NodeInfo(_Msg):
     memory: int
     max_jobs: int
     running: int
+    jobs: list[str] = Field(default_factory=list)  # ids of the jobs it runs now
+    draining: bool = False
     at: dt.datetime = Field(default_factory=now)
 
 
@@ -165,10 +185,19 @@ class JobRecord(_Msg):
     executions: dict[str, Execution] = Field(default_factory=dict)
     result_cid: str | None = None
     exit_code: int | None = None
+    event_seq: int = 0  # the seq of the last event published for this job
+    last_hash: str = GENESIS  # that event's hash: the next one chains to it
+    idempotency_key: str | None = None
+    deadline: dt.datetime | None = None  # results must be in by then (running, verifying)
 
     @property
     def final(self) -> bool:
         return self.state in JOB_FINAL
+
+    @property
+    def retries_used(self) -> int:
+        """Each lost execution was replaced (or its replacement was tried) once."""
+        return sum(1 for e in self.executions.values() if e.state == ExecState.LOST)
 
     def executions_in(self, *states: ExecState) -> list[Execution]:
         return [e for e in self.executions.values() if e.state in states]

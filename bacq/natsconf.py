@@ -20,6 +20,25 @@ __all__ = ["render", "role_permissions", "worker_permissions"]
 P = subjects.PREFIX
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")  # as the worker checks its --node-id
 KV_JOBS = f"KV_{subjects.JOBS_BUCKET}"
+KV_NODES = f"KV_{subjects.NODES_BUCKET}"
+
+
+def _read_stream(stream: str) -> list[str]:
+    """What a client needs to read ``stream`` with its own ephemeral consumers."""
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
+        f"$JS.ACK.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    ]
+
 
 HEADER = """\
 # bacq: users per role and what each may publish and subscribe to. Included by nats-server.conf
@@ -38,7 +57,7 @@ HEADER = """\
 #
 # Rules of thumb:
 #  - workers publish bids, heartbeats, progress (bacq.exec.>) and results (bacq.verify.>) and read
-#    nothing but announcements, their assignments and their own inbox. No JetStream API at all: a
+#    nothing but announcements, their assignments and cancels, and their inbox. No JetStream API: a
 #    worker can neither subscribe to bacq.verify.> nor make a consumer that reads the BACQ stream,
 #    so no worker sees another's result CID before sending its own. They publish into the stream
 #    with a plain publish and read the acknowledgement on their inbox.
@@ -57,16 +76,13 @@ def role_permissions() -> dict[str, dict[str, Any]]:
             "publish": {
                 "allow": [
                     subjects.SUBMIT,
+                    subjects.CANCEL,
                     "$JS.API.INFO",
-                    f"$JS.API.STREAM.INFO.{KV_JOBS}",
-                    f"$JS.API.STREAM.MSG.GET.{KV_JOBS}",
-                    f"$JS.API.DIRECT.GET.{KV_JOBS}",
-                    f"$JS.API.DIRECT.GET.{KV_JOBS}.>",
-                    f"$JS.API.CONSUMER.CREATE.{KV_JOBS}",
-                    f"$JS.API.CONSUMER.CREATE.{KV_JOBS}.>",
-                    f"$JS.API.CONSUMER.INFO.{KV_JOBS}.>",
-                    f"$JS.API.CONSUMER.DELETE.{KV_JOBS}.>",
-                    f"$JS.FC.{KV_JOBS}.>",
+                    # job records, job histories, live output, node records: read only
+                    *_read_stream(KV_JOBS),
+                    *_read_stream(subjects.EVENTS_STREAM),
+                    *_read_stream(subjects.LOGS_STREAM),
+                    *_read_stream(KV_NODES),
                 ]
             },
             "subscribe": {"allow": ["_INBOX.client.>"]},
@@ -76,14 +92,23 @@ def role_permissions() -> dict[str, dict[str, Any]]:
                 "allow": [
                     subjects.ANNOUNCE,
                     f"{P}.node.*.assign",
+                    f"{P}.node.*.cancel",
+                    subjects.EVENTS_ALL,
                     "$JS.API.>",
                     "$JS.ACK.>",
                     "$JS.FC.>",
                     f"$KV.{subjects.JOBS_BUCKET}.>",
+                    f"$KV.{subjects.IDEMPOTENCY_BUCKET}.>",
                 ]
             },
             "subscribe": {
-                "allow": [subjects.SUBMIT, f"{P}.bids.>", subjects.HEARTBEAT, "_INBOX.requester.>"]
+                "allow": [
+                    subjects.SUBMIT,
+                    subjects.CANCEL,
+                    f"{P}.bids.>",
+                    subjects.HEARTBEAT,
+                    "_INBOX.requester.>",
+                ]
             },
             # answer submissions (reply subjects are the clients' inboxes)
             "allow_responses": True,
@@ -117,9 +142,23 @@ def worker_permissions(node: str | None = None) -> dict[str, Any]:
         )
     )
     return {
-        "publish": {"allow": [f"{P}.bids.>", subjects.HEARTBEAT, exec_, verify]},
+        "publish": {
+            "allow": [
+                f"{P}.bids.>",
+                subjects.HEARTBEAT,
+                exec_,
+                verify,
+                f"{P}.logs.*.{own}",  # its live output (stream BACQ_LOGS)
+                f"$KV.{subjects.NODES_BUCKET}.{own}",  # its node record
+            ]
+        },
         "subscribe": {
-            "allow": [subjects.ANNOUNCE, f"{P}.node.{own}.assign", "_INBOX.worker.>"],
+            "allow": [
+                subjects.ANNOUNCE,
+                f"{P}.node.{own}.assign",
+                f"{P}.node.{own}.cancel",
+                "_INBOX.worker.>",
+            ],
             "deny": [subjects.VERIFY_ALL, subjects.VERDICT_ALL, "$JS.>", "$KV.>"],
         },
         # answer the requester's assignment requests (reply subjects are the requester's inbox)

@@ -218,6 +218,9 @@ class JobSpec(_Model):
     min_bids: int = Field(
         default=0, ge=0, le=1024, description="bids to wait for before choosing workers"
     )
+    retries: int = Field(
+        default=2, ge=0, le=10, description="times a lost execution is moved to another worker"
+    )
     bid_timeout: float = Field(
         default=10.0, gt=0, le=3600, description="seconds to wait for enough bids"
     )

@@ -6,7 +6,8 @@ an update that the table does not allow (a late or out-of-order message) is igno
 Job:        pending → bidding → running → verifying → accepted | void | failed
             (any non-final state may also end as failed or cancelled)
 Execution:  bid → accepted → downloading → running → publishing → completed → verified | rejected
-            bid → bid_rejected; any running state → failed; completed/failed → verified | rejected
+            bid → bid_rejected; any running state → failed | lost | cancelled;
+            completed/failed → verified | rejected
 """
 
 from __future__ import annotations
@@ -50,11 +51,18 @@ class ExecState(StrEnum):
     VERIFIED = "verified"  # the verifier accepted this worker's result
     REJECTED = "rejected"  # the verifier outvoted this worker's result (or voided the job)
     CANCELLED = "cancelled"  # the job was cancelled or failed while this execution ran
+    LOST = "lost"  # the worker stopped heartbeating or handed the job back; retried elsewhere
 
 
 JOB_FINAL = frozenset({JobState.ACCEPTED, JobState.VOID, JobState.FAILED, JobState.CANCELLED})
 EXEC_FINAL = frozenset(
-    {ExecState.BID_REJECTED, ExecState.VERIFIED, ExecState.REJECTED, ExecState.CANCELLED}
+    {
+        ExecState.BID_REJECTED,
+        ExecState.VERIFIED,
+        ExecState.REJECTED,
+        ExecState.CANCELLED,
+        ExecState.LOST,
+    }
 )
 
 _J = JobState
@@ -72,7 +80,7 @@ JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 _E = ExecState
 _VERDICTS = frozenset({_E.VERIFIED, _E.REJECTED})
-_ENDINGS = frozenset({_E.FAILED, _E.CANCELLED}) | _VERDICTS
+_ENDINGS = frozenset({_E.FAILED, _E.CANCELLED, _E.LOST}) | _VERDICTS
 EXEC_TRANSITIONS: dict[ExecState, frozenset[ExecState]] = {
     _E.BID: frozenset({_E.ACCEPTED, _E.BID_REJECTED}),
     # progress messages may overtake each other on the bus: any later step is a legal move
@@ -82,10 +90,11 @@ EXEC_TRANSITIONS: dict[ExecState, frozenset[ExecState]] = {
     _E.PUBLISHING: frozenset({_E.COMPLETED}) | _ENDINGS,
     _E.COMPLETED: _VERDICTS | {_E.CANCELLED},
     _E.FAILED: _VERDICTS,
-    _E.BID_REJECTED: frozenset(),
+    _E.BID_REJECTED: frozenset({_E.BID}),  # bids again when a lost execution is retried
     _E.VERIFIED: frozenset(),
     _E.REJECTED: frozenset(),
     _E.CANCELLED: frozenset(),
+    _E.LOST: frozenset(),  # a late result from a lost execution is recorded, never counted
 }
 
 # states in which a worker still holds (or will soon report) a result

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import stat
@@ -148,6 +149,35 @@ class Storage:
             os.replace(produced, target)
         return target
 
+    async def read_tail(self, path: str, *, limit: int = 64 * 1024) -> bytes:
+        """The last ``limit`` bytes of the file at ``path`` (``CID/stdout``), for a quick look."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                stat_url = self._client.core.url("files/stat")
+                async with self._client.session.post(
+                    stat_url, params={"arg": f"/ipfs/{path}"}
+                ) as response:
+                    body = await response.text()
+                    if response.status != 200:
+                        raise StorageError(f"kubo cannot stat {path}: {_kubo_message(body)}")
+                    size = int(json.loads(body).get("Size", 0))
+                params = {"arg": path, "offset": str(max(0, size - limit)), "length": str(limit)}
+                async with self._client.session.post(
+                    self._client.core.url("cat"), params=params
+                ) as response:
+                    if response.status != 200:
+                        raise StorageError(
+                            f"kubo cannot read {path}: {_kubo_message(await response.text())}"
+                        )
+                    data: bytes = await response.read()
+                    return data
+        except StorageError:
+            raise
+        except TimeoutError:
+            raise StorageError(f"reading {path} from IPFS took over {self.timeout:g}s") from None
+        except Exception as exc:  # aiohttp errors: connection refused, reset, payload errors
+            raise StorageError(f"reading {path} from {self.maddr} failed: {exc}") from None
+
     async def _download_tar(self, cid: str, archive: Path) -> None:
         url = self._client.core.url("get")
         params = {"arg": cid, "archive": "true"}
@@ -253,8 +283,6 @@ def _api_message(exc: Exception) -> str:
 
 
 def _kubo_message(body: str) -> str:
-    import json
-
     try:
         return str(json.loads(body).get("Message", body)).strip()
     except ValueError:

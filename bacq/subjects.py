@@ -3,9 +3,11 @@
 Core NATS (fire-and-forget or request/reply; losing one only delays a job, never corrupts it):
 
     bacq.api.submit                      client → requester   request: job spec → job id or problems
+    bacq.api.cancel                      client → requester   request: job id → cancelled or why not
     bacq.jobs.announce                   requester → workers  a job wants bids
     bacq.bids.<job>                      worker → requester   a bid (node, capacity)
     bacq.node.<node>.assign              requester → worker   request: you are chosen (or not)
+    bacq.node.<node>.cancel              requester → worker   request: stop this job's container
     bacq.nodes.heartbeat                 worker → anyone      node info, every few seconds
 
 JetStream stream ``BACQ`` (file storage, dedup by Nats-Msg-Id; nothing here is lost):
@@ -14,17 +16,38 @@ JetStream stream ``BACQ`` (file storage, dedup by Nats-Msg-Id; nothing here is l
     bacq.verify.<job>.<node>             worker → verifier    the verification subject: result CID
     bacq.verdict.<job>                   verifier → requester the verdict and per-node outcome
 
+JetStream stream ``BACQ_EVENTS`` (file storage, dedup; retention by age and size, set by the
+requester): ``bacq.events.<job>``, every state change of a job and its executions, hash-chained
+(see ``bacq.events``). ``bacq history`` and ``bacq events`` replay it.
+
 Key-value buckets: ``bacq-jobs`` (key = job id, value = the job record; written by the requester
-only) and ``bacq-results`` (key = job id, the results the verifier has collected; verifier only).
+only), ``bacq-results`` (key = job id, the results the verifier has collected; verifier only) and
+``bacq-idempotency`` (key = hash of a client's idempotency key, value = the job id it created).
+
+Live output and node records (read by ``bacq logs`` and ``bacq nodes``; losing them loses no job):
+
+    bacq.logs.<job>.<node>               worker → CLI         JetStream stream ``BACQ_LOGS``: the
+                                                              stdout/stderr of a running container,
+                                                              rate- and size-bounded (bacq.logs)
+    bucket ``bacq-nodes``                worker → CLI         key = node id, value = its latest
+                                                              heartbeat (NodeInfo); each worker
+                                                              writes its own key only
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ANNOUNCE",
+    "CANCEL",
+    "EVENTS_ALL",
+    "EVENTS_STREAM",
     "EXEC_ALL",
     "HEARTBEAT",
+    "IDEMPOTENCY_BUCKET",
     "JOBS_BUCKET",
+    "LOGS_ALL",
+    "LOGS_STREAM",
+    "NODES_BUCKET",
     "REQUESTER_EXEC_CONSUMER",
     "REQUESTER_VERDICT_CONSUMER",
     "RESULTS_BUCKET",
@@ -36,7 +59,11 @@ __all__ = [
     "VERIFY_ALL",
     "assign",
     "bids",
+    "cancel",
+    "events",
     "exec_update",
+    "logs",
+    "logs_of_job",
     "verdict",
     "verify",
 ]
@@ -44,6 +71,7 @@ __all__ = [
 PREFIX = "bacq"
 
 SUBMIT = f"{PREFIX}.api.submit"
+CANCEL = f"{PREFIX}.api.cancel"
 ANNOUNCE = f"{PREFIX}.jobs.announce"
 HEARTBEAT = f"{PREFIX}.nodes.heartbeat"
 
@@ -58,7 +86,13 @@ REQUESTER_VERDICT_CONSUMER = "requester-verdict"
 VERIFIER_CONSUMER = "verifier"
 
 JOBS_BUCKET = "bacq-jobs"
-RESULTS_BUCKET = "bacq-results"  # the verifier's collected results per job, so a restart loses none
+RESULTS_BUCKET = "bacq-results"
+IDEMPOTENCY_BUCKET = "bacq-idempotency"
+
+EVENTS_STREAM = "BACQ_EVENTS"
+EVENTS_ALL = (
+    f"{PREFIX}.events.>"  # the verifier's collected results per job, so a restart loses none
+)
 
 
 def _token(value: str) -> str:
@@ -76,6 +110,14 @@ def assign(node_id: str) -> str:
     return f"{PREFIX}.node.{_token(node_id)}.assign"
 
 
+def cancel(node_id: str) -> str:
+    return f"{PREFIX}.node.{_token(node_id)}.cancel"
+
+
+def events(job_id: str) -> str:
+    return f"{PREFIX}.events.{_token(job_id)}"
+
+
 def exec_update(job_id: str, node_id: str) -> str:
     return f"{PREFIX}.exec.{_token(job_id)}.{_token(node_id)}"
 
@@ -86,3 +128,17 @@ def verify(job_id: str, node_id: str) -> str:
 
 def verdict(job_id: str) -> str:
     return f"{PREFIX}.verdict.{_token(job_id)}"
+
+
+# -- live output and node records (bacq logs, bacq nodes) ----------------------------------------
+LOGS_STREAM = "BACQ_LOGS"  # its own stream: bounded by size and age, apart from the BACQ stream
+LOGS_ALL = f"{PREFIX}.logs.>"
+NODES_BUCKET = "bacq-nodes"
+
+
+def logs(job_id: str, node_id: str) -> str:
+    return f"{PREFIX}.logs.{_token(job_id)}.{_token(node_id)}"
+
+
+def logs_of_job(job_id: str) -> str:
+    return f"{PREFIX}.logs.{_token(job_id)}.*"

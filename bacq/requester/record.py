@@ -57,9 +57,13 @@ def move_exec(
 
 
 def all_answered(job: JobRecord) -> bool:
-    """True once every chosen worker has sent its result or error (none still running)."""
-    chosen = [e for e in job.executions.values() if e.state in EXEC_ACTIVE | EXEC_ANSWERED]
-    return bool(chosen) and all(e.state in EXEC_ANSWERED for e in chosen)
+    """True once ``concurrency`` chosen workers have answered and none still runs.
+
+    A lost execution does not count: its replacement's answer will.
+    """
+    running = job.executions_in(*EXEC_ACTIVE)
+    answered = job.executions_in(*EXEC_ANSWERED)
+    return not running and len(answered) >= job.spec.concurrency
 
 
 def apply_exec_update(job: JobRecord, update: ExecUpdate) -> bool:
@@ -95,8 +99,11 @@ def apply_verdict(job: JobRecord, verdict: Verdict) -> bool:
             continue
         if node.verified:
             job.exit_code = node.exit_code
-        if verdict.outcome == "failed" and execution.state == ExecState.FAILED:
-            continue  # it failed on its own: that says more than "rejected"
+        if node.error is not None:
+            # it failed on its own (even if its own report has not been folded in yet):
+            # that says more than "rejected"
+            move_exec(job, node_id, ExecState.FAILED, error=node.error)
+            continue
         move_exec(
             job,
             node_id,

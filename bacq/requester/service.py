@@ -1,37 +1,49 @@
 """The requester: takes submissions, runs the bidding, assigns workers, records every state change.
 
-Touches NATS only: it is the single writer of the ``bacq-jobs`` bucket. It answers submissions on
-``bacq.api.submit``, announces jobs, collects bids, assigns ``concurrency`` workers (rejecting the
-others so they free their capacity), folds worker progress and the verifier's verdict into the job
-record, and fails a job with a reason when a deadline passes (no bids; no result in time).
-On start it picks up every unfinished job from the bucket and drives it on.
+Touches NATS only. It is the single writer of the ``bacq-jobs`` bucket and of the ``BACQ_EVENTS``
+stream: every change of a job record is first published as hash-chained events (``bacq.events``),
+then saved, so a job's history is complete even if the process dies between the two (on start it
+rolls records forward from their events). It answers submissions (idempotently, by key) and
+cancellations, announces jobs, collects bids, assigns ``concurrency`` workers (rejecting the others
+so they free their capacity), folds worker progress and the verifier's verdict into the record, and
+keeps every non-final state on a deadline: no bids, a worker that stops heartbeating (its execution
+is lost and moved to another worker, up to the spec's ``retries``), no result, no verdict.
+On start it picks up every unfinished job and drives it to an end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import hashlib
+import time
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from functools import partial
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 
 from bacq import subjects
-from bacq.bus import Bus
+from bacq.bus import Bus, ensure_bucket
 from bacq.errors import SpecError
+from bacq.events import Event, diff, fold, seal
 from bacq.log import get_logger
+from bacq.logs import ensure_logs_stream
 from bacq.models import (
     Announcement,
     Assignment,
     AssignmentReply,
     Bid,
+    CancelReply,
+    CancelRequest,
     ExecUpdate,
     JobRecord,
+    NodeInfo,
     Problem,
-    ResultMessage,
     SubmitReply,
     SubmitRequest,
     Verdict,
@@ -40,14 +52,33 @@ from bacq.models import (
     new_job_id,
     now,
 )
+from bacq.nodes import nodes_bucket
 from bacq.requester.record import apply_exec_update, apply_verdict, move_exec, move_job
 from bacq.spec import JobSpec, parse_spec
 from bacq.states import EXEC_ACTIVE, ExecState, JobState
 
-__all__ = ["Requester"]
+__all__ = ["Requester", "RequesterConfig"]
 
 ASSIGN_TIMEOUT = 5.0  # seconds a chosen worker has to confirm an assignment
 REANNOUNCE_EVERY = 2.0  # seconds between announcements while bids are missing
+WATCH_EVERY = 1.0  # seconds between deadline checks
+
+
+class RequesterConfig:
+    def __init__(
+        self,
+        *,
+        result_grace: float = 120.0,
+        lost_after: float = 10.0,
+        verify_timeout: float = 60.0,
+        events_max_age: float = 365 * 24 * 3600.0,
+        events_max_bytes: int = 10 * 1024**3,
+    ) -> None:
+        self.result_grace = result_grace  # beyond the job's timeout: inputs, image, publishing
+        self.lost_after = lost_after  # seconds without a heartbeat before a worker is lost
+        self.verify_timeout = verify_timeout  # seconds from the last answer to the verdict
+        self.events_max_age = events_max_age
+        self.events_max_bytes = events_max_bytes
 
 
 def _apply_update(job: JobRecord, *, update: ExecUpdate) -> bool:
@@ -58,37 +89,82 @@ def _apply_verdict(job: JobRecord, *, verdict: Verdict) -> bool:
     return apply_verdict(job, verdict)
 
 
+def _record_bids(job: JobRecord, *, bids: list[Bid]) -> bool:
+    changed = False
+    for bid in bids:
+        changed |= move_exec(job, bid.node_id, ExecState.BID, detail="bid")
+    return changed
+
+
+def _idempotency_slot(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:40]
+
+
 class Requester:
-    def __init__(self, bus: Bus, *, result_grace: float = 120.0) -> None:
+    def __init__(self, bus: Bus, config: RequesterConfig | None = None) -> None:
         self.bus = bus
-        self.result_grace = result_grace  # beyond the job's timeout: inputs, image, publishing
+        self.config = config or RequesterConfig()
         self.log = get_logger("bacq.requester")
         self._locks: dict[str, asyncio.Lock] = {}
         self._bids: dict[str, list[Bid]] = {}
         self._bid_arrived: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._nodes: dict[str, tuple[NodeInfo, float]] = {}  # node → (info, monotonic seen)
+        self._started = time.monotonic()
+        self._retrying: set[tuple[str, str]] = set()
+        self._idempotency: Any = None
+        self._active: set[str] = set()  # unfinished jobs, watched for deadlines and lost workers
 
-    # -- helpers ----------------------------------------------------------------------------------
+    # -- records and events -----------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def mutate(self, job_id: str, change: Callable[[JobRecord], bool]) -> JobRecord | None:
-        """Load, change and save one job record under its lock; returns the record."""
+    async def _commit(self, before: JobRecord | None, after: JobRecord, actor: str) -> None:
+        """Publish the events from ``before`` to ``after``, then save ``after``."""
+        events = seal(diff(before, after, actor=actor), after.last_hash)
+        if not events:
+            return
+        after.event_seq, after.last_hash = events[-1].seq, events[-1].hash
+        await self.bus.publish_events(events)
+        await self.bus.save_job(after)
+
+    async def mutate(
+        self, job_id: str, change: Callable[[JobRecord], bool], *, actor: str = "requester"
+    ) -> JobRecord | None:
+        """Load, change and commit one job record under its lock; returns the record."""
         lock = self._locks.setdefault(job_id, asyncio.Lock())
         async with lock:
             job = await self.bus.load_job(job_id)
             if job is None:
                 return None
+            before = job.model_copy(deep=True)
             if change(job):
                 job.updated_at = now()
-                await self.bus.save_job(job)
+                await self._commit(before, job, actor)
             if job.final:
                 self._locks.pop(job_id, None)
+                self._active.discard(job_id)
+            else:
+                self._active.add(job_id)
             return job
 
-    # -- submission -------------------------------------------------------------------------------
+    async def _reconcile(self, job: JobRecord) -> JobRecord:
+        """Roll a record forward from its events if the process died between the two."""
+        try:
+            last = await self.bus.js.get_last_msg(subjects.EVENTS_STREAM, subjects.events(job.id))
+        except nats.js.errors.NotFoundError:
+            return job
+        if decode(Event, last.data or b"{}").seq <= job.event_seq:
+            return job
+        rebuilt = fold(await self.bus.job_events(job.id))
+        rebuilt.deadline, rebuilt.idempotency_key = job.deadline, job.idempotency_key
+        await self.bus.save_job(rebuilt)
+        self.log.info("job.rolled_forward", job=job.id, seq=rebuilt.event_seq)
+        return rebuilt
+
+    # -- submission and cancellation --------------------------------------------------------------
     async def on_submit(self, msg: Msg) -> None:
         try:
             request = decode(SubmitRequest, msg.data)
@@ -102,11 +178,124 @@ class Requester:
         except ValueError as exc:
             await msg.respond(encode(SubmitReply(error=f"malformed submission: {exc}")))
             return
-        job = JobRecord(id=new_job_id(), spec=spec)
-        await self.bus.save_job(job)
+        job = JobRecord(id=new_job_id(), spec=spec, idempotency_key=request.idempotency_key)
+        if request.idempotency_key:
+            existing = await self._claim_key(request.idempotency_key, job.id)
+            if existing is not None:
+                self.log.info("job.duplicate_submission", job=existing)
+                await msg.respond(encode(SubmitReply(job_id=existing)))
+                return
+        await self._commit(None, job, "client")
+        self._active.add(job.id)
         self.log.info("job.submitted", job=job.id, image=spec.image)
         await msg.respond(encode(SubmitReply(job_id=job.id)))
         self._spawn(self.drive(job.id), f"drive-{job.id}")
+
+    async def _claim_key(self, key: str, job_id: str) -> str | None:
+        """Bind ``key`` to ``job_id``; if a job already holds it, return that job's id instead."""
+        slot = _idempotency_slot(key)
+        try:
+            await self._idempotency.create(slot, job_id.encode())
+            return None
+        except nats.js.errors.KeyWrongLastSequenceError:
+            entry = await self._idempotency.get(slot)
+            existing = (entry.value or b"").decode()
+        if await self.bus.load_job(existing) is None:
+            # the first attempt died between claiming the key and saving: finish it from events
+            events = await self.bus.job_events(existing)
+            if not events:
+                await self._idempotency.put(slot, job_id.encode())
+                return None
+            await self.bus.save_job(fold(events))
+            self._spawn(self.drive(existing), f"drive-{existing}")
+        return existing
+
+    async def on_cancel(self, msg: Msg) -> None:
+        try:
+            request = decode(CancelRequest, msg.data)
+        except ValueError as exc:
+            await msg.respond(encode(CancelReply(ok=False, error=f"malformed: {exc}")))
+            return
+        stopped: list[str] = []
+        cancelled = False
+
+        def cancel(job: JobRecord) -> bool:
+            nonlocal cancelled
+            if job.final:
+                return False
+            for execution in job.executions.values():
+                if execution.state in EXEC_ACTIVE:
+                    stopped.append(execution.node_id)
+                    move_exec(job, execution.node_id, ExecState.CANCELLED, detail="job cancelled")
+                elif execution.state == ExecState.BID:
+                    move_exec(
+                        job, execution.node_id, ExecState.BID_REJECTED, detail="job cancelled"
+                    )
+            cancelled = move_job(job, JobState.CANCELLED, "cancelled on request")
+            return cancelled
+
+        job = await self.mutate(request.job_id, cancel, actor="client")
+        if job is None:
+            await msg.respond(encode(CancelReply(ok=False, error=f"no job {request.job_id}")))
+            return
+        if not cancelled:
+            await msg.respond(
+                encode(
+                    CancelReply(
+                        ok=False,
+                        state=job.state.value,
+                        error=f"job {job.id} already ended: {job.state.value}",
+                    )
+                )
+            )
+            return
+        await asyncio.gather(*(self._stop_on(job.id, node) for node in stopped))
+        self.log.info("job.cancelled", job=job.id, stopped=stopped)
+        await msg.respond(encode(CancelReply(ok=True, state=job.state.value, stopped=stopped)))
+
+    async def _stop_on(self, job_id: str, node_id: str) -> None:
+        try:
+            await self.bus.request(
+                subjects.cancel(node_id), CancelRequest(job_id=job_id), CancelReply, timeout=30
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            self.log.warning(
+                "cancel.unanswered", job=job_id, node=node_id, error=type(exc).__name__
+            )
+
+    # -- workers ----------------------------------------------------------------------------------
+    async def on_heartbeat(self, msg: Msg) -> None:
+        try:
+            info = decode(NodeInfo, msg.data)
+        except ValueError:
+            return
+        self._nodes[info.node_id] = (info, time.monotonic())
+
+    def _live_nodes(self) -> list[NodeInfo]:
+        horizon = time.monotonic() - self.config.lost_after
+        return [
+            info for info, seen in self._nodes.values() if seen >= horizon and not info.draining
+        ]
+
+    def _last_seen(self, node_id: str) -> float:
+        seen = self._nodes.get(node_id, (None, 0.0))[1]
+        # after a start or a NATS outage nobody could be heard: count from then
+        return max(seen, self._started, self.bus.reconnected_at)
+
+    def _why_no_bids(self, spec: JobSpec, got: int, need: int, what: str) -> str:
+        live = self._live_nodes()
+        fitting = [
+            n for n in live if all(n.labels.get(k) == v for k, v in spec.node_selector.items())
+        ]
+        parts = [f"{what}: {got} of the {need} needed bid within {spec.bid_timeout:g}s"]
+        if spec.node_selector:
+            labels = ",".join(f"{k}={v}" for k, v in spec.node_selector.items())
+            parts.append(f"{len(fitting)} of {len(live)} live workers have the label {labels}")
+        else:
+            parts.append(f"{len(live)} live worker(s)")
+        if spec.min_bids > spec.concurrency:
+            parts.append(f"min_bids {spec.min_bids}")
+        return "; ".join(parts)
 
     # -- bidding ----------------------------------------------------------------------------------
     async def on_bid(self, msg: Msg) -> None:
@@ -132,39 +321,24 @@ class Requester:
                 timeout=ASSIGN_TIMEOUT,
             )
 
-    async def drive(self, job_id: str) -> None:
-        """Take a job from pending (or bidding) to running; then watch its result deadline."""
-        try:
-            job = await self.bus.load_job(job_id)
-            if job is None or job.final:
-                return
-            if job.state in (JobState.PENDING, JobState.BIDDING):
-                job = await self._bidding(job)
-                if job is None or job.final:
-                    return
-            await self._watch_deadline(job)
-        except Exception:
-            self.log.exception("job.drive_crashed", job=job_id)
-            await self.mutate(
-                job_id, lambda j: move_job(j, JobState.FAILED, "internal requester error")
-            )
-
-    async def _bidding(self, job: JobRecord) -> JobRecord | None:
+    async def _collect_bids(self, job: JobRecord, need: int, exclude: set[str]) -> list[Bid]:
+        """Announce ``job`` until ``need`` bids from nodes outside ``exclude`` came, or time out."""
         spec = job.spec
-        need = max(spec.concurrency, spec.min_bids)
         self._bids[job.id] = []
         arrived = self._bid_arrived[job.id] = asyncio.Event()
         sub = await self.bus.subscribe(subjects.bids(job.id), self.on_bid)
         try:
-            await self.mutate(
-                job.id, lambda j: move_job(j, JobState.BIDDING, f"waiting for {need} bid(s)")
-            )
             deadline = now() + timedelta(seconds=spec.bid_timeout)
             announcement = Announcement(job_id=job.id, spec=spec, bid_deadline=deadline)
             loop = asyncio.get_running_loop()
             end = loop.time() + spec.bid_timeout
-            while len(self._bids[job.id]) < need and loop.time() < end:
-                await self.bus.publish(subjects.ANNOUNCE, announcement)
+
+            def useful() -> int:
+                return sum(1 for b in self._bids[job.id] if b.node_id not in exclude)
+
+            while useful() < need and loop.time() < end:
+                with contextlib.suppress(nats.errors.Error):
+                    await self.bus.publish(subjects.ANNOUNCE, announcement)
                 arrived.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
@@ -176,113 +350,199 @@ class Requester:
             await sub.unsubscribe()
             bids = self._bids.pop(job.id, [])
             self._bid_arrived.pop(job.id, None)
-
-        def record_bids(j: JobRecord) -> bool:
-            changed = False
-            for bid in bids:
-                changed |= move_exec(j, bid.node_id, ExecState.BID)
-            return changed
-
-        await self.mutate(job.id, record_bids)
-        if len(bids) < need:
-            return await self._not_enough_bids(job.id, spec, bids, need)
-        return await self._assign(job.id, spec, bids)
-
-    async def _not_enough_bids(
-        self, job_id: str, spec: JobSpec, bids: list[Bid], need: int
-    ) -> JobRecord | None:
-        parts = [f"concurrency {spec.concurrency}"]
-        if spec.min_bids:
-            parts.append(f"min_bids {spec.min_bids}")
-        if spec.node_selector:
-            labels = ",".join(f"{k}={v}" for k, v in spec.node_selector.items())
-            parts.append(f"node_selector {labels}")
-        reason = (
-            f"not enough bids: {len(bids)} of the {need} needed ({', '.join(parts)}) "
-            f"within {spec.bid_timeout:g}s"
+        unwanted = [b for b in bids if b.node_id in exclude]
+        await asyncio.gather(
+            *(self._reject(job.id, b.node_id, "already ran this job") for b in unwanted)
         )
+        return [b for b in bids if b.node_id not in exclude]
+
+    async def drive(self, job_id: str) -> None:
+        """Take a job from pending (or bidding) to running."""
+        try:
+            job = await self.bus.load_job(job_id)
+            if job is None or job.final or job.state not in (JobState.PENDING, JobState.BIDDING):
+                return
+            spec = job.spec
+            need = max(spec.concurrency, spec.min_bids)
+            await self.mutate(
+                job_id, lambda j: move_job(j, JobState.BIDDING, f"waiting for {need} bid(s)")
+            )
+            bids = await self._collect_bids(job, need, exclude=set())
+
+            job = await self.mutate(job_id, partial(_record_bids, bids=bids))
+            if job is None or job.final:  # cancelled while bidding
+                await asyncio.gather(*(self._reject(job_id, b.node_id, "job ended") for b in bids))
+                return
+            if len(bids) < need:
+                await self._not_enough_bids(
+                    job_id, bids, self._why_no_bids(spec, len(bids), need, "not enough bids")
+                )
+                return
+            await self._assign(job_id, bids[: spec.concurrency], bids[spec.concurrency :])
+        except Exception:
+            self.log.exception("job.drive_crashed", job=job_id)
+            await self.mutate(
+                job_id, lambda j: move_job(j, JobState.FAILED, "internal requester error")
+            )
+
+    async def _not_enough_bids(self, job_id: str, bids: list[Bid], reason: str) -> None:
         await asyncio.gather(*(self._reject(job_id, b.node_id, reason) for b in bids))
 
         def fail(j: JobRecord) -> bool:
             for bid in bids:
-                move_exec(j, bid.node_id, ExecState.BID_REJECTED, detail="job failed: " + reason)
+                move_exec(j, bid.node_id, ExecState.BID_REJECTED, detail="job failed")
             return move_job(j, JobState.FAILED, reason)
 
         self.log.info("job.no_bids", job=job_id, reason=reason)
-        return await self.mutate(job_id, fail)
+        await self.mutate(job_id, fail)
 
-    async def _assign(self, job_id: str, spec: JobSpec, bids: list[Bid]) -> JobRecord | None:
-        chosen, others = bids[: spec.concurrency], bids[spec.concurrency :]
+    def _results_deadline(self, spec: JobSpec) -> dt.datetime:
+        return now() + timedelta(seconds=spec.timeout + self.config.result_grace)
 
+    async def _assign(self, job_id: str, chosen: list[Bid], others: list[Bid]) -> None:
         def choose(j: JobRecord) -> bool:
+            if j.final:
+                return False
             for bid in chosen:
                 move_exec(j, bid.node_id, ExecState.ACCEPTED, detail="bid accepted")
             for bid in others:
                 move_exec(j, bid.node_id, ExecState.BID_REJECTED, detail="other workers chosen")
-            return move_job(j, JobState.RUNNING, f"running on {len(chosen)} worker(s)")
+            j.deadline = self._results_deadline(j.spec)
+            move_job(
+                j, JobState.RUNNING, f"running on {len(j.executions_in(*EXEC_ACTIVE))} worker(s)"
+            )
+            return True
 
         # recorded before the workers hear of it, so no result can arrive for an unknown node
-        await self.mutate(job_id, choose)
+        job = await self.mutate(job_id, choose)
+        if job is None or job.final:
+            await asyncio.gather(
+                *(self._reject(job_id, b.node_id, "job ended") for b in chosen + others)
+            )
+            return
         await asyncio.gather(
             *(self._reject(job_id, b.node_id, "other workers chosen") for b in others),
-            *(self._send_assignment(job_id, spec, b.node_id) for b in chosen),
+            *(self._send_assignment(job, b.node_id) for b in chosen),
         )
-        return await self.bus.load_job(job_id)
 
-    async def _send_assignment(self, job_id: str, spec: JobSpec, node_id: str) -> None:
+    async def _send_assignment(self, job: JobRecord, node_id: str) -> None:
         error: str | None
         try:
             reply = await self.bus.request(
                 subjects.assign(node_id),
-                Assignment(job_id=job_id, accepted=True, spec=spec),
+                Assignment(job_id=job.id, accepted=True, spec=job.spec),
                 AssignmentReply,
                 timeout=ASSIGN_TIMEOUT,
             )
-            error = None if reply.ok else f"worker {node_id} declined: {reply.error}"
+            error = None if reply.ok else f"worker {node_id} declined the assignment: {reply.error}"
         except (nats.errors.Error, TimeoutError) as exc:
             error = f"worker {node_id} did not confirm the assignment ({type(exc).__name__})"
-        if error is None:
+        if error is not None:
+            self.log.warning("assign.failed", job=job.id, node=node_id, error=error)
+            await self._lose(job.id, node_id, error)
+
+    # -- lost workers and retries -----------------------------------------------------------------
+    async def _lose(self, job_id: str, node_id: str, reason: str) -> None:
+        """Mark ``node_id``'s execution lost and move the work to another worker (or fail)."""
+        if (job_id, node_id) in self._retrying:
             return
-        self.log.warning("assign.failed", job=job_id, node=node_id, error=error)
-        # the verifier counts every chosen worker's answer: this one answers with the error
-        await self.bus.publish_durable(
-            subjects.verify(job_id, node_id),
-            ResultMessage(job_id=job_id, node_id=node_id, error=error),
-            msg_id=f"verify.{job_id}.{node_id}",
-        )
-        await self.bus.publish_durable(
-            subjects.exec_update(job_id, node_id),
-            ExecUpdate(job_id=job_id, node_id=node_id, state=ExecState.FAILED, error=error),
-            msg_id=f"exec.{job_id}.{node_id}.failed",
-        )
+        self._retrying.add((job_id, node_id))
+        try:
 
-    async def _watch_deadline(self, job: JobRecord) -> None:
-        """Fail the job, naming the silent workers, when no verdict comes in time."""
-        spec = job.spec
-        started = job.updated_at
-        limit = spec.timeout + self.result_grace
-        remaining = limit - (now() - started).total_seconds()
-        while remaining > 0:
-            await asyncio.sleep(min(remaining, 5.0))
-            current = await self.bus.load_job(job.id)
-            if current is None or current.final:
+            def lose(j: JobRecord) -> bool:
+                return move_exec(j, node_id, ExecState.LOST, error=reason)
+
+            job = await self.mutate(job_id, lose)
+            if job is None or job.final or job.executions[node_id].state != ExecState.LOST:
                 return
-            remaining = limit - (now() - started).total_seconds()
-
-        def expire(j: JobRecord) -> bool:
-            silent = [e.node_id for e in j.executions.values() if e.state in EXEC_ACTIVE]
-            if silent:
-                reason = (
-                    f"no result from {', '.join(sorted(silent))} within {limit:g}s "
-                    f"(timeout {spec.timeout:g}s + {self.result_grace:g}s grace)"
+            spec = job.spec
+            if job.retries_used > spec.retries:
+                await self.mutate(
+                    job_id,
+                    lambda j: move_job(
+                        j, JobState.FAILED, f"{reason}; no retries left (retries {spec.retries})"
+                    ),
                 )
-                for node_id in silent:
-                    move_exec(j, node_id, ExecState.FAILED, error="no result before the deadline")
-            else:
-                reason = f"no verdict within {limit:g}s of the job starting"
-            return move_job(j, JobState.FAILED, reason)
+                return
+            # every worker that already holds an execution of this job stays out of the retry
+            exclude = {n for n, e in job.executions.items() if e.state != ExecState.BID_REJECTED}
+            bids = await self._collect_bids(job, 1, exclude)
+            job = await self.mutate(job_id, partial(_record_bids, bids=bids))
+            if job is None or job.final:
+                await asyncio.gather(*(self._reject(job_id, b.node_id, "job ended") for b in bids))
+                return
+            if not bids:
+                why = self._why_no_bids(spec, 0, 1, "no worker took over")
+                await self.mutate(
+                    job_id, lambda j: move_job(j, JobState.FAILED, f"{reason}; {why}")
+                )
+                return
+            self.log.info("job.retry", job=job_id, lost=node_id, to=bids[0].node_id)
+            await self._assign(job_id, bids[:1], bids[1:])
+        finally:
+            self._retrying.discard((job_id, node_id))
 
-        await self.mutate(job.id, expire)
+    async def _watch(self) -> None:
+        """Every second: find lost workers and passed deadlines among unfinished jobs."""
+        while True:
+            await asyncio.sleep(WATCH_EVERY)
+            try:
+                await self._check_all()
+            except (nats.errors.Error, TimeoutError) as exc:
+                self.log.warning("watch.failed", error=type(exc).__name__)
+
+    async def _check_all(self) -> None:
+        t = time.monotonic()
+        for job_id in list(self._active):
+            job = await self.bus.load_job(job_id)
+            if job is None or job.final:
+                self._active.discard(job_id)
+                continue
+            if job.state not in (JobState.RUNNING, JobState.VERIFYING):
+                continue
+            for execution in job.executions_in(*EXEC_ACTIVE):
+                node = execution.node_id
+                silent = t - self._last_seen(node)
+                info = self._nodes.get(node, (None, 0.0))[0]
+                age = (now() - execution.updated_at).total_seconds()
+                if silent > self.config.lost_after:
+                    why = (
+                        f"worker {node} stopped sending heartbeats during "
+                        f"{execution.state.value} ({silent:.0f}s silent)"
+                    )
+                elif info is not None and job.id not in info.jobs and age > self.config.lost_after:
+                    why = f"worker {node} no longer runs the job (restarted?)"
+                else:
+                    continue
+                self.log.warning("exec.lost", job=job.id, node=node, reason=why)
+                self._spawn(self._lose(job.id, node, why), f"lose-{job.id}-{node}")
+            if job.deadline is not None and now() > job.deadline:
+                await self.mutate(job.id, self._expire)
+            elif job.state == JobState.VERIFYING:
+                waited = (now() - job.updated_at).total_seconds()
+                if waited > self.config.verify_timeout:
+                    await self.mutate(
+                        job.id,
+                        lambda j: move_job(
+                            j,
+                            JobState.FAILED,
+                            f"the verifier gave no verdict within {self.config.verify_timeout:g}s "
+                            "of the last answer (is a verifier running?)",
+                        ),
+                    )
+
+    def _expire(self, job: JobRecord) -> bool:
+        silent = [e.node_id for e in job.executions.values() if e.state in EXEC_ACTIVE]
+        if silent:
+            reason = (
+                f"no result from {', '.join(sorted(silent))} within the job's timeout "
+                f"({job.spec.timeout:g}s) + {self.config.result_grace:g}s grace"
+            )
+            for node_id in silent:
+                move_exec(job, node_id, ExecState.FAILED, error="no result before the deadline")
+        else:
+            reason = "no verdict before the deadline (is a verifier running?)"
+        return move_job(job, JobState.FAILED, reason)
 
     # -- progress and verdicts --------------------------------------------------------------------
     async def _fold(self, filter_subject: str, durable: str, kind: str) -> None:
@@ -290,17 +550,20 @@ class Requester:
             try:
                 if kind == "exec":
                     update = decode(ExecUpdate, msg.data)
-                    job = await self.mutate(update.job_id, partial(_apply_update, update=update))
-                    self.log.debug(
-                        "exec.update",
-                        job=update.job_id,
-                        node=update.node_id,
-                        state=update.state,
-                        applied=job is not None,
-                    )
+                    if update.state == ExecState.LOST:  # handed back by a draining worker
+                        reason = update.error or f"worker {update.node_id} handed the job back"
+                        self._spawn(self._lose(update.job_id, update.node_id, reason), "handback")
+                    else:
+                        await self.mutate(
+                            update.job_id,
+                            partial(_apply_update, update=update),
+                            actor=update.node_id,
+                        )
                 else:
                     verdict = decode(Verdict, msg.data)
-                    await self.mutate(verdict.job_id, partial(_apply_verdict, verdict=verdict))
+                    await self.mutate(
+                        verdict.job_id, partial(_apply_verdict, verdict=verdict), actor="verifier"
+                    )
                     self.log.info(
                         "job.verdict",
                         job=verdict.job_id,
@@ -314,29 +577,49 @@ class Requester:
     async def _resume(self) -> None:
         for job_id in await self.bus.job_ids():
             job = await self.bus.load_job(job_id)
-            if job is not None and not job.final:
-                self.log.info("job.resumed", job=job_id, state=job.state)
+            if job is None or job.final:
+                continue
+            job = await self._reconcile(job)
+            self._active.add(job_id)
+            self.log.info("job.resumed", job=job_id, state=job.state)
+            if job.state in (JobState.PENDING, JobState.BIDDING):
                 self._spawn(self.drive(job_id), f"drive-{job_id}")
+            elif job.deadline is None:
+                job.deadline = self._results_deadline(job.spec)
+                await self.bus.save_job(job)
 
     async def serve(self, stop: asyncio.Event) -> None:
-        submit_sub = await self.bus.subscribe(subjects.SUBMIT, self.on_submit, queue="requester")
-        folds = [
+        await self.bus.set_events_retention(
+            max_age=self.config.events_max_age, max_bytes=self.config.events_max_bytes
+        )
+        self._idempotency = await ensure_bucket(self.bus.js, subjects.IDEMPOTENCY_BUCKET)
+        # declared here for the workers, which may not use the JetStream API themselves
+        await ensure_logs_stream(self.bus.js)
+        await nodes_bucket(self.bus)
+        subs = [
+            await self.bus.subscribe(subjects.SUBMIT, self.on_submit, queue="requester"),
+            await self.bus.subscribe(subjects.CANCEL, self.on_cancel, queue="requester"),
+            await self.bus.subscribe(subjects.HEARTBEAT, self.on_heartbeat),
+        ]
+        await self._resume()
+        loops = [
             asyncio.create_task(
                 self._fold(subjects.EXEC_ALL, subjects.REQUESTER_EXEC_CONSUMER, "exec")
             ),
             asyncio.create_task(
                 self._fold(subjects.VERDICT_ALL, subjects.REQUESTER_VERDICT_CONSUMER, "verdict")
             ),
+            asyncio.create_task(self._watch()),
         ]
-        await self._resume()
         await self.bus.nc.flush()
         self.log.info("service.ready", service="requester")
         try:
             await stop.wait()
         finally:
-            with contextlib.suppress(Exception):
-                await submit_sub.unsubscribe()
-            for task in [*folds, *self._tasks]:
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            for task in [*loops, *self._tasks]:
                 task.cancel()
-            await asyncio.gather(*folds, *self._tasks, return_exceptions=True)
+            await asyncio.gather(*loops, *self._tasks, return_exceptions=True)
             self.log.info("service.stopped", service="requester")

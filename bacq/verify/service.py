@@ -24,8 +24,13 @@ from bacq.verify.logic import decide
 
 __all__ = ["Verifier"]
 
-# executions that may send a result: the requester chose them
-_CHOSEN = frozenset(ExecState) - {ExecState.BID, ExecState.BID_REJECTED}
+# executions whose result counts: the requester chose them and did not give up on them
+_COUNTED = frozenset(ExecState) - {
+    ExecState.BID,
+    ExecState.BID_REJECTED,
+    ExecState.LOST,
+    ExecState.CANCELLED,
+}
 
 
 class Collected(BaseModel):
@@ -64,10 +69,11 @@ class Verifier:
             reason = f"result for {result.node_id} sent on {subject_node}'s subject"
         elif job is None:
             reason = "unknown job"
-        elif result.node_id not in job.executions or (
-            job.executions[result.node_id].state not in _CHOSEN
-        ):
+        elif result.node_id not in job.executions:
             reason = "worker was not chosen for this job"
+        elif job.executions[result.node_id].state not in _COUNTED:
+            state = job.executions[result.node_id].state.value
+            reason = f"late result from a {state} execution: recorded, not counted"
         elif any(r.node_id == result.node_id for r in collected.results):
             log.debug("result.duplicate")
             return
@@ -80,9 +86,13 @@ class Verifier:
             return
         collected.results.append(result)
         spec = job.spec
-        verdict = decide(
-            job.id, spec.verifier, spec.concurrency, spec.confidence, collected.results
-        )
+        # an execution lost after its result came in no longer counts: its replacement will
+        counted = [
+            r
+            for r in collected.results
+            if r.node_id in job.executions and job.executions[r.node_id].state in _COUNTED
+        ]
+        verdict = decide(job.id, spec.verifier, spec.concurrency, spec.confidence, counted)
         if verdict is not None:
             collected.decided = True
         await self.results.put(result.job_id, encode(collected))

@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import os
 import stat
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,17 @@ class DockerExecutor:
             return "the job needs network access and this worker does not allow it"
         return None
 
+    def remove_leftovers(self, node_id: str) -> list[str]:
+        """Remove this node's containers that a crash left behind (a worker killed mid-job)."""
+        removed = []
+        leftovers = self._docker.containers.list(
+            all=True, filters={"label": f"bacq.node={node_id}"}
+        )
+        for container in leftovers:
+            self._remove(container)
+            removed.append(container.name or container.id or "?")
+        return removed
+
     def close(self) -> None:
         self._docker.close()
 
@@ -151,9 +164,12 @@ class DockerExecutor:
         name: str,
         mounts: list[Mount],
         labels: dict[str, str],
+        output: Callable[[str, bytes], None] | None = None,
     ) -> ContainerResult:
         """Run the container to its end or its deadline; always remove it afterwards.
 
+        ``output(stream, data)``, when given, receives the output live ("stdout"/"stderr") from
+        follower threads (for ``bacq logs -f``); the returned result holds all of it anyway.
         Raises ``ResultsTooLarge`` when the writable mounts, stdout and stderr together exceed
         the results limit.
         """
@@ -167,7 +183,10 @@ class DockerExecutor:
                 await asyncio.to_thread(container.start)
             except docker.errors.APIError as exc:
                 raise _start_error(spec, exc) from None
+            followers = [] if output is None else self._follow(container, output)
             exit_code = await self._wait(container, spec.timeout, mounts)
+            for follower in followers:  # let them hand over the last bytes
+                await asyncio.to_thread(follower.join, 2.0)
             stdout = await asyncio.to_thread(container.logs, stdout=True, stderr=False)
             stderr = await asyncio.to_thread(container.logs, stdout=False, stderr=True)
             await self._check_results_size(mounts, len(stdout) + len(stderr))
@@ -260,6 +279,33 @@ class DockerExecutor:
                 return int(status.get("StatusCode", -1))
             except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
                 continue
+
+    def _follow(
+        self, container: Container, output: Callable[[str, bytes], None]
+    ) -> list[threading.Thread]:
+        # own threads, not asyncio.to_thread: a follow lasts as long as the job and would hold
+        # the default executor's few threads
+        def follow(stream: str) -> None:
+            try:
+                chunks = self._docker.api.logs(
+                    container.id or "",
+                    stdout=stream == "stdout",
+                    stderr=stream == "stderr",
+                    stream=True,
+                    follow=True,
+                )
+                for chunk in chunks:
+                    output(stream, chunk)
+            except Exception as exc:  # live output is a convenience: the result has it all
+                log.debug("container.follow_failed", container=container.name, error=str(exc))
+
+        threads = [
+            threading.Thread(target=follow, args=(s,), name=f"logs-{s}", daemon=True)
+            for s in ("stdout", "stderr")
+        ]
+        for thread in threads:
+            thread.start()
+        return threads
 
     def _remove(self, container: Container) -> None:
         try:

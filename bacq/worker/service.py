@@ -1,8 +1,9 @@
 """The worker: bids on jobs it can take, runs them in Docker over IPFS inputs, publishes results.
 
-Touches NATS (announcements, bids, assignments, progress, results), its kubo node, the Docker daemon
-and its own work directory. Capacity (cpu, memory, job slots) is reserved when it bids, so it never
-promises more than it has; a reservation the requester never answers expires on its own.
+Touches NATS (announcements, bids, assignments, progress, results; live output and its heartbeat
+record, see bacq.logs and bacq.nodes), its kubo node, the Docker daemon and its own work directory.
+Capacity (cpu, memory, job slots) is reserved when it bids, so it never promises more than it has;
+a reservation the requester never answers expires on its own.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from bacq import subjects
 from bacq.bus import Bus
 from bacq.errors import BacqError, StorageError
 from bacq.log import get_logger
+from bacq.logs import LogStreamer
 from bacq.models import (
     Announcement,
     Assignment,
     AssignmentReply,
     Bid,
+    CancelReply,
+    CancelRequest,
     ExecUpdate,
     NodeInfo,
     ResultMessage,
@@ -33,6 +37,7 @@ from bacq.models import (
     encode,
     now,
 )
+from bacq.nodes import NodeRegistry
 from bacq.spec import JobSpec
 from bacq.states import ExecState
 from bacq.storage import Storage, remove_tree, sanitize_tree
@@ -55,7 +60,8 @@ class WorkerConfig:
     memory: int = 4 * 1024**3
     max_jobs: int = 4
     fetch_timeout: float = 120.0
-    heartbeat_interval: float = 5.0
+    heartbeat_interval: float = 2.0
+    drain_timeout: float = 60.0  # on SIGTERM: seconds running jobs get to finish
     tamper: bool = False  # a bad worker, for demonstrations and tests of the verifier
 
     def __post_init__(self) -> None:
@@ -82,6 +88,9 @@ class Worker:
         self._reservations: dict[str, _Reservation] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done = 0
+        self._cancelled: set[str] = set()
+        self._registry = NodeRegistry(bus)
+        self._draining = False
 
     # -- capacity ---------------------------------------------------------------------------------
     def _free(self) -> tuple[float, int, int]:
@@ -159,6 +168,10 @@ class Worker:
             await msg.respond(encode(AssignmentReply(ok=True)))
             return
         spec = assignment.spec
+        if self._draining:
+            self._reservations.pop(job_id, None)
+            await msg.respond(encode(AssignmentReply(ok=False, error="worker is shutting down")))
+            return
         if spec is None:
             await msg.respond(encode(AssignmentReply(ok=False, error="assignment without a spec")))
             return
@@ -202,9 +215,13 @@ class Worker:
             try:
                 cid, exit_code = await self._execute(job_id, spec, job_dir, log)
             except asyncio.CancelledError:
-                error = "the worker stopped while the job ran"
-                await self._send_result(ResultMessage(job_id=job_id, node_id=node, error=error))
-                await self._update(job_id, ExecState.FAILED, error=error)
+                # the container is gone already (the executor kills it on cancellation)
+                if job_id in self._cancelled:
+                    await self._update(job_id, ExecState.CANCELLED, detail="cancelled on request")
+                else:  # shutting down: hand the job back so that another worker takes it
+                    await self._update(
+                        job_id, ExecState.LOST, error=f"worker {node} shut down and handed it back"
+                    )
                 raise
             except BacqError as exc:
                 log.warning("job.failed", error=str(exc))
@@ -229,8 +246,9 @@ class Worker:
         finally:
             self._reservations.pop(job_id, None)
             self._tasks.pop(job_id, None)
+            self._cancelled.discard(job_id)
             self._done += 1
-            await asyncio.to_thread(remove_tree, job_dir)
+            await asyncio.shield(asyncio.to_thread(remove_tree, job_dir))
 
     async def _execute(
         self, job_id: str, spec: JobSpec, job_dir: Path, log: object
@@ -256,12 +274,18 @@ class Worker:
             mounts.append(bind(host, output.path, read_only=False))
 
         await self._update(job_id, ExecState.RUNNING, detail=spec.image)
-        result = await self.executor.run(
-            spec,
-            name=f"bacq-{job_id}-{self.config.node_id}",
-            mounts=mounts,
-            labels={"bacq.job": job_id, "bacq.node": self.config.node_id},
-        )
+        streamer = LogStreamer(self.bus, job_id, self.config.node_id)  # live output (bacq logs)
+        streamer.start()
+        try:
+            result = await self.executor.run(
+                spec,
+                name=f"bacq-{job_id}-{self.config.node_id}",
+                mounts=mounts,
+                labels={"bacq.job": job_id, "bacq.node": self.config.node_id},
+                output=streamer.feed,
+            )
+        finally:
+            await streamer.close()
 
         await self._update(job_id, ExecState.PUBLISHING)
         stdout = result.stdout
@@ -285,30 +309,77 @@ class Worker:
             memory=self.config.memory,
             max_jobs=self.config.max_jobs,
             running=len(self._tasks),
+            jobs=sorted(self._tasks),
+            draining=self._draining,
         )
 
+    async def on_cancel(self, msg: Msg) -> None:
+        try:
+            request = decode(CancelRequest, msg.data)
+        except ValueError as exc:
+            await msg.respond(encode(CancelReply(ok=False, error=f"malformed: {exc}")))
+            return
+        task = self._tasks.get(request.job_id)
+        if task is None:  # bid on but not started: just free what the bid reserved
+            self._reservations.pop(request.job_id, None)
+        else:
+            self._cancelled.add(request.job_id)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task  # returns once the container is removed and the slot is free
+        self.log.info("job.cancelled", job=request.job_id, was_running=task is not None)
+        await msg.respond(encode(CancelReply(ok=True, state="cancelled")))
+
+    async def _heartbeat(self) -> None:
+        # the heartbeat, and this node's key in the bacq-nodes bucket (for bacq nodes)
+        with contextlib.suppress(Exception):
+            await self._registry.heartbeat(self.info())
+
     async def serve(self, stop: asyncio.Event) -> None:
-        """Bid, run and report until ``stop`` is set; then cancel what still runs."""
+        """Bid, run and report until ``stop`` is set; then drain: bid no more, give running jobs
+        ``drain_timeout`` seconds to finish, and hand back the ones that did not."""
+        leftovers = await asyncio.to_thread(self.executor.remove_leftovers, self.config.node_id)
+        if leftovers:
+            self.log.warning("containers.leftover_removed", containers=leftovers)
         announce_sub = await self.bus.subscribe(subjects.ANNOUNCE, self.on_announce)
         assign_sub = await self.bus.subscribe(subjects.assign(self.config.node_id), self.on_assign)
+        cancel_sub = await self.bus.subscribe(subjects.cancel(self.config.node_id), self.on_cancel)
         await self.bus.nc.flush()
+        await self._heartbeat()
         self.log.info("service.ready", service="worker", labels=self.config.labels)
         try:
             while not stop.is_set():
                 self._expire_reservations()
-                with contextlib.suppress(Exception):
-                    await self.bus.publish(subjects.HEARTBEAT, self.info())
+                await self._heartbeat()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self.config.heartbeat_interval)
         finally:
+            self._draining = True
             with contextlib.suppress(Exception):
                 await announce_sub.unsubscribe()
+            self.log.info(
+                "service.draining", running=sorted(self._tasks), timeout=self.config.drain_timeout
+            )
+            await self._drain()
+            with contextlib.suppress(Exception):
                 await assign_sub.unsubscribe()
-            tasks = list(self._tasks.values())
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+                await cancel_sub.unsubscribe()
             self.log.info("service.stopped", service="worker")
+
+    async def _drain(self) -> None:
+        deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
+        while self._tasks and asyncio.get_running_loop().time() < deadline:
+            await self._heartbeat()  # still alive: the requester must not give the jobs away
+            await asyncio.sleep(
+                min(
+                    self.config.heartbeat_interval,
+                    max(0.0, deadline - asyncio.get_running_loop().time()),
+                )
+            )
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()  # each hands its job back (ExecState.LOST) once its container is gone
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def status_line(self) -> str:
         return f"running {len(self._tasks)} jobs, {self._done} done"
