@@ -326,8 +326,10 @@ class Bus:
 
 
 def _role(name: str) -> str:
+    """``bacq-worker-w1`` → worker; every other name (bacq-client, bacq-doctor, …) → client."""
     parts = name.split("-")
-    return parts[1] if len(parts) > 1 and parts[0] == "bacq" else "client"
+    role = parts[1] if len(parts) > 1 and parts[0] == "bacq" else "client"
+    return role if role in ("requester", "verifier", "worker") else "client"
 
 
 def replicas() -> int:

@@ -116,6 +116,8 @@ def _spec_from_run_args(args: argparse.Namespace) -> dict[str, Any]:
         "verifier": args.verifier,
         "timeout": args.timeout,
         "bid_timeout": args.bid_timeout,
+        "retries": args.retries,
+        "network": args.network,
         "resources": {"cpu": args.cpu, "memory": args.memory},
     }
     if args.entrypoint is not None:
@@ -859,6 +861,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=600.0, help="seconds the job may run (600)")
     run.add_argument(
         "--bid-timeout", type=float, default=10.0, help="seconds to wait for enough bids (10)"
+    )
+    run.add_argument(
+        "--retries", type=int, default=2, help="times a lost execution moves to another worker (2)"
+    )
+    run.add_argument(
+        "--network",
+        action="store_true",
+        help="the job needs network access (only workers run with --allow-network bid)",
     )
     run.add_argument("--cpu", type=float, default=1.0, help="CPU cores per execution (1)")
     run.add_argument("--memory", default="512m", help="memory per execution (512m)")
