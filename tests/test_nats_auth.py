@@ -7,6 +7,7 @@ requester, verifier and worker with their permissions) and every service with it
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -207,6 +208,45 @@ async def test_jobs_flow_end_to_end_with_every_role_authenticated(
             os.environ.pop(key, None)
     assert [job.state for job in jobs] == [JobState.ACCEPTED]
     assert len([e for e in jobs[0].executions.values() if e.result_cid]) == 2
+
+    # what else a client may do: replay and verify the history, read live output and nodes,
+    # cancel a job (its worker is told to stop through bacq.node.<node>.cancel)
+    def client_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bacq",
+                args[0],
+                "--nats-password-file",
+                str(password_file),
+                *args[1:],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            check=False,
+        )
+
+    history = client_cli("history", jobs[0].id, "--verify")
+    assert history.returncode == 0, history.stdout + history.stderr
+    assert "history verified" in history.stdout
+    nodes = client_cli("nodes", "--output", "json")
+    assert nodes.returncode == 0, nodes.stderr
+    assert {n["node_id"] for n in json.loads(nodes.stdout)} >= {"w1", "w2"}
+    logs = client_cli("logs", jobs[0].id)
+    assert logs.returncode == 0, logs.stderr
+    sleeper = client_cli("run", "--id-only", BUSYBOX, "--", "sleep", "300")
+    job_id = sleeper.stdout.strip()
+    for _ in range(100):
+        described = json.loads(client_cli("describe", job_id, "--output", "json").stdout)
+        if any(e["state"] == "running" for e in described["executions"].values()):
+            break
+        await asyncio.sleep(0.3)
+    cancelled = client_cli("cancel", job_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "stopped on: w" in cancelled.stdout
 
 
 def test_the_shipped_auth_conf_is_what_natsconf_renders() -> None:
