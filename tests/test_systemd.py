@@ -278,7 +278,10 @@ async def test_units_under_real_systemd_report_ready_run_a_job_and_stop_cleanly(
             "User": "bacq",
         }
         journal = machine.sh(f"journalctl -u {unit} --no-pager -o cat")
-        assert journal.index('"service.ready"') < journal.index("Started ")
+        # Type=notify: "active" means READY=1 arrived; it is sent on the service.ready line (logged
+        # once subscribed). The journal does not order the service's stdout against systemd's own
+        # "Started" line reliably, so only the line's presence is checked here.
+        assert '"service.ready"' in journal
         await _wait_status(machine, unit, "running 0 jobs, 0 done")
         # watchdog pings come from the event loop: systemd's timestamp of the last one moves on
         first = machine.show(unit, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]
