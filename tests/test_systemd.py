@@ -155,6 +155,10 @@ def machine() -> Iterator[Machine]:
         "-v", "/var/run/docker.sock:/var/run/docker.sock",
         "-v", "/var/lib/bacq:/var/lib/bacq",
         "-v", f"{ROOT}:{ROOT}:ro",
+        # the same again at fixed paths outside /tmp and /home, which the units hide
+        # (PrivateTmp, ProtectHome): a clone under /tmp must work too
+        "-v", f"{ROOT}:/opt/bacq/src:ro",
+        "-v", f"{sysconfig.get_paths()['purelib']}:/opt/bacq/site:ro",
         "-v", f"{python_home}:/opt/python:ro",
         "-v", f"{find_nats_server()}:/usr/local/bin/nats-server:ro",
         "-v", f"{find_ipfs()}:/usr/local/bin/ipfs:ro",
@@ -176,7 +180,6 @@ def _install(m: Machine) -> None:
     """What deploy/README.md tells an operator to do, with the host's bacq as the package."""
     docker_gid = os.stat("/var/run/docker.sock").st_gid
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    site = sysconfig.get_paths()["purelib"]
     libpython = f"/opt/python/lib/lib{version}.so.1.0"
     m.sh(
         f"""
@@ -185,7 +188,9 @@ def _install(m: Machine) -> None:
         # the host's Python is built with an absolute RUNPATH under /root, which ProtectHome hides
         if [ -f {libpython} ]; then cp {libpython} /usr/local/lib/ && ldconfig; fi
         /opt/python/bin/{version} -m venv --without-pip /opt/bacq/venv
-        echo 'import site; site.addsitedir("{site}")' \
+        # bacq from the checkout, its dependencies from the host's venv (not its .pth files: the
+        # editable install's finder points at the host path)
+        echo 'import sys; sys.path.insert(0, "/opt/bacq/src"); sys.path.append("/opt/bacq/site")' \
             > /opt/bacq/venv/lib/{version}/site-packages/bacq-host.pth
         printf '#!/opt/bacq/venv/bin/python3\\nimport sys\\nfrom bacq.cli import main\\n'\\
 'sys.exit(main())\\n' > /opt/bacq/venv/bin/bacq
