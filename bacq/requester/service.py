@@ -19,6 +19,7 @@ import datetime as dt
 import hashlib
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -64,29 +65,13 @@ REANNOUNCE_EVERY = 2.0  # seconds between announcements while bids are missing
 WATCH_EVERY = 1.0  # seconds between deadline checks
 
 
+@dataclass(frozen=True, kw_only=True)
 class RequesterConfig:
-    def __init__(
-        self,
-        *,
-        result_grace: float = 120.0,
-        lost_after: float = 10.0,
-        verify_timeout: float = 60.0,
-        events_max_age: float = 365 * 24 * 3600.0,
-        events_max_bytes: int = 10 * 1024**3,
-    ) -> None:
-        self.result_grace = result_grace  # beyond the job's timeout: inputs, image, publishing
-        self.lost_after = lost_after  # seconds without a heartbeat before a worker is lost
-        self.verify_timeout = verify_timeout  # seconds from the last answer to the verdict
-        self.events_max_age = events_max_age
-        self.events_max_bytes = events_max_bytes
-
-
-def _apply_update(job: JobRecord, *, update: ExecUpdate) -> bool:
-    return apply_exec_update(job, update)
-
-
-def _apply_verdict(job: JobRecord, *, verdict: Verdict) -> bool:
-    return apply_verdict(job, verdict)
+    result_grace: float = 120.0  # beyond the job's timeout: inputs, image, publishing
+    lost_after: float = 10.0  # seconds without a heartbeat before a worker is lost
+    verify_timeout: float = 60.0  # seconds from the last answer to the verdict
+    events_max_age: float = 365 * 24 * 3600.0
+    events_max_bytes: int = 10 * 1024**3
 
 
 def _record_bids(job: JobRecord, *, bids: list[Bid]) -> bool:
@@ -556,13 +541,13 @@ class Requester:
                     else:
                         await self.mutate(
                             update.job_id,
-                            partial(_apply_update, update=update),
+                            partial(apply_exec_update, update=update),
                             actor=update.node_id,
                         )
                 else:
                     verdict = decode(Verdict, msg.data)
                     await self.mutate(
-                        verdict.job_id, partial(_apply_verdict, verdict=verdict), actor="verifier"
+                        verdict.job_id, partial(apply_verdict, verdict=verdict), actor="verifier"
                     )
                     self.log.info(
                         "job.verdict",
