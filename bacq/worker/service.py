@@ -42,6 +42,7 @@ from bacq.spec import JobSpec
 from bacq.states import ExecState
 from bacq.storage import Storage, remove_tree, sanitize_tree
 from bacq.worker.executor import DockerExecutor, bind
+from bacq.worker.noop import NoopExecutor
 
 __all__ = ["Worker", "WorkerConfig"]
 
@@ -79,7 +80,13 @@ class _Reservation:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, bus: Bus, storage: Storage, executor: DockerExecutor):
+    def __init__(
+        self,
+        config: WorkerConfig,
+        bus: Bus,
+        storage: Storage,
+        executor: DockerExecutor | NoopExecutor,
+    ):
         self.config = config
         self.bus = bus
         self.storage = storage
@@ -91,6 +98,7 @@ class Worker:
         self._cancelled: set[str] = set()
         self._registry = NodeRegistry(bus)
         self._draining = False
+        self._fixed_cid: str | None = None  # the noop executor's one result, added at start
 
     # -- capacity ---------------------------------------------------------------------------------
     def _free(self) -> tuple[float, int, int]:
@@ -253,6 +261,12 @@ class Worker:
     async def _execute(
         self, job_id: str, spec: JobSpec, job_dir: Path, log: object
     ) -> tuple[str, int]:
+        if self._fixed_cid is not None:  # noop: the message path only, no Docker, no IPFS
+            await self._update(job_id, ExecState.RUNNING, detail="noop executor")
+            await self._update(job_id, ExecState.PUBLISHING)
+            return self._fixed_cid, 0
+        if not isinstance(self.executor, DockerExecutor):
+            raise AssertionError("a noop worker runs jobs once its fixed result is added")
         inputs_dir, results_dir = job_dir / "inputs", job_dir / "results"
         results_dir.mkdir(parents=True, exist_ok=True)
         inputs_dir.mkdir(parents=True, exist_ok=True)
@@ -338,6 +352,11 @@ class Worker:
     async def serve(self, stop: asyncio.Event) -> None:
         """Bid, run and report until ``stop`` is set; then drain: bid no more, give running jobs
         ``drain_timeout`` seconds to finish, and hand back the ones that did not."""
+        if isinstance(self.executor, NoopExecutor):
+            tamper = f"(tampered by {self.config.node_id})\n" if self.config.tamper else ""
+            folder = self.executor.write_result(self.config.work_dir / "noop-result", tamper=tamper)
+            self._fixed_cid = await self.storage.add(folder)
+            self.log.info("noop.result", cid=self._fixed_cid)
         leftovers = await asyncio.to_thread(self.executor.remove_leftovers, self.config.node_id)
         if leftovers:
             self.log.warning("containers.leftover_removed", containers=leftovers)
