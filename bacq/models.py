@@ -96,6 +96,8 @@ class Announcement(_Msg):
     job_id: str
     spec: JobSpec
     bid_deadline: dt.datetime
+    # the workers invited to bid (the requester picked those with free slots); None: anyone
+    nodes: list[str] | None = None
 
 
 class Bid(_Msg):
@@ -162,6 +164,7 @@ class NodeInfo(_Msg):
     running: int
     jobs: list[str] = Field(default_factory=list)  # ids of the jobs it runs now
     draining: bool = False
+    network: bool = False  # runs jobs that ask for network access
     at: dt.datetime = Field(default_factory=now)
 
 
