@@ -217,20 +217,28 @@ class Bus:
                 yield msg
 
     async def consume_batches(
-        self, filter_subject: str, durable: str, *, batch: int = 64, ack_wait: float = 30.0
+        self,
+        filter_subject: str | list[str],
+        durable: str,
+        *,
+        batch: int = 64,
+        ack_wait: float = 30.0,
     ) -> AsyncIterator[list[Msg]]:
         """Yield the messages of a durable pull consumer forever, as fetched (up to ``batch`` at
-        a time, in stream order); the caller acks each one."""
+        a time, in stream order); the caller acks each one. Several filter subjects make one
+        consumer over all of them (their messages interleaved in stream order)."""
+        filters = [filter_subject] if isinstance(filter_subject, str) else filter_subject
         config = ConsumerConfig(
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=ack_wait,
             max_deliver=-1,
-            filter_subject=filter_subject,
+            filter_subject=filters[0] if len(filters) == 1 else None,
+            filter_subjects=filters if len(filters) > 1 else None,
         )
         sub = await self.js.pull_subscribe(
-            filter_subject, durable=durable, stream=subjects.STREAM, config=config
+            filters[0], durable=durable, stream=subjects.STREAM, config=config
         )
         while True:
             try:

@@ -51,8 +51,7 @@ __all__ = [
     "LOGS_ALL",
     "LOGS_STREAM",
     "NODES_BUCKET",
-    "REQUESTER_EXEC_CONSUMER",
-    "REQUESTER_VERDICT_CONSUMER",
+    "REQUESTER_CONSUMER",
     "RESULTS_BUCKET",
     "STREAM",
     "STREAM_SUBJECTS",
@@ -85,8 +84,9 @@ VERIFY_ALL = f"{PREFIX}.verify.>"
 VERDICT_ALL = f"{PREFIX}.verdict.>"
 STREAM_SUBJECTS = [EXEC_ALL, VERIFY_ALL, VERDICT_ALL]
 
-REQUESTER_EXEC_CONSUMER = "requester-exec"
-REQUESTER_VERDICT_CONSUMER = "requester-verdict"
+# one consumer over progress and verdicts: a job's completion and its verdict, often fetched
+# together, fold into one commit
+REQUESTER_CONSUMER = "requester"
 VERIFIER_CONSUMER = "verifier"
 
 JOBS_BUCKET = "bacq-jobs"

@@ -736,17 +736,21 @@ class Requester:
         return move_job(job, JobState.FAILED, reason)
 
     # -- progress and verdicts --------------------------------------------------------------------
-    async def _fold(self, filter_subject: str, durable: str, kind: str) -> None:
-        """Fold a consumer's messages into the records, many at once.
+    async def _fold(self) -> None:
+        """Fold progress messages and verdicts into the records, many at once.
 
         The messages of one fetch are grouped by job: each job's group is one commit (its
         events as if applied one by one), in a task of its own. Tasks take their job's lock in
         the order their messages came, so one job's updates apply in order."""
         slots = asyncio.Semaphore(FOLD_IN_FLIGHT)
-        async for msgs in self.bus.consume_batches(filter_subject, durable, batch=FOLD_IN_FLIGHT):
+        async for msgs in self.bus.consume_batches(
+            [subjects.EXEC_ALL, subjects.VERDICT_ALL],
+            subjects.REQUESTER_CONSUMER,
+            batch=FOLD_IN_FLIGHT,
+        ):
             groups: dict[str, list[tuple[Msg, Callable[[JobRecord], bool], str]]] = {}
             for msg in msgs:
-                step = self._step(msg, kind)
+                step = self._step(msg)
                 if step is None:
                     await msg.ack()
                     continue
@@ -756,10 +760,10 @@ class Requester:
                 await slots.acquire()
                 self._spawn(self._fold_group(job_id, group, slots), "fold")
 
-    def _step(self, msg: Msg, kind: str) -> tuple[str, Callable[[JobRecord], bool], str] | None:
+    def _step(self, msg: Msg) -> tuple[str, Callable[[JobRecord], bool], str] | None:
         """The change ``msg`` makes to its job record (None: nothing to fold)."""
         try:
-            if kind == "exec":
+            if msg.subject.startswith(subjects.EXEC_ALL[:-1]):
                 update = decode(ExecUpdate, msg.data)
                 if update.state == ExecState.LOST:  # handed back by a draining worker
                     reason = update.error or f"worker {update.node_id} handed the job back"
@@ -824,12 +828,7 @@ class Requester:
         ]
         await self._resume()
         loops = [
-            asyncio.create_task(
-                self._fold(subjects.EXEC_ALL, subjects.REQUESTER_EXEC_CONSUMER, "exec")
-            ),
-            asyncio.create_task(
-                self._fold(subjects.VERDICT_ALL, subjects.REQUESTER_VERDICT_CONSUMER, "verdict")
-            ),
+            asyncio.create_task(self._fold()),
             asyncio.create_task(self._watch()),
             asyncio.create_task(self._dispatch()),
         ]

@@ -244,14 +244,17 @@ class Worker:
                 await self._send_result(ResultMessage(job_id=job_id, node_id=node, error=error))
                 await self._update(job_id, ExecState.FAILED, error=error)
             else:
-                await self._send_result(
-                    ResultMessage(job_id=job_id, node_id=node, cid=cid, exit_code=exit_code)
-                )
-                await self._update(
-                    job_id,
-                    ExecState.COMPLETED,
-                    exit_code=exit_code,
-                    detail=f"exit code {exit_code}",
+                # both in flight at once (they leave in this order on the one connection)
+                await asyncio.gather(
+                    self._send_result(
+                        ResultMessage(job_id=job_id, node_id=node, cid=cid, exit_code=exit_code)
+                    ),
+                    self._update(
+                        job_id,
+                        ExecState.COMPLETED,
+                        exit_code=exit_code,
+                        detail=f"exit code {exit_code}",
+                    ),
                 )
                 log.info("job.completed", cid=cid, exit_code=exit_code)
         finally:
@@ -259,7 +262,8 @@ class Worker:
             self._tasks.pop(job_id, None)
             self._cancelled.discard(job_id)
             self._done += 1
-            await asyncio.shield(asyncio.to_thread(remove_tree, job_dir))
+            if job_dir.exists():  # a noop job has none
+                await asyncio.shield(asyncio.to_thread(remove_tree, job_dir))
 
     async def _execute(
         self, job_id: str, spec: JobSpec, job_dir: Path, log: object
