@@ -55,7 +55,7 @@ def test_invitations_hold_slots_until_released() -> None:
     running(r, "j0", "b-unrelated")
     waiting = JobRecord(id="j1", spec=SPEC)
     r._keep(waiting)
-    r._hold("j1", ["a"])
+    r._hold(waiting, ["a"])
     assert r._pick(r._fitting(SPEC), SPEC, 1) is None
     r._release("j1")
     assert r._pick(r._fitting(SPEC), SPEC, 1) == ["a"]

@@ -21,7 +21,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -57,7 +57,7 @@ from bacq.models import (
 )
 from bacq.nodes import nodes_bucket
 from bacq.requester.record import apply_exec_update, apply_verdict, move_exec, move_job
-from bacq.spec import JobSpec, parse_spec
+from bacq.spec import JobSpec, Resources, parse_spec
 from bacq.states import EXEC_ACTIVE, ExecState, JobState
 
 __all__ = ["Requester", "RequesterConfig"]
@@ -81,6 +81,28 @@ class RequesterConfig:
 
 # one change of a job record (True when it changed it), and who caused it
 Step = tuple[Callable[[JobRecord], bool], str]
+
+
+@dataclass
+class _Load:
+    """What the requester has put on one worker: executions ("run", job) and invitations to bid
+    ("bid", job), with their cpu and memory summed as they come and go."""
+
+    held: dict[tuple[str, str], Resources] = field(default_factory=dict)
+    cpu: float = 0.0
+    memory: int = 0
+
+    def add(self, key: tuple[str, str], resources: Resources) -> None:
+        if key not in self.held:
+            self.held[key] = resources
+            self.cpu += resources.cpu
+            self.memory += resources.memory
+
+    def remove(self, key: tuple[str, str]) -> None:
+        resources = self.held.pop(key, None)
+        if resources is not None:
+            self.cpu -= resources.cpu
+            self.memory -= resources.memory
 
 
 def _record_bids(job: JobRecord, *, bids: list[Bid]) -> bool:
@@ -123,9 +145,8 @@ class Requester:
         self._records: dict[str, JobRecord] = {}
         self._queue: deque[str] = deque()  # pending jobs waiting for free worker slots, FIFO
         self._wake = asyncio.Event()  # the dispatcher looks at the queue again
-        self._bidding: dict[str, list[str]] = {}  # job in bidding → the workers it invited
-        self._invited: dict[str, set[str]] = {}  # node → jobs that invited it to bid
-        self._busy: dict[str, set[str]] = {}  # node → jobs it runs (active executions)
+        self._bidding: dict[str, tuple[list[str], Resources]] = {}  # job → workers it invited
+        self._loads: dict[str, _Load] = {}  # node → what it runs and was invited to bid for
 
     # -- records and events -----------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -148,11 +169,11 @@ class Requester:
     def _keep(self, job: JobRecord) -> None:
         """Remember ``job`` as committed: the cache, and which nodes it keeps busy."""
         for node_id, execution in job.executions.items():
-            jobs = self._busy.setdefault(node_id, set())
+            load = self._loads.setdefault(node_id, _Load())
             if execution.state in EXEC_ACTIVE and not job.final:
-                jobs.add(job.id)
+                load.add(("run", job.id), job.spec.resources)
             else:
-                jobs.discard(job.id)
+                load.remove(("run", job.id))
         if job.final:
             self._records.pop(job.id, None)
             self._locks.pop(job.id, None)
@@ -434,16 +455,13 @@ class Requester:
     def _fits_now(self, node: NodeInfo, spec: JobSpec) -> int:
         """Free slots of ``node`` for ``spec`` (0 when it lacks the cpu or memory now), counting
         what its running executions and the bids it was invited to hold."""
-        held = [
-            self._records[j].spec.resources
-            for j in self._busy.get(node.node_id, set()) | self._invited.get(node.node_id, set())
-            if j in self._records
-        ]
-        cpu = node.cpu - sum(r.cpu for r in held)
-        memory = node.memory - sum(r.memory for r in held)
-        if spec.resources.cpu > cpu + 1e-9 or spec.resources.memory > memory:
+        load = self._loads.get(node.node_id) or _Load()
+        if (
+            spec.resources.cpu > node.cpu - load.cpu + 1e-9
+            or spec.resources.memory > node.memory - load.memory
+        ):
             return 0
-        return max(0, node.max_jobs - len(held))
+        return max(0, node.max_jobs - len(load.held))
 
     def _pick(self, fitting: list[NodeInfo], spec: JobSpec, need: int) -> list[str] | None:
         """The ``need`` fitting workers with the most free slots, or None when too few have one."""
@@ -452,14 +470,15 @@ class Requester:
         ready = sorted((f for f in free if f[0] > 0), reverse=True)
         return [node for _, _, node in ready[:need]] if len(ready) >= need else None
 
-    def _hold(self, job_id: str, nodes: list[str]) -> None:
-        self._bidding[job_id] = nodes
+    def _hold(self, job: JobRecord, nodes: list[str]) -> None:
+        self._bidding[job.id] = (nodes, job.spec.resources)
         for node in nodes:
-            self._invited.setdefault(node, set()).add(job_id)
+            self._loads.setdefault(node, _Load()).add(("bid", job.id), job.spec.resources)
 
     def _release(self, job_id: str) -> None:
-        for node in self._bidding.pop(job_id, []):
-            self._invited[node].discard(job_id)
+        nodes, _ = self._bidding.pop(job_id, ([], None))
+        for node in nodes:
+            self._loads[node].remove(("bid", job_id))
         self._wake.set()
 
     async def _dispatch(self) -> None:
@@ -487,7 +506,7 @@ class Requester:
                     if invited is None:
                         break  # busy: wait for a slot (a job ending, a heartbeat, the watchdog)
                 self._queue.popleft()
-                self._hold(job.id, invited or [])
+                self._hold(job, invited or [])
                 self._spawn(self.drive(job.id, invited), f"drive-{job.id}")
 
     async def drive(self, job_id: str, invited: list[str] | None = None) -> None:
