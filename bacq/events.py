@@ -164,10 +164,15 @@ def fold(events: list[Event]) -> JobRecord:
     )
     for event in events:
         if event.kind == "execution" and event.node_id is not None:
+            previous = job.executions.get(event.node_id)
+            assigned_at = previous.assigned_at if previous is not None else None
+            if event.state == ExecState.ACCEPTED:
+                assigned_at = event.at
             job.executions[event.node_id] = Execution(
                 node_id=event.node_id,
                 state=ExecState(event.state),
                 updated_at=event.at,
+                assigned_at=assigned_at,
                 detail=event.reason,
                 error=event.error,
                 exit_code=event.exit_code,

@@ -72,6 +72,22 @@ async def test_worker_killed_mid_job_is_requeued_on_another_worker(
     )
 
 
+async def test_a_worker_restarted_mid_job_within_lost_after_loses_it_to_another_worker(
+    make_stack: Callable[..., Devstack],
+) -> None:
+    stack = make_stack(workers=2)
+    async with await Client.connect(stack.nats.url) as client:
+        job_id = await client.submit(sleeper(8))
+        (victim,) = await running_on(client, job_id)
+        await asyncio.to_thread(stack.kill, victim)
+        await asyncio.to_thread(stack.restart, victim)  # back before it misses a heartbeat
+        job = await client.wait(job_id, timeout=120)
+    assert job.state == JobState.ACCEPTED, job.reason
+    lost = job.executions[victim]
+    assert lost.state == ExecState.LOST
+    assert lost.error == f"worker {victim} restarted and no longer runs the job"
+
+
 async def test_nats_restart_mid_run_loses_no_job_and_no_event(
     make_stack: Callable[..., Devstack],
 ) -> None:

@@ -44,6 +44,7 @@ from bacq.models import (
     CancelReply,
     CancelRequest,
     ExecUpdate,
+    Execution,
     JobRecord,
     NodeInfo,
     Problem,
@@ -135,6 +136,7 @@ class Requester:
         self._locks: dict[str, asyncio.Lock] = {}
         self._bids: dict[str, list[Bid]] = {}
         self._bid_arrived: dict[str, asyncio.Event] = {}
+        self._excluded: dict[str, set[str]] = {}  # job → nodes whose bids are refused at once
         self._tasks: set[asyncio.Task[None]] = set()
         self._nodes: dict[str, tuple[NodeInfo, float]] = {}  # node → (info, monotonic seen)
         self._started = time.monotonic()
@@ -382,6 +384,9 @@ class Requester:
             return
         if any(b.node_id == bid.node_id for b in bids):
             return
+        if bid.node_id in self._excluded.get(bid.job_id, ()):  # it ran the job already: free it
+            self._spawn(self._reject(bid.job_id, bid.node_id, "already ran this job"), "reject")
+            return
         bids.append(bid)
         self._bid_arrived[bid.job_id].set()
 
@@ -402,6 +407,7 @@ class Requester:
         if bids are missing, to every worker."""
         spec = job.spec
         self._bids[job.id] = []
+        self._excluded[job.id] = exclude
         arrived = self._bid_arrived[job.id] = asyncio.Event()
         try:
             deadline = now() + timedelta(seconds=spec.bid_timeout)
@@ -429,6 +435,7 @@ class Requester:
                     )
         finally:
             bids = self._bids.pop(job.id, [])
+            self._excluded.pop(job.id, None)
             self._bid_arrived.pop(job.id, None)
         unwanted = [b for b in bids if b.node_id in exclude]
         await asyncio.gather(
@@ -720,8 +727,8 @@ class Requester:
                         f"worker {node} stopped sending heartbeats during "
                         f"{execution.state.value} ({silent:.0f}s silent)"
                     )
-                elif info is not None and job.id not in info.jobs and age > self.config.lost_after:
-                    why = f"worker {node} no longer runs the job (restarted?)"
+                elif info is not None and self._forgot(info, job.id, execution, age):
+                    why = f"worker {node} restarted and no longer runs the job"
                 else:
                     continue
                 self.log.warning("exec.lost", job=job.id, node=node, reason=why)
@@ -740,6 +747,17 @@ class Requester:
                             "of the last answer (is a verifier running?)",
                         ),
                     )
+
+    def _forgot(self, info: NodeInfo, job_id: str, execution: Execution, age: float) -> bool:
+        """True when the worker's process started after it was given ``execution`` and does not
+        run the job: the job died with the previous process. (A job it merely finished is not
+        listed either, while its report waits in the stream for this requester to fold it: under
+        load that can take longer than ``lost_after``, so age alone would lose finished jobs.)"""
+        if job_id in info.jobs:
+            return False
+        if info.started_at is None or execution.assigned_at is None:  # unknown: by age
+            return age > self.config.lost_after
+        return info.started_at > execution.assigned_at
 
     def _expire(self, job: JobRecord) -> bool:
         silent = [e.node_id for e in job.executions.values() if e.state in EXEC_ACTIVE]

@@ -99,6 +99,7 @@ class Worker:
         self._registry = NodeRegistry(bus)
         self._draining = False
         self._fixed_cid: str | None = None  # the noop executor's one result, added at start
+        self._started_at = now()
 
     # -- capacity ---------------------------------------------------------------------------------
     def _free(self) -> tuple[float, int, int]:
@@ -343,6 +344,7 @@ class Worker:
             jobs=sorted(self._tasks),
             draining=self._draining,
             network=self.executor.allow_network,
+            started_at=self._started_at,
         )
 
     async def on_cancel(self, msg: Msg) -> None:
