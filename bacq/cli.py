@@ -55,6 +55,7 @@ from bacq.sdnotify import Notifier, on_log_event
 from bacq.spec import JobSpec, json_schema, parse_memory, parse_spec
 from bacq.states import ExecState, JobState
 from bacq.storage import DEFAULT_IPFS_API, Storage
+from bacq.storage import preload as preload_storage
 
 __all__ = ["main"]
 
@@ -179,6 +180,8 @@ async def _submit_and_follow(args: argparse.Namespace, spec: JobSpec, *, wait: b
         if args.id_only or not wait:
             print(job_id, flush=True)
             return EXIT_OK
+        # the output is read from kubo at the end: import its client while the job runs
+        preloading = asyncio.create_task(preload_storage())
         started = time.monotonic()
         machine = args.output in ("json", "yaml")
         live = None
@@ -213,6 +216,7 @@ async def _submit_and_follow(args: argparse.Namespace, spec: JobSpec, *, wait: b
         if machine:
             _emit(_job_json(job), args.output)
             return _job_exit_code(job)
+        await preloading
         stdout, stderr, note = await _output_tails(args, job)
     render_verdict(
         out,

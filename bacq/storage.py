@@ -23,15 +23,25 @@ from typing import Any
 
 import aiohttp
 import aiohttp.payload
-import aioipfs
 
 from bacq.errors import IpfsUnavailable, StorageError
 from bacq.log import get_logger
 
-__all__ = ["DEFAULT_IPFS_API", "Storage", "safe_extract", "sanitize_tree"]
+__all__ = ["DEFAULT_IPFS_API", "Storage", "preload", "safe_extract", "sanitize_tree"]
 
 DEFAULT_IPFS_API = "/ip4/127.0.0.1/tcp/5001"
 log = get_logger("bacq.storage")
+
+
+def _api_errors() -> tuple[type[Exception], ...]:
+    import aioipfs  # imported on first use: it takes a fifth of the CLI's start-up
+
+    return (aioipfs.APIError, aioipfs.UnknownAPIError)
+
+
+async def preload() -> None:
+    """Import the IPFS client in a thread, e.g. while a job runs, so that ``connect`` is quick."""
+    await asyncio.to_thread(_api_errors)
 
 
 class Storage:
@@ -44,6 +54,8 @@ class Storage:
 
     @classmethod
     async def connect(cls, maddr: str, *, timeout: float = 60.0) -> Storage:
+        import aioipfs
+
         try:
             client = aioipfs.AsyncIPFS(maddr=maddr)
         except Exception as exc:  # aioipfs raises a bare Exception for a bad multiaddr
@@ -52,13 +64,14 @@ class Storage:
                 "write it like /ip4/127.0.0.1/tcp/5001"
             ) from None
         storage = cls(client, maddr, timeout)
+        unreachable: tuple[type[Exception], ...] = (TimeoutError, OSError, *_api_errors())
         try:
             async with asyncio.timeout(10):
                 info = await client.core.id()
             if not isinstance(info, dict) or "ID" not in info:
                 # aioipfs returns None instead of raising when the connection fails
                 raise OSError("connection failed")
-        except (TimeoutError, OSError, aioipfs.APIError, aioipfs.UnknownAPIError) as exc:
+        except unreachable as exc:
             await storage.close()
             raise IpfsUnavailable(
                 f"no kubo RPC API answers at {maddr} ({type(exc).__name__}); start one with "
@@ -93,7 +106,7 @@ class Storage:
                         root = entry["Hash"]
         except TimeoutError:
             raise StorageError(f"adding {path} to IPFS took longer than {self.timeout}s") from None
-        except (aioipfs.APIError, aioipfs.UnknownAPIError) as exc:
+        except _api_errors() as exc:
             raise StorageError(f"adding {path} to IPFS failed: {_api_message(exc)}") from None
         if root is None:
             raise StorageError(f"kubo did not return a CID for {path}")
@@ -115,7 +128,7 @@ class Storage:
                     pass
         except TimeoutError:
             raise StorageError(f"pinning {cid} took longer than {self.timeout}s") from None
-        except (aioipfs.APIError, aioipfs.UnknownAPIError) as exc:
+        except _api_errors() as exc:
             raise StorageError(f"pinning {cid} failed: {_api_message(exc)}") from None
 
     async def fetch(self, cid: str, target: Path, *, timeout: float | None = None) -> Path:
