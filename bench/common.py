@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -158,6 +159,11 @@ def cpu_seconds(pid: int) -> float:
     return 0.0
 
 
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def service_pids(stack: Devstack) -> dict[str, int]:
     pids = {}
     for name, service in stack.services.items():
@@ -197,6 +203,21 @@ def _git(repo: Path, *args: str) -> str:
     return _version(["git", "-C", str(repo), *args])
 
 
+def _dirty(repo: Path) -> list[str]:
+    """Files of ``repo`` changed since its commit (an editable install runs them as they are)."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ["?"]
+    return [line[3:] for line in done.stdout.splitlines() if line.strip()]
+
+
 def machine_info() -> dict[str, Any]:
     import bacq
 
@@ -222,7 +243,7 @@ def machine_info() -> dict[str, Any]:
         "nats_server": _version([find_nats_server(), "--version"]),
         "bacq_repo": str(bacq_repo),
         "bacq_commit": _git(bacq_repo, "rev-parse", "HEAD"),
-        "bacq_dirty": bool(_git(bacq_repo, "status", "--porcelain", "--untracked-files=no")),
+        "bacq_uncommitted": _dirty(bacq_repo),
         "bench_commit": _git(bench_repo, "rev-parse", "HEAD"),
     }
 
@@ -344,6 +365,7 @@ async def run_batch(
     batch = Batch(jobs=jobs)
     pids = service_pids(stack)
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    own_before = _own_cpu()
     async with await Client.connect(stack.nats.url) as client:
         watcher = FinalWatcher(client)
         await watcher.start()
@@ -386,4 +408,5 @@ async def run_batch(
         finally:
             await watcher.stop()
     batch.cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    batch.cpu["bench (client)"] = _own_cpu() - own_before
     return batch

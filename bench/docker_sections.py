@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bacq.client import Client
 from bacq.devstack import Devstack, find_ipfs
 from bench.common import (
     IMAGE,
@@ -49,6 +50,17 @@ def _bacq_run(argv: list[str], env: dict[str, str]) -> tuple[float, dict[str, An
     return elapsed, job
 
 
+async def _client_job(nats_url: str, spec: dict[str, Any]) -> float:
+    """Submit → final through the Python client (no CLI process): the orchestration part."""
+    async with await Client.connect(nats_url) as client:
+        start = time.perf_counter()
+        job = await client.wait(await client.submit(spec), timeout=300)
+        elapsed = time.perf_counter() - start
+    if job.state.value != "accepted":
+        raise RuntimeError(f"job ended {job.state.value}: {job.reason}")
+    return elapsed
+
+
 def _docker_parallel(argv: list[str], n: int) -> float:
     """Wall time of ``n`` identical ``docker run``s started at once (until the slowest ends)."""
     start = time.perf_counter()
@@ -74,13 +86,20 @@ def overhead(stack: Devstack, runs: int) -> dict[str, Any]:
     _bacq_run(_bacq_run_argv(3), env)
     _bacq_run(_bacq_run_argv(1), env)
     timed(docker_argv)
+    # what a bacq run pays before it submits anything: the CLI's Python imports
+    result["cli_startup"] = summary([timed(bacq_cli("version"), env=env)[0] for _ in range(5)])
     for concurrency in (1, 3):
         argv = _bacq_run_argv(concurrency)
+        spec: dict[str, Any] = {"image": IMAGE, "command": TRIVIAL, "concurrency": concurrency}
         bacq_s: list[float] = []
+        client_s: list[float] = []
         docker_s: list[float] = []
         workers: dict[str, int] = {}
         errors: list[str] = []
-        say(f"overhead: concurrency {concurrency}, {runs} interleaved runs of bacq and docker")
+        say(
+            f"overhead: concurrency {concurrency}, {runs} interleaved runs of bacq run, the "
+            "Python client and docker run"
+        )
         for i in range(runs):
             try:
                 elapsed, job = _bacq_run(argv, env)
@@ -90,6 +109,10 @@ def overhead(stack: Devstack, runs: int) -> dict[str, Any]:
                         workers[node] = workers.get(node, 0) + 1
             except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
                 errors.append(str(exc)[:300])
+            try:
+                client_s.append(asyncio.run(_client_job(stack.nats.url, spec)))
+            except (RuntimeError, TimeoutError) as exc:
+                errors.append(f"client: {exc}"[:300])
             if concurrency == 1:
                 docker_s.append(timed(docker_argv)[0])
             else:
@@ -107,6 +130,9 @@ def overhead(stack: Devstack, runs: int) -> dict[str, Any]:
             else "3 docker run --rm started at once; wall time of the slowest",
             "bacq": b,
             "docker": d,
+            # the same job through bacq.client (submit → final, no CLI process): what the
+            # orchestration costs without the CLI's start-up
+            "bacq_client": summary(client_s),
             "ratio_p50": ratio(b["p50"], d["p50"]),
             "ratio_p95": ratio(b["p95"], d["p95"]),
             "errors": errors,

@@ -65,6 +65,22 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     met=_le(r, 1.10),
                 )
             )
+    for c in ("c1", "c3"):
+        sec = ov.get(c)
+        if sec and sec.get("bacq_client", {}).get("p50") is not None:
+            r = _ratio(sec["bacq_client"]["p50"], sec["docker"]["p50"])
+            out.append(
+                _row(
+                    f"  same job via Python client (no CLI), concurrency {c[1:]}, p50",
+                    sec["bacq_client"]["p50"],
+                    sec["docker"]["p50"],
+                    unit="s",
+                    ratio=r,
+                )
+            )
+    if ov.get("cli_startup"):
+        startup = ov["cli_startup"]["p50"]
+        out.append(_row("  bacq CLI start-up (bacq version), p50", startup, unit="s"))
     tp = results.get("throughput") or {}
     if "bacq" in tp:
         out.append(

@@ -52,7 +52,7 @@ FULL = {
     "scale_big_workers": 10,
     "data_mb": 100,
     "data_runs": 3,
-    "stall": 120.0,
+    "stall": 300.0,
 }
 SMOKE = {
     "runs": 2,
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--stall",
         type=float,
-        help="seconds without any job becoming final before the rest count as lost (120)",
+        help="seconds without any job becoming final before the rest count as lost (300)",
     )
     tune.add_argument(
         "--submit-parallel", type=int, default=200, help="submissions in flight at once (200)"
