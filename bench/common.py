@@ -243,6 +243,8 @@ def machine_info() -> dict[str, Any]:
         "nats_server": _version([find_nats_server(), "--version"]),
         "bacq_repo": str(bacq_repo),
         "bacq_commit": _git(bacq_repo, "rev-parse", "HEAD"),
+        # the last commit that changed bacq/ (the code measured), beside the checkout's HEAD
+        "bacq_code_commit": _git(bacq_repo, "log", "-1", "--format=%H", "--", "bacq"),
         "bacq_uncommitted": _dirty(bacq_repo),
         "bench_commit": _git(bench_repo, "rev-parse", "HEAD"),
     }
@@ -327,6 +329,7 @@ class Batch:
     reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     submit_errors: collections.Counter[str] = field(default_factory=collections.Counter)
     lost: int = 0
+    lost_states: collections.Counter[str] = field(default_factory=collections.Counter)
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process in the batch
     watch_updates: int = 0
 
@@ -343,6 +346,7 @@ class Batch:
             "lost": self.lost,
             "submit_errors": sum(self.submit_errors.values()),
             "states": dict(self.states),
+            "lost_states": dict(self.lost_states.most_common(5)),
             "failure_reasons": dict(self.reasons.most_common(5)),
             "submit_error_kinds": dict(self.submit_errors.most_common(5)),
             "latency": summary(self.latencies),
@@ -396,6 +400,7 @@ async def run_batch(
                         seen = (record.updated_at.timestamp(), record.state.value, record.reason)
                     else:
                         batch.lost += 1
+                        batch.lost_states[f"{record.state.value}: {record.reason[:80]}"] += 1
                         continue
                 at, state, reason = seen
                 batch.states[state] += 1

@@ -87,7 +87,8 @@ def overhead(stack: Devstack, runs: int) -> dict[str, Any]:
     _bacq_run(_bacq_run_argv(1), env)
     timed(docker_argv)
     # what a bacq run pays before it submits anything: the CLI's Python imports
-    result["cli_startup"] = summary([timed(bacq_cli("version"), env=env)[0] for _ in range(5)])
+    startups = [timed(bacq_cli("version"), env=env)[0] for _ in range(min(5, runs))]
+    result["cli_startup"] = summary(startups)
     for concurrency in (1, 3):
         argv = _bacq_run_argv(concurrency)
         spec: dict[str, Any] = {"image": IMAGE, "command": TRIVIAL, "concurrency": concurrency}

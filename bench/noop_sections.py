@@ -35,7 +35,17 @@ def noop_stack(workers: int, max_jobs: int, state_root: Path | None) -> Devstack
         workers=workers,
         kubo_nodes=1,
         max_jobs=max_jobs,
-        worker_args=["--executor", "noop"],
+        # a noop job uses nothing, but a worker still counts each one's cpu and memory (1 core,
+        # 512 MiB by default) against what it offers (os.cpu_count() cores, 4 GiB): offer enough
+        # that --max-jobs is the limit, as it would be with small jobs on a big machine
+        worker_args=[
+            "--executor",
+            "noop",
+            "--cpu",
+            str(max_jobs),
+            "--memory",
+            f"{max_jobs * 512}m",
+        ],
         state_dir=state_dir,
     )
     stack.start()
@@ -70,6 +80,8 @@ def _batch(stack: Devstack, jobs: int, concurrency: int, args: Any, label: str) 
     )
     if result["failure_reasons"]:
         say(f"  failures: {result['failure_reasons']}")
+    if result["lost_states"]:
+        say(f"  lost (not final), by state: {result['lost_states']}")
     cpu = ", ".join(f"{k} {v:.0f}s" for k, v in sorted(result["cpu_seconds"].items()) if v >= 1)
     say(f"  CPU seconds: {cpu}")
     return result
@@ -77,11 +89,14 @@ def _batch(stack: Devstack, jobs: int, concurrency: int, args: Any, label: str) 
 
 def orchestration(args: Any) -> dict[str, Any]:
     """M jobs at once through 3 noop workers, concurrency 1 (noop verifier) and 3 (quorum)."""
-    stack = noop_stack(3, args.max_jobs, args.state_root)
-    try:
-        return {f"c{c}": _batch(stack, args.noop_jobs, c, args, "orchestration") for c in (1, 3)}
-    finally:
-        stack.stop()
+    results = {}
+    for c in (1, 3):  # a fresh devstack each: nothing left over, memory peaks of its own
+        stack = noop_stack(3, args.max_jobs, args.state_root)
+        try:
+            results[f"c{c}"] = _batch(stack, args.noop_jobs, c, args, "orchestration")
+        finally:
+            stack.stop()
+    return results
 
 
 def scale_grid(args: Any) -> list[tuple[int, int]]:

@@ -25,6 +25,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -52,7 +53,7 @@ FULL = {
     "scale_big_workers": 10,
     "data_mb": 100,
     "data_runs": 3,
-    "stall": 300.0,
+    "stall": 120.0,
 }
 SMOKE = {
     "runs": 2,
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--stall",
         type=float,
-        help="seconds without any job becoming final before the rest count as lost (300)",
+        help="seconds without any job becoming final before the rest count as lost (120)",
     )
     tune.add_argument(
         "--submit-parallel", type=int, default=200, help="submissions in flight at once (200)"
@@ -183,8 +184,16 @@ def _write(results: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (and SIGINT even when started in the background, where a shell ignores it) stop
+    # the run through the finally blocks, so that no devstack is left behind
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     started = time.monotonic()
     if args.state_root is not None:
         args.state_root.mkdir(parents=True, exist_ok=True)
