@@ -147,10 +147,12 @@ def _p50(values: list[float]) -> float:
 
 
 # -- 2. throughput with Docker ------------------------------------------------------------------
-def throughput(stack: Devstack, jobs: int, slots: int, bid_timeout: float) -> dict[str, Any]:
+def throughput(stack: Devstack, jobs: int, slots: int, bid_timeout: float | None) -> dict[str, Any]:
     """N jobs at once to the workers (``slots`` job slots in all) against N raw ``docker run``s
     in a pool of ``slots`` threads."""
-    spec = {"image": IMAGE, "command": TRIVIAL, "bid_timeout": bid_timeout}
+    spec: dict[str, Any] = {"image": IMAGE, "command": TRIVIAL}
+    if bid_timeout is not None:
+        spec["bid_timeout"] = bid_timeout
     say(f"throughput: {jobs} jobs at once through bacq ({slots} slots)")
     batch = asyncio.run(run_batch(stack, spec, jobs, parallel=jobs, stall=180.0))
     bacq = batch.as_dict()

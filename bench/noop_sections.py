@@ -15,15 +15,17 @@ from bacq.devstack import Devstack
 from bench.common import IMAGE, memory_report, run_batch, say
 
 
-def noop_spec(concurrency: int, bid_timeout: float) -> dict[str, Any]:
+def noop_spec(concurrency: int, bid_timeout: float | None) -> dict[str, Any]:
     """A job for noop workers (the image is never run); concurrency 3 is verified by quorum."""
-    return {
+    spec: dict[str, Any] = {
         "image": IMAGE,
         "command": ["true"],
         "concurrency": concurrency,
         "verifier": "deterministic" if concurrency > 1 else "noop",
-        "bid_timeout": bid_timeout,
     }
+    if bid_timeout is not None:
+        spec["bid_timeout"] = bid_timeout
+    return spec
 
 
 def noop_stack(workers: int, max_jobs: int, state_root: Path | None) -> Devstack:

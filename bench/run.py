@@ -132,9 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--bid-timeout",
         type=float,
-        default=600.0,
-        help="bid_timeout of the benchmark's jobs (600 s: a job that finds every slot taken "
-        "waits for one instead of failing)",
+        help="bid_timeout of the benchmark's jobs (default: the spec's own). Before bacq had a "
+        "job queue, --bid-timeout 600 let a job that found every slot taken wait for one "
+        "instead of failing for want of bids",
     )
     tune.add_argument(
         "--stall",
