@@ -38,7 +38,7 @@ from pydantic import BaseModel
 from bacq import subjects
 from bacq.auth import NatsOptions
 from bacq.errors import ConfigError, NatsUnavailable
-from bacq.events import Event
+from bacq.events import Event, decode_events, encode_events
 from bacq.log import get_logger
 from bacq.models import JobRecord, decode, encode
 
@@ -190,12 +190,15 @@ class Bus:
         return await self.nc.subscribe(subject, queue=queue, cb=handler)
 
     # -- JetStream --------------------------------------------------------------------------------
-    async def publish_durable(self, subject: str, message: BaseModel, *, msg_id: str) -> None:
-        """Publish into the BACQ stream; a retry with the same ``msg_id`` is stored once."""
+    async def publish_durable(
+        self, subject: str, message: BaseModel | bytes, *, msg_id: str
+    ) -> None:
+        """Publish into a stream; a retry with the same ``msg_id`` is stored once."""
+        data = message if isinstance(message, bytes) else encode(message)
         delay = 0.2
         while True:
             try:
-                await self.js.publish(subject, encode(message), headers={"Nats-Msg-Id": msg_id})
+                await self.js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
                 return
             except TRANSIENT as exc:
                 # the server is away (restart, network): keep the message and try again
@@ -207,16 +210,35 @@ class Bus:
         self, filter_subject: str, durable: str, *, batch: int = 64, ack_wait: float = 30.0
     ) -> AsyncIterator[Msg]:
         """Yield messages of a durable pull consumer forever; the caller acks each one."""
+        async for msgs in self.consume_batches(
+            filter_subject, durable, batch=batch, ack_wait=ack_wait
+        ):
+            for msg in msgs:
+                yield msg
+
+    async def consume_batches(
+        self,
+        filter_subject: str | list[str],
+        durable: str,
+        *,
+        batch: int = 64,
+        ack_wait: float = 30.0,
+    ) -> AsyncIterator[list[Msg]]:
+        """Yield the messages of a durable pull consumer forever, as fetched (up to ``batch`` at
+        a time, in stream order); the caller acks each one. Several filter subjects make one
+        consumer over all of them (their messages interleaved in stream order)."""
+        filters = [filter_subject] if isinstance(filter_subject, str) else filter_subject
         config = ConsumerConfig(
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=ack_wait,
             max_deliver=-1,
-            filter_subject=filter_subject,
+            filter_subject=filters[0] if len(filters) == 1 else None,
+            filter_subjects=filters if len(filters) > 1 else None,
         )
         sub = await self.js.pull_subscribe(
-            filter_subject, durable=durable, stream=subjects.STREAM, config=config
+            filters[0], durable=durable, stream=subjects.STREAM, config=config
         )
         while True:
             try:
@@ -229,8 +251,7 @@ class Bus:
                 log.warning("bus.fetch_failed", consumer=durable, error=str(exc))
                 await asyncio.sleep(1.0)
                 continue
-            for msg in msgs:
-                yield msg
+            yield msgs
 
     async def set_events_retention(self, *, max_age: float, max_bytes: int) -> None:
         """Apply the retention of the BACQ_EVENTS stream (seconds, bytes; 0 = unlimited)."""
@@ -244,10 +265,17 @@ class Bus:
         log.info("events.retention", max_age=max_age, max_bytes=max_bytes)
 
     async def publish_events(self, events: list[Event]) -> None:
-        for event in events:
-            await self.publish_durable(
-                subjects.events(event.job_id), event, msg_id=f"ev.{event.job_id}.{event.seq}"
-            )
+        """Publish one commit's events (one job's, in seq order) as one message: one round trip
+        however many changes the commit holds. A retry is stored once (dedup by the seq range)."""
+        if not events:
+            return
+        first, last = events[0], events[-1]
+        await self.publish_durable(
+            subjects.events(first.job_id),
+            encode_events(events),
+            msg_id=f"ev.{first.job_id}.{first.seq}"
+            + (f"-{last.seq}" if last.seq != first.seq else ""),
+        )
 
     async def replay_events(
         self,
@@ -284,7 +312,8 @@ class Bus:
                     msgs = []
                 for msg in msgs:
                     await msg.ack()
-                    yield msg.metadata.sequence.stream, decode(Event, msg.data)
+                    for event in decode_events(msg.data):
+                        yield msg.metadata.sequence.stream, event
                 if msgs and not follow and not msgs[-1].metadata.num_pending:
                     return  # that was the last one: no need to wait for an empty fetch
                 if not msgs and not follow:
@@ -296,7 +325,9 @@ class Bus:
                 await sub.unsubscribe()
 
     async def job_events(self, job_id: str) -> list[Event]:
-        return [event async for _, event in self.replay_events(subjects.events(job_id))]
+        """One job's events, by seq."""
+        events = [event async for _, event in self.replay_events(subjects.events(job_id))]
+        return sorted(events, key=lambda e: e.seq)
 
     # -- job records ------------------------------------------------------------------------------
     async def load_job(self, job_id: str) -> JobRecord | None:

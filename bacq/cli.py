@@ -116,6 +116,7 @@ def _spec_from_run_args(args: argparse.Namespace) -> dict[str, Any]:
         "verifier": args.verifier,
         "timeout": args.timeout,
         "bid_timeout": args.bid_timeout,
+        "queue_timeout": args.queue_timeout,
         "retries": args.retries,
         "network": args.network,
         "resources": {"cpu": args.cpu, "memory": args.memory},
@@ -866,6 +867,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=600.0, help="seconds the job may run (600)")
     run.add_argument(
         "--bid-timeout", type=float, default=10.0, help="seconds to wait for enough bids (10)"
+    )
+    run.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds the job may wait in the queue while the workers that could run it are "
+        "busy (3600)",
     )
     run.add_argument(
         "--retries", type=int, default=2, help="times a lost execution moves to another worker (2)"

@@ -187,6 +187,41 @@ class Client:
                 with contextlib.suppress(Exception):
                     await watcher.stop()
 
+    async def wait_all(
+        self, job_ids: list[str], *, timeout: float | None = None
+    ) -> dict[str, JobRecord]:
+        """Wait until every one of ``job_ids`` is final (or ``timeout`` passes: TimeoutError);
+        one watch over the jobs bucket for all of them (``wait`` watches one job)."""
+        wanted, done = set(job_ids), dict[str, JobRecord]()
+        async with asyncio.timeout(timeout):
+            while True:
+                watcher: Any = None
+                with contextlib.suppress(*TRANSIENT):
+                    watcher = await self.bus.jobs.watchall()
+                try:
+                    while watcher is not None and len(done) < len(wanted):
+                        try:
+                            entry = await watcher.updates(timeout=5.0)
+                        except nats.errors.TimeoutError:
+                            break  # quiet: read the missing ones afresh
+                        if entry is None or entry.value is None or entry.key not in wanted:
+                            continue
+                        job = decode(JobRecord, entry.value)
+                        if job.final:
+                            done[job.id] = job
+                finally:
+                    if watcher is not None:
+                        with contextlib.suppress(Exception):
+                            await watcher.stop()
+                for job_id in wanted - done.keys():  # the watch is only an accelerator
+                    record = await self.bus.load_job(job_id)
+                    if record is not None and record.final:
+                        done[job_id] = record
+                if len(done) == len(wanted):
+                    return {job_id: done[job_id] for job_id in job_ids}
+                if watcher is None:
+                    await asyncio.sleep(1.0)
+
     async def fetch_results(self, storage: Storage, job: JobRecord, out_dir: Path) -> Path:
         """Download the accepted result of ``job`` into ``out_dir`` (stdout, stderr, exitCode…)."""
         if job.result_cid is None:

@@ -13,13 +13,22 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from bacq.models import GENESIS, Execution, JobRecord, now
 from bacq.spec import JobSpec
 from bacq.states import ExecState, JobState
 
-__all__ = ["GENESIS", "Event", "diff", "fold", "seal", "verify_chain"]
+__all__ = [
+    "GENESIS",
+    "Event",
+    "decode_events",
+    "diff",
+    "encode_events",
+    "fold",
+    "seal",
+    "verify_chain",
+]
 
 
 class Event(BaseModel):
@@ -46,6 +55,24 @@ class Event(BaseModel):
         body = self.model_dump(mode="json", exclude={"hash"})
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_EVENT_LIST: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
+
+
+def encode_events(events: list[Event]) -> bytes:
+    """One message of the events stream: one event as an object, several (one commit) as an
+    array. Either way each event keeps its own seq and hash."""
+    if len(events) == 1:
+        return events[0].model_dump_json().encode()
+    return _EVENT_LIST.dump_json(events)
+
+
+def decode_events(data: bytes) -> list[Event]:
+    """The events in one message of the events stream (see ``encode_events``)."""
+    if data.lstrip()[:1] == b"[":
+        return _EVENT_LIST.validate_json(data)
+    return [Event.model_validate_json(data)]
 
 
 def seal(events: list[Event], prev_hash: str) -> list[Event]:
@@ -137,10 +164,15 @@ def fold(events: list[Event]) -> JobRecord:
     )
     for event in events:
         if event.kind == "execution" and event.node_id is not None:
+            previous = job.executions.get(event.node_id)
+            assigned_at = previous.assigned_at if previous is not None else None
+            if event.state == ExecState.ACCEPTED:
+                assigned_at = event.at
             job.executions[event.node_id] = Execution(
                 node_id=event.node_id,
                 state=ExecState(event.state),
                 updated_at=event.at,
+                assigned_at=assigned_at,
                 detail=event.reason,
                 error=event.error,
                 exit_code=event.exit_code,

@@ -96,6 +96,8 @@ class Announcement(_Msg):
     job_id: str
     spec: JobSpec
     bid_deadline: dt.datetime
+    # the workers invited to bid (the requester picked those with free slots); None: anyone
+    nodes: list[str] | None = None
 
 
 class Bid(_Msg):
@@ -162,6 +164,10 @@ class NodeInfo(_Msg):
     running: int
     jobs: list[str] = Field(default_factory=list)  # ids of the jobs it runs now
     draining: bool = False
+    network: bool = False  # runs jobs that ask for network access
+    # when this worker process started: a job it does not list, assigned before then, was lost
+    # with the previous process (None from workers that do not say)
+    started_at: dt.datetime | None = None
     at: dt.datetime = Field(default_factory=now)
 
 
@@ -173,6 +179,7 @@ class Execution(_Msg):
     error: str | None = None
     exit_code: int | None = None
     result_cid: str | None = None
+    assigned_at: dt.datetime | None = None  # when the requester chose this worker
 
 
 class JobRecord(_Msg):

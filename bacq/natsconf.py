@@ -57,10 +57,10 @@ HEADER = """\
 #
 # Rules of thumb:
 #  - workers publish bids, heartbeats, progress (bacq.exec.>) and results (bacq.verify.>) and read
-#    nothing but announcements, their assignments and cancels, and their inbox. No JetStream API: a
-#    worker can neither subscribe to bacq.verify.> nor make a consumer that reads the BACQ stream,
-#    so no worker sees another's result CID before sending its own. They publish into the stream
-#    with a plain publish and read the acknowledgement on their inbox.
+#    nothing but announcements, their invitations, assignments and cancels, and their inbox.
+#    No JetStream API: a worker can neither subscribe to bacq.verify.> nor make a consumer that
+#    reads the BACQ stream, so no worker sees another's result CID before sending its own. They
+#    publish into the stream with a plain publish and read the acknowledgement on their inbox.
 #  - clients submit, and read the jobs bucket (get, watch); they cannot publish anything a worker,
 #    the requester or the verifier publishes, nor read the BACQ stream (results, verdicts live in
 #    the job record the requester writes).
@@ -91,6 +91,7 @@ def role_permissions() -> dict[str, dict[str, Any]]:
             "publish": {
                 "allow": [
                     subjects.ANNOUNCE,
+                    f"{P}.node.*.invite",
                     f"{P}.node.*.assign",
                     f"{P}.node.*.cancel",
                     subjects.EVENTS_ALL,
@@ -155,6 +156,7 @@ def worker_permissions(node: str | None = None) -> dict[str, Any]:
         "subscribe": {
             "allow": [
                 subjects.ANNOUNCE,
+                f"{P}.node.{own}.invite",
                 f"{P}.node.{own}.assign",
                 f"{P}.node.{own}.cancel",
                 "_INBOX.worker.>",

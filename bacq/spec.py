@@ -224,6 +224,13 @@ class JobSpec(_Model):
     bid_timeout: float = Field(
         default=10.0, gt=0, le=3600, description="seconds to wait for enough bids"
     )
+    queue_timeout: float = Field(
+        default=3600.0,
+        gt=0,
+        le=7 * 86400,
+        description="seconds the job may wait in the queue while every worker that could run "
+        "it is busy",
+    )
     verifier: Literal["noop", "deterministic"] = Field(
         default="deterministic", description="noop: accept the first result; deterministic: quorum"
     )

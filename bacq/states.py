@@ -4,6 +4,7 @@ Touches nothing. The requester asks ``job_can_move`` / ``exec_can_move`` before 
 an update that the table does not allow (a late or out-of-order message) is ignored and logged.
 
 Job:        pending → bidding → running → verifying → accepted | void | failed
+            bidding → pending (queued again: the workers that could run it were busy)
             (any non-final state may also end as failed or cancelled)
 Execution:  bid → accepted → downloading → running → publishing → completed → verified | rejected
             bid → bid_rejected; any running state → failed | lost | cancelled;
@@ -29,7 +30,7 @@ __all__ = [
 
 
 class JobState(StrEnum):
-    PENDING = "pending"  # accepted by the requester, not yet announced
+    PENDING = "pending"  # accepted by the requester, queued until workers have free slots
     BIDDING = "bidding"  # announced; collecting bids
     RUNNING = "running"  # workers chosen; executions under way
     VERIFYING = "verifying"  # every chosen worker has answered; waiting for the verdict
@@ -68,7 +69,8 @@ EXEC_FINAL = frozenset(
 _J = JobState
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     _J.PENDING: frozenset({_J.BIDDING, _J.FAILED, _J.CANCELLED}),
-    _J.BIDDING: frozenset({_J.RUNNING, _J.FAILED, _J.CANCELLED}),
+    # back to pending (the queue) when the workers that could run it turned out busy
+    _J.BIDDING: frozenset({_J.PENDING, _J.RUNNING, _J.FAILED, _J.CANCELLED}),
     # a noop verdict can arrive before every execution has reported: running may end directly
     _J.RUNNING: frozenset({_J.VERIFYING, _J.ACCEPTED, _J.VOID, _J.FAILED, _J.CANCELLED}),
     _J.VERIFYING: frozenset({_J.ACCEPTED, _J.VOID, _J.FAILED, _J.CANCELLED}),

@@ -6,6 +6,8 @@ Core NATS (fire-and-forget or request/reply; losing one only delays a job, never
     bacq.api.cancel                      client → requester   request: job id → cancelled or why not
     bacq.jobs.announce                   requester → workers  a job wants bids
     bacq.bids.<job>                      worker → requester   a bid (node, capacity)
+    bacq.node.<node>.invite              requester → worker   an announcement for this worker only:
+                                                              it has a free slot, please bid
     bacq.node.<node>.assign              requester → worker   request: you are chosen (or not)
     bacq.node.<node>.cancel              requester → worker   request: stop this job's container
     bacq.nodes.heartbeat                 worker → anyone      node info, every few seconds
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 __all__ = [
     "ANNOUNCE",
+    "BIDS_ALL",
     "CANCEL",
     "EVENTS_ALL",
     "EVENTS_STREAM",
@@ -48,8 +51,7 @@ __all__ = [
     "LOGS_ALL",
     "LOGS_STREAM",
     "NODES_BUCKET",
-    "REQUESTER_EXEC_CONSUMER",
-    "REQUESTER_VERDICT_CONSUMER",
+    "REQUESTER_CONSUMER",
     "RESULTS_BUCKET",
     "STREAM",
     "STREAM_SUBJECTS",
@@ -62,6 +64,7 @@ __all__ = [
     "cancel",
     "events",
     "exec_update",
+    "invite",
     "logs",
     "logs_of_job",
     "verdict",
@@ -81,8 +84,9 @@ VERIFY_ALL = f"{PREFIX}.verify.>"
 VERDICT_ALL = f"{PREFIX}.verdict.>"
 STREAM_SUBJECTS = [EXEC_ALL, VERIFY_ALL, VERDICT_ALL]
 
-REQUESTER_EXEC_CONSUMER = "requester-exec"
-REQUESTER_VERDICT_CONSUMER = "requester-verdict"
+# one consumer over progress and verdicts: a job's completion and its verdict, often fetched
+# together, fold into one commit
+REQUESTER_CONSUMER = "requester"
 VERIFIER_CONSUMER = "verifier"
 
 JOBS_BUCKET = "bacq-jobs"
@@ -102,8 +106,15 @@ def _token(value: str) -> str:
     return value
 
 
+BIDS_ALL = f"{PREFIX}.bids.*"  # the requester's one subscription for every job's bids
+
+
 def bids(job_id: str) -> str:
     return f"{PREFIX}.bids.{_token(job_id)}"
+
+
+def invite(node_id: str) -> str:
+    return f"{PREFIX}.node.{_token(node_id)}.invite"
 
 
 def assign(node_id: str) -> str:

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from bacq.client import Client
 from bacq.devstack import Devstack
-from bacq.events import Event, verify_chain
-from bacq.models import JobRecord, decode, encode
+from bacq.events import Event, encode_events, verify_chain
+from bacq.models import JobRecord, decode
 from bacq.states import ExecState, JobState
 from tests.conftest import run_cli
 from tests.scenarios import BUSYBOX
@@ -70,6 +70,22 @@ async def test_worker_killed_mid_job_is_requeued_on_another_worker(
     assert "stopped sending heartbeats during running" in (history[lost_at].error or "") or any(
         "stopped sending heartbeats" in (e.error or "") for e in history
     )
+
+
+async def test_a_worker_restarted_mid_job_within_lost_after_loses_it_to_another_worker(
+    make_stack: Callable[..., Devstack],
+) -> None:
+    stack = make_stack(workers=2)
+    async with await Client.connect(stack.nats.url) as client:
+        job_id = await client.submit(sleeper(8))
+        (victim,) = await running_on(client, job_id)
+        await asyncio.to_thread(stack.kill, victim)
+        await asyncio.to_thread(stack.restart, victim)  # back before it misses a heartbeat
+        job = await client.wait(job_id, timeout=120)
+    assert job.state == JobState.ACCEPTED, job.reason
+    lost = job.executions[victim]
+    assert lost.state == ExecState.LOST
+    assert lost.error == f"worker {victim} restarted and no longer runs the job"
 
 
 async def test_nats_restart_mid_run_loses_no_job_and_no_event(
@@ -193,17 +209,18 @@ async def test_history_verify_names_an_event_altered_in_the_stream(stack: Devsta
         await client.wait(job_id, timeout=60)
         assert run_cli(stack, "history", job_id, "--verify").returncode == 0
 
-        # an insider rewrites event 3: deletes it and publishes an edited copy
+        # an insider rewrites event 3: deletes the message that holds it (one commit's events)
+        # and publishes an edited copy of that message
         js = client.bus.js
-        victim = None
+        messages: dict[int, list[Event]] = {}
         async for stream_seq, event in client.bus.replay_events(f"bacq.events.{job_id}"):
-            if event.seq == 3:
-                victim = (stream_seq, event)
-        assert victim is not None
-        stream_seq, event = victim
+            messages.setdefault(stream_seq, []).append(event)
+        (stream_seq,) = [n for n, events in messages.items() if any(e.seq == 3 for e in events)]
+        forged = [
+            e.model_copy(update={"actor": "w9"}) if e.seq == 3 else e for e in messages[stream_seq]
+        ]
         await js.delete_msg("BACQ_EVENTS", stream_seq)
-        forged = event.model_copy(update={"actor": "w9"})
-        await js.publish(f"bacq.events.{job_id}", encode(forged))
+        await js.publish(f"bacq.events.{job_id}", encode_events(forged))
 
     done = run_cli(stack, "history", job_id, "--verify")
     assert done.returncode == 1

@@ -44,6 +44,8 @@ def move_exec(
         return False
     execution.state = target
     execution.updated_at = now()
+    if target == ExecState.ACCEPTED:
+        execution.assigned_at = execution.updated_at
     if detail is not None:
         execution.detail = detail
     if error is not None:

@@ -17,9 +17,11 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import random
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -31,7 +33,7 @@ from nats.aio.msg import Msg
 from bacq import subjects
 from bacq.bus import Bus, ensure_bucket
 from bacq.errors import SpecError
-from bacq.events import Event, diff, fold, seal
+from bacq.events import Event, decode_events, diff, fold, seal
 from bacq.log import get_logger
 from bacq.logs import ensure_logs_stream
 from bacq.models import (
@@ -42,6 +44,7 @@ from bacq.models import (
     CancelReply,
     CancelRequest,
     ExecUpdate,
+    Execution,
     JobRecord,
     NodeInfo,
     Problem,
@@ -55,7 +58,7 @@ from bacq.models import (
 )
 from bacq.nodes import nodes_bucket
 from bacq.requester.record import apply_exec_update, apply_verdict, move_exec, move_job
-from bacq.spec import JobSpec, parse_spec
+from bacq.spec import JobSpec, Resources, parse_spec
 from bacq.states import EXEC_ACTIVE, ExecState, JobState
 
 __all__ = ["Requester", "RequesterConfig"]
@@ -63,6 +66,9 @@ __all__ = ["Requester", "RequesterConfig"]
 ASSIGN_TIMEOUT = 5.0  # seconds a chosen worker has to confirm an assignment
 REANNOUNCE_EVERY = 2.0  # seconds between announcements while bids are missing
 WATCH_EVERY = 1.0  # seconds between deadline checks
+FOLD_IN_FLIGHT = 256  # progress messages and verdicts being folded at once
+QUICK_BIDS = 0.05  # seconds within which bids count as quick (see drive)
+LISTEN_FIRST = 2.5  # seconds to hear worker heartbeats after a start before queued jobs go out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,11 +80,48 @@ class RequesterConfig:
     events_max_bytes: int = 10 * 1024**3
 
 
+# one change of a job record (True when it changed it), and who caused it
+Step = tuple[Callable[[JobRecord], bool], str]
+
+
+@dataclass
+class _Load:
+    """What the requester has put on one worker: executions ("run", job) and invitations to bid
+    ("bid", job), with their cpu and memory summed as they come and go."""
+
+    held: dict[tuple[str, str], Resources] = field(default_factory=dict)
+    cpu: float = 0.0
+    memory: int = 0
+
+    def add(self, key: tuple[str, str], resources: Resources) -> None:
+        if key not in self.held:
+            self.held[key] = resources
+            self.cpu += resources.cpu
+            self.memory += resources.memory
+
+    def remove(self, key: tuple[str, str]) -> None:
+        resources = self.held.pop(key, None)
+        if resources is not None:
+            self.cpu -= resources.cpu
+            self.memory -= resources.memory
+
+
 def _record_bids(job: JobRecord, *, bids: list[Bid]) -> bool:
+    if job.final:  # ended (cancelled) while bidding
+        return False
     changed = False
     for bid in bids:
         changed |= move_exec(job, bid.node_id, ExecState.BID, detail="bid")
     return changed
+
+
+def _copy(job: JobRecord) -> JobRecord:
+    """A copy the record functions may change: its own executions, the rest shared (a change
+    replaces scalar fields and executions; the spec is never changed). Far cheaper than a deep
+    copy, which was a tenth of the requester's time."""
+    return job.model_copy(
+        update={"executions": {k: e.model_copy() for k, e in job.executions.items()}}
+    )
 
 
 def _idempotency_slot(key: str) -> str:
@@ -93,12 +136,19 @@ class Requester:
         self._locks: dict[str, asyncio.Lock] = {}
         self._bids: dict[str, list[Bid]] = {}
         self._bid_arrived: dict[str, asyncio.Event] = {}
+        self._excluded: dict[str, set[str]] = {}  # job → nodes whose bids are refused at once
         self._tasks: set[asyncio.Task[None]] = set()
         self._nodes: dict[str, tuple[NodeInfo, float]] = {}  # node → (info, monotonic seen)
         self._started = time.monotonic()
         self._retrying: set[tuple[str, str]] = set()
         self._idempotency: Any = None
-        self._active: set[str] = set()  # unfinished jobs, watched for deadlines and lost workers
+        # the single writer's copy of every unfinished job (watched for deadlines and lost
+        # workers); records are changed only through ``mutate``, on a copy, committed first
+        self._records: dict[str, JobRecord] = {}
+        self._queue: deque[str] = deque()  # pending jobs waiting for free worker slots, FIFO
+        self._wake = asyncio.Event()  # the dispatcher looks at the queue again
+        self._bidding: dict[str, tuple[list[str], Resources]] = {}  # job → workers it invited
+        self._loads: dict[str, _Load] = {}  # node → what it runs and was invited to bid for
 
     # -- records and events -----------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -106,33 +156,66 @@ class Requester:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _commit(self, before: JobRecord | None, after: JobRecord, actor: str) -> None:
-        """Publish the events from ``before`` to ``after``, then save ``after``."""
-        events = seal(diff(before, after, actor=actor), after.last_hash)
-        if not events:
-            return
-        after.event_seq, after.last_hash = events[-1].seq, events[-1].hash
-        await self.bus.publish_events(events)
-        await self.bus.save_job(after)
+    async def _commit(self, job: JobRecord, events: list[Event], prev_hash: str) -> None:
+        """Chain ``events`` after ``prev_hash`` and publish them, then save ``job``."""
+        if events:
+            seal(events, prev_hash)
+            job.event_seq, job.last_hash = events[-1].seq, events[-1].hash
+            await self.bus.publish_events(events)
+        await self.bus.save_job(job)
+
+    async def _load(self, job_id: str) -> JobRecord | None:
+        job = self._records.get(job_id)
+        return job if job is not None else await self.bus.load_job(job_id)
+
+    def _keep(self, job: JobRecord) -> None:
+        """Remember ``job`` as committed: the cache, and which nodes it keeps busy."""
+        for node_id, execution in job.executions.items():
+            load = self._loads.setdefault(node_id, _Load())
+            if execution.state in EXEC_ACTIVE and not job.final:
+                load.add(("run", job.id), job.spec.resources)
+            else:
+                load.remove(("run", job.id))
+        if job.final:
+            self._records.pop(job.id, None)
+            self._locks.pop(job.id, None)
+        else:
+            self._records[job.id] = job
+        if self._queue:
+            self._wake.set()  # a slot may have freed
 
     async def mutate(
         self, job_id: str, change: Callable[[JobRecord], bool], *, actor: str = "requester"
     ) -> JobRecord | None:
-        """Load, change and commit one job record under its lock; returns the record."""
+        """Change one job record under its lock and commit it; returns the record."""
+        return await self.mutate_steps(job_id, [(change, actor)])
+
+    async def mutate_steps(self, job_id: str, steps: Sequence[Step]) -> JobRecord | None:
+        """Apply several changes (each with its actor) to one job record and commit them at once:
+        one event per change as if committed one by one, one round trip for the events and one
+        for the record. The changes work on a copy; the cache holds committed records only."""
         lock = self._locks.setdefault(job_id, asyncio.Lock())
         async with lock:
-            job = await self.bus.load_job(job_id)
-            if job is None:
+            current = await self._load(job_id)
+            if current is None:
                 return None
-            before = job.model_copy(deep=True)
-            if change(job):
-                job.updated_at = now()
-                await self._commit(before, job, actor)
-            if job.final:
-                self._locks.pop(job_id, None)
-                self._active.discard(job_id)
-            else:
-                self._active.add(job_id)
+            job = _copy(current)
+            events: list[Event] = []
+            changed = False
+            for change, actor in steps:
+                before = _copy(job)
+                if change(job):
+                    changed = True
+                    job.updated_at = now()
+                    step = diff(before, job, actor=actor)
+                    job.event_seq += len(step)
+                    events += step
+            if not changed:
+                self._keep(current)
+                return job
+            job.event_seq = current.event_seq
+            await self._commit(job, events, current.last_hash)
+            self._keep(job)
             return job
 
     async def _reconcile(self, job: JobRecord) -> JobRecord:
@@ -141,7 +224,7 @@ class Requester:
             last = await self.bus.js.get_last_msg(subjects.EVENTS_STREAM, subjects.events(job.id))
         except nats.js.errors.NotFoundError:
             return job
-        if decode(Event, last.data or b"{}").seq <= job.event_seq:
+        if decode_events(last.data or b"{}")[-1].seq <= job.event_seq:
             return job
         rebuilt = fold(await self.bus.job_events(job.id))
         rebuilt.deadline, rebuilt.idempotency_key = job.deadline, job.idempotency_key
@@ -151,6 +234,10 @@ class Requester:
 
     # -- submission and cancellation --------------------------------------------------------------
     async def on_submit(self, msg: Msg) -> None:
+        # a subscription's callback runs one message at a time: take submissions concurrently
+        self._spawn(self._submit(msg), "submit")
+
+    async def _submit(self, msg: Msg) -> None:
         try:
             request = decode(SubmitRequest, msg.data)
             spec = parse_spec(request.spec)
@@ -170,11 +257,11 @@ class Requester:
                 self.log.info("job.duplicate_submission", job=existing)
                 await msg.respond(encode(SubmitReply(job_id=existing)))
                 return
-        await self._commit(None, job, "client")
-        self._active.add(job.id)
+        await self._commit(job, diff(None, job, actor="client"), job.last_hash)
+        self._keep(job)
         self.log.info("job.submitted", job=job.id, image=spec.image)
         await msg.respond(encode(SubmitReply(job_id=job.id)))
-        self._spawn(self.drive(job.id), f"drive-{job.id}")
+        self._enqueue(job.id)
 
     async def _claim_key(self, key: str, job_id: str) -> str | None:
         """Bind ``key`` to ``job_id``; if a job already holds it, return that job's id instead."""
@@ -191,8 +278,11 @@ class Requester:
             if not events:
                 await self._idempotency.put(slot, job_id.encode())
                 return None
-            await self.bus.save_job(fold(events))
-            self._spawn(self.drive(existing), f"drive-{existing}")
+            job = fold(events)
+            job.idempotency_key = key
+            await self.bus.save_job(job)
+            self._keep(job)
+            self._enqueue(existing)
         return existing
 
     async def on_cancel(self, msg: Msg) -> None:
@@ -294,27 +384,36 @@ class Requester:
             return
         if any(b.node_id == bid.node_id for b in bids):
             return
+        if bid.node_id in self._excluded.get(bid.job_id, ()):  # it ran the job already: free it
+            self._spawn(self._reject(bid.job_id, bid.node_id, "already ran this job"), "reject")
+            return
         bids.append(bid)
         self._bid_arrived[bid.job_id].set()
 
     async def _reject(self, job_id: str, node_id: str, reason: str) -> None:
-        with contextlib.suppress(nats.errors.Error, TimeoutError):
-            await self.bus.request(
-                subjects.assign(node_id),
-                Assignment(job_id=job_id, accepted=False, reason=reason),
-                AssignmentReply,
-                timeout=ASSIGN_TIMEOUT,
+        """Tell a bidder it was not chosen, so it frees what its bid reserved. No answer is
+        awaited: a worker that misses it lets the reservation expire on its own."""
+        with contextlib.suppress(nats.errors.Error):
+            await self.bus.publish(
+                subjects.assign(node_id), Assignment(job_id=job_id, accepted=False, reason=reason)
             )
 
-    async def _collect_bids(self, job: JobRecord, need: int, exclude: set[str]) -> list[Bid]:
-        """Announce ``job`` until ``need`` bids from nodes outside ``exclude`` came, or time out."""
+    async def _collect_bids(
+        self, job: JobRecord, need: int, exclude: set[str], *, invited: list[str] | None = None
+    ) -> list[Bid]:
+        """Announce ``job`` until ``need`` bids from nodes outside ``exclude`` came, or time out.
+
+        The first announcement goes to the ``invited`` workers only (when given); the next ones,
+        if bids are missing, to every worker."""
         spec = job.spec
         self._bids[job.id] = []
+        self._excluded[job.id] = exclude
         arrived = self._bid_arrived[job.id] = asyncio.Event()
-        sub = await self.bus.subscribe(subjects.bids(job.id), self.on_bid)
         try:
             deadline = now() + timedelta(seconds=spec.bid_timeout)
-            announcement = Announcement(job_id=job.id, spec=spec, bid_deadline=deadline)
+            announcement = Announcement(
+                job_id=job.id, spec=spec, bid_deadline=deadline, nodes=invited
+            )
             loop = asyncio.get_running_loop()
             end = loop.time() + spec.bid_timeout
 
@@ -323,17 +422,20 @@ class Requester:
 
             while useful() < need and loop.time() < end:
                 with contextlib.suppress(nats.errors.Error):
-                    await self.bus.publish(subjects.ANNOUNCE, announcement)
+                    if announcement.nodes is None:
+                        await self.bus.publish(subjects.ANNOUNCE, announcement)
+                    else:  # only the invited workers hear of it (no fan-out to every worker)
+                        for node in announcement.nodes:
+                            await self.bus.publish(subjects.invite(node), announcement)
+                announcement.nodes = None
                 arrived.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         arrived.wait(), timeout=min(REANNOUNCE_EVERY, max(0.0, end - loop.time()))
                     )
-                    # a burst of bids: let the rest of it land before counting again
-                    await asyncio.sleep(0.05)
         finally:
-            await sub.unsubscribe()
             bids = self._bids.pop(job.id, [])
+            self._excluded.pop(job.id, None)
             self._bid_arrived.pop(job.id, None)
         unwanted = [b for b in bids if b.node_id in exclude]
         await asyncio.gather(
@@ -341,36 +443,148 @@ class Requester:
         )
         return [b for b in bids if b.node_id not in exclude]
 
-    async def drive(self, job_id: str) -> None:
-        """Take a job from pending (or bidding) to running."""
+    # -- the queue --------------------------------------------------------------------------------
+    def _enqueue(self, job_id: str, *, first: bool = False) -> None:
+        (self._queue.appendleft if first else self._queue.append)(job_id)
+        self._wake.set()
+
+    def _fitting(self, spec: JobSpec) -> list[NodeInfo]:
+        """Live workers that could run ``spec`` once they have a free slot."""
+        return [
+            n
+            for n in self._live_nodes()
+            if all(n.labels.get(k) == v for k, v in spec.node_selector.items())
+            and spec.resources.cpu <= n.cpu + 1e-9
+            and spec.resources.memory <= n.memory
+            and (n.network or not spec.network)
+        ]
+
+    def _fits_now(self, node: NodeInfo, spec: JobSpec) -> int:
+        """Free slots of ``node`` for ``spec`` (0 when it lacks the cpu or memory now), counting
+        what its running executions and the bids it was invited to hold."""
+        load = self._loads.get(node.node_id) or _Load()
+        if (
+            spec.resources.cpu > node.cpu - load.cpu + 1e-9
+            or spec.resources.memory > node.memory - load.memory
+        ):
+            return 0
+        return max(0, node.max_jobs - len(load.held))
+
+    def _pick(self, fitting: list[NodeInfo], spec: JobSpec, need: int) -> list[str] | None:
+        """The ``need`` fitting workers with the most free slots, or None when too few have one."""
+        # random among equals: spreads the load (not a security matter)
+        free = [(self._fits_now(n, spec), random.random(), n.node_id) for n in fitting]  # noqa: S311
+        ready = sorted((f for f in free if f[0] > 0), reverse=True)
+        return [node for _, _, node in ready[:need]] if len(ready) >= need else None
+
+    def _hold(self, job: JobRecord, nodes: list[str]) -> None:
+        self._bidding[job.id] = (nodes, job.spec.resources)
+        for node in nodes:
+            self._loads.setdefault(node, _Load()).add(("bid", job.id), job.spec.resources)
+
+    def _release(self, job_id: str) -> None:
+        nodes, _ = self._bidding.pop(job_id, ([], None))
+        for node in nodes:
+            self._loads[node].remove(("bid", job_id))
+        self._wake.set()
+
+    async def _dispatch(self) -> None:
+        """Start bidding for queued jobs, oldest first, while workers have free slots.
+
+        The requester counts each live worker's slots (``max_jobs`` from its heartbeat) against
+        the executions it assigned there and the bids it invited, and invites the workers with
+        the most free slots. A job waits in ``pending`` while every worker that could run it is
+        busy (up to its ``queue_timeout``); a job that no set of live workers could ever run is
+        announced to all at once and fails for want of bids, with the reason."""
+        await asyncio.sleep(LISTEN_FIRST)  # hear the workers' heartbeats before counting slots
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                job = self._records.get(self._queue[0])
+                if job is None or job.state not in (JobState.PENDING, JobState.BIDDING):
+                    self._queue.popleft()  # ended (cancelled, failed) while it waited
+                    continue
+                need = max(job.spec.concurrency, job.spec.min_bids)
+                fitting = self._fitting(job.spec)
+                invited: list[str] | None = None
+                if len(fitting) >= need:
+                    invited = self._pick(fitting, job.spec, need)
+                    if invited is None:
+                        break  # busy: wait for a slot (a job ending, a heartbeat, the watchdog)
+                self._queue.popleft()
+                self._hold(job, invited or [])
+                self._spawn(self.drive(job.id, invited), f"drive-{job.id}")
+
+    async def drive(self, job_id: str, invited: list[str] | None = None) -> None:
+        """Take a job from pending (or bidding) to running; back to the queue when busy."""
         try:
-            job = await self.bus.load_job(job_id)
+            job = await self._load(job_id)
             if job is None or job.final or job.state not in (JobState.PENDING, JobState.BIDDING):
                 return
             spec = job.spec
             need = max(spec.concurrency, spec.min_bids)
-            await self.mutate(
-                job_id, lambda j: move_job(j, JobState.BIDDING, f"waiting for {need} bid(s)")
-            )
-            bids = await self._collect_bids(job, need, exclude=set())
 
-            job = await self.mutate(job_id, partial(_record_bids, bids=bids))
-            if job is None or job.final:  # cancelled while bidding
-                await asyncio.gather(*(self._reject(job_id, b.node_id, "job ended") for b in bids))
+            def bidding(j: JobRecord) -> bool:
+                return move_job(j, JobState.BIDDING, f"waiting for {need} bid(s)")
+
+            # bids from invited workers come within milliseconds: then "bidding" is committed
+            # with the bids and the choice, in one commit; if they are slow, on its own first
+            collect = asyncio.create_task(
+                self._collect_bids(job, need, exclude=set(), invited=invited)
+            )
+            try:
+                done, _ = await asyncio.wait({collect}, timeout=QUICK_BIDS)
+                first: list[Step] = []
+                if done:
+                    first = [(bidding, "requester")]
+                else:
+                    await self.mutate(job_id, bidding)
+                bids = await collect
+            finally:
+                collect.cancel()
+            if bids and len(bids) < need and len(self._fitting(spec)) >= need:
+                # workers that could run it are busy: free the bidders, wait in the queue
+                await asyncio.gather(*(self._reject(job_id, b.node_id, "busy") for b in bids))
+                bids = []
+            if not bids and len(self._fitting(spec)) >= need:
+                requeued = await self.mutate(
+                    job_id,
+                    lambda j: move_job(
+                        j, JobState.PENDING, "queued: every worker that could run it is busy"
+                    ),
+                )
+                if requeued is not None and not requeued.final:
+                    self._enqueue(job_id, first=True)
                 return
+
             if len(bids) < need:
                 await self._not_enough_bids(
-                    job_id, bids, self._why_no_bids(spec, len(bids), need, "not enough bids")
+                    job_id,
+                    bids,
+                    self._why_no_bids(spec, len(bids), need, "not enough bids"),
+                    first=first,
                 )
                 return
-            await self._assign(job_id, bids[: spec.concurrency], bids[spec.concurrency :])
+            await self._assign(
+                job_id, bids[: spec.concurrency], bids[spec.concurrency :], first=first
+            )
         except Exception:
             self.log.exception("job.drive_crashed", job=job_id)
             await self.mutate(
                 job_id, lambda j: move_job(j, JobState.FAILED, "internal requester error")
             )
+        finally:
+            self._release(job_id)
 
-    async def _not_enough_bids(self, job_id: str, bids: list[Bid], reason: str) -> None:
+    async def _not_enough_bids(
+        self,
+        job_id: str,
+        bids: list[Bid],
+        reason: str,
+        *,
+        first: Sequence[Step] = (),
+    ) -> None:
         await asyncio.gather(*(self._reject(job_id, b.node_id, reason) for b in bids))
 
         def fail(j: JobRecord) -> bool:
@@ -379,12 +593,16 @@ class Requester:
             return move_job(j, JobState.FAILED, reason)
 
         self.log.info("job.no_bids", job=job_id, reason=reason)
-        await self.mutate(job_id, fail)
+        await self.mutate_steps(
+            job_id, [*first, (partial(_record_bids, bids=bids), "requester"), (fail, "requester")]
+        )
 
     def _results_deadline(self, spec: JobSpec) -> dt.datetime:
         return now() + timedelta(seconds=spec.timeout + self.config.result_grace)
 
-    async def _assign(self, job_id: str, chosen: list[Bid], others: list[Bid]) -> None:
+    async def _assign(
+        self, job_id: str, chosen: list[Bid], others: list[Bid], *, first: Sequence[Step] = ()
+    ) -> None:
         def choose(j: JobRecord) -> bool:
             if j.final:
                 return False
@@ -398,8 +616,16 @@ class Requester:
             )
             return True
 
-        # recorded before the workers hear of it, so no result can arrive for an unknown node
-        job = await self.mutate(job_id, choose)
+        # the bids and the choice, recorded before the workers hear of it, so that no result
+        # can arrive for an unknown node
+        job = await self.mutate_steps(
+            job_id,
+            [
+                *first,
+                (partial(_record_bids, bids=chosen + others), "requester"),
+                (choose, "requester"),
+            ],
+        )
         if job is None or job.final:
             await asyncio.gather(
                 *(self._reject(job_id, b.node_id, "job ended") for b in chosen + others)
@@ -452,10 +678,6 @@ class Requester:
             # every worker that already holds an execution of this job stays out of the retry
             exclude = {n for n, e in job.executions.items() if e.state != ExecState.BID_REJECTED}
             bids = await self._collect_bids(job, 1, exclude)
-            job = await self.mutate(job_id, partial(_record_bids, bids=bids))
-            if job is None or job.final:
-                await asyncio.gather(*(self._reject(job_id, b.node_id, "job ended") for b in bids))
-                return
             if not bids:
                 why = self._why_no_bids(spec, 0, 1, "no worker took over")
                 await self.mutate(
@@ -477,11 +699,21 @@ class Requester:
                 self.log.warning("watch.failed", error=type(exc).__name__)
 
     async def _check_all(self) -> None:
-        t = time.monotonic()
-        for job_id in list(self._active):
-            job = await self.bus.load_job(job_id)
-            if job is None or job.final:
-                self._active.discard(job_id)
+        t, current = time.monotonic(), now()
+        self._wake.set()  # heartbeats may have brought workers (or slots) to the queue
+        for job in list(self._records.values()):
+            if job.state == JobState.PENDING:
+                waited = (current - job.created_at).total_seconds()
+                if waited > job.spec.queue_timeout:
+                    fitting = len(self._fitting(job.spec))
+                    reason = (
+                        f"waited {waited:.0f}s in the queue (queue_timeout "
+                        f"{job.spec.queue_timeout:g}s); {fitting} live worker(s) could run it, "
+                        "all busy"
+                    )
+                    await self.mutate(
+                        job.id, partial(move_job, target=JobState.FAILED, reason=reason)
+                    )
                 continue
             if job.state not in (JobState.RUNNING, JobState.VERIFYING):
                 continue
@@ -495,8 +727,8 @@ class Requester:
                         f"worker {node} stopped sending heartbeats during "
                         f"{execution.state.value} ({silent:.0f}s silent)"
                     )
-                elif info is not None and job.id not in info.jobs and age > self.config.lost_after:
-                    why = f"worker {node} no longer runs the job (restarted?)"
+                elif info is not None and self._forgot(info, job.id, execution, age):
+                    why = f"worker {node} restarted and no longer runs the job"
                 else:
                     continue
                 self.log.warning("exec.lost", job=job.id, node=node, reason=why)
@@ -516,6 +748,17 @@ class Requester:
                         ),
                     )
 
+    def _forgot(self, info: NodeInfo, job_id: str, execution: Execution, age: float) -> bool:
+        """True when the worker's process started after it was given ``execution`` and does not
+        run the job: the job died with the previous process. (A job it merely finished is not
+        listed either, while its report waits in the stream for this requester to fold it: under
+        load that can take longer than ``lost_after``, so age alone would lose finished jobs.)"""
+        if job_id in info.jobs:
+            return False
+        if info.started_at is None or execution.assigned_at is None:  # unknown: by age
+            return age > self.config.lost_after
+        return info.started_at > execution.assigned_at
+
     def _expire(self, job: JobRecord) -> bool:
         silent = [e.node_id for e in job.executions.values() if e.state in EXEC_ACTIVE]
         if silent:
@@ -530,48 +773,81 @@ class Requester:
         return move_job(job, JobState.FAILED, reason)
 
     # -- progress and verdicts --------------------------------------------------------------------
-    async def _fold(self, filter_subject: str, durable: str, kind: str) -> None:
-        async for msg in self.bus.consume(filter_subject, durable):
-            try:
-                if kind == "exec":
-                    update = decode(ExecUpdate, msg.data)
-                    if update.state == ExecState.LOST:  # handed back by a draining worker
-                        reason = update.error or f"worker {update.node_id} handed the job back"
-                        self._spawn(self._lose(update.job_id, update.node_id, reason), "handback")
-                    else:
-                        await self.mutate(
-                            update.job_id,
-                            partial(apply_exec_update, update=update),
-                            actor=update.node_id,
-                        )
-                else:
-                    verdict = decode(Verdict, msg.data)
-                    await self.mutate(
-                        verdict.job_id, partial(apply_verdict, verdict=verdict), actor="verifier"
-                    )
-                    self.log.info(
-                        "job.verdict",
-                        job=verdict.job_id,
-                        outcome=verdict.outcome,
-                        reason=verdict.reason,
-                    )
-            except ValueError as exc:
-                self.log.warning("message.malformed", subject=msg.subject, error=str(exc))
-            await msg.ack()
+    async def _fold(self) -> None:
+        """Fold progress messages and verdicts into the records, many at once.
+
+        The messages of one fetch are grouped by job: each job's group is one commit (its
+        events as if applied one by one), in a task of its own. Tasks take their job's lock in
+        the order their messages came, so one job's updates apply in order."""
+        slots = asyncio.Semaphore(FOLD_IN_FLIGHT)
+        async for msgs in self.bus.consume_batches(
+            [subjects.EXEC_ALL, subjects.VERDICT_ALL],
+            subjects.REQUESTER_CONSUMER,
+            batch=FOLD_IN_FLIGHT,
+        ):
+            groups: dict[str, list[tuple[Msg, Callable[[JobRecord], bool], str]]] = {}
+            for msg in msgs:
+                step = self._step(msg)
+                if step is None:
+                    await msg.ack()
+                    continue
+                job_id, change, actor = step
+                groups.setdefault(job_id, []).append((msg, change, actor))
+            for job_id, group in groups.items():
+                await slots.acquire()
+                self._spawn(self._fold_group(job_id, group, slots), "fold")
+
+    def _step(self, msg: Msg) -> tuple[str, Callable[[JobRecord], bool], str] | None:
+        """The change ``msg`` makes to its job record (None: nothing to fold)."""
+        try:
+            if msg.subject.startswith(subjects.EXEC_ALL[:-1]):
+                update = decode(ExecUpdate, msg.data)
+                if update.state == ExecState.LOST:  # handed back by a draining worker
+                    reason = update.error or f"worker {update.node_id} handed the job back"
+                    self._spawn(self._lose(update.job_id, update.node_id, reason), "handback")
+                    return None
+                return update.job_id, partial(apply_exec_update, update=update), update.node_id
+            verdict = decode(Verdict, msg.data)
+            self.log.info(
+                "job.verdict", job=verdict.job_id, outcome=verdict.outcome, reason=verdict.reason
+            )
+            return verdict.job_id, partial(apply_verdict, verdict=verdict), "verifier"
+        except ValueError as exc:
+            self.log.warning("message.malformed", subject=msg.subject, error=str(exc))
+            return None
+
+    async def _fold_group(
+        self,
+        job_id: str,
+        group: list[tuple[Msg, Callable[[JobRecord], bool], str]],
+        slots: asyncio.Semaphore,
+    ) -> None:
+        try:
+            await self.mutate_steps(job_id, [(change, actor) for _, change, actor in group])
+            for msg, _, _ in group:
+                await msg.ack()
+        except (nats.errors.Error, TimeoutError) as exc:
+            # not acked: JetStream delivers them again after the consumer's ack_wait
+            self.log.warning("fold.failed", job=job_id, error=type(exc).__name__)
+        finally:
+            slots.release()
 
     async def _resume(self) -> None:
+        queued: list[JobRecord] = []
         for job_id in await self.bus.job_ids():
             job = await self.bus.load_job(job_id)
             if job is None or job.final:
                 continue
             job = await self._reconcile(job)
-            self._active.add(job_id)
             self.log.info("job.resumed", job=job_id, state=job.state)
             if job.state in (JobState.PENDING, JobState.BIDDING):
-                self._spawn(self.drive(job_id), f"drive-{job_id}")
+                queued.append(job)
             elif job.deadline is None:
                 job.deadline = self._results_deadline(job.spec)
                 await self.bus.save_job(job)
+            self._keep(job)
+        for job in sorted(queued, key=lambda j: j.created_at):
+            self._enqueue(job.id)
 
     async def serve(self, stop: asyncio.Event) -> None:
         await self.bus.set_events_retention(
@@ -585,16 +861,13 @@ class Requester:
             await self.bus.subscribe(subjects.SUBMIT, self.on_submit, queue="requester"),
             await self.bus.subscribe(subjects.CANCEL, self.on_cancel, queue="requester"),
             await self.bus.subscribe(subjects.HEARTBEAT, self.on_heartbeat),
+            await self.bus.subscribe(subjects.BIDS_ALL, self.on_bid),
         ]
         await self._resume()
         loops = [
-            asyncio.create_task(
-                self._fold(subjects.EXEC_ALL, subjects.REQUESTER_EXEC_CONSUMER, "exec")
-            ),
-            asyncio.create_task(
-                self._fold(subjects.VERDICT_ALL, subjects.REQUESTER_VERDICT_CONSUMER, "verdict")
-            ),
+            asyncio.create_task(self._fold()),
             asyncio.create_task(self._watch()),
+            asyncio.create_task(self._dispatch()),
         ]
         await self.bus.nc.flush()
         self.log.info("service.ready", service="requester")

@@ -1,9 +1,9 @@
 """The worker: bids on jobs it can take, runs them in Docker over IPFS inputs, publishes results.
 
-Touches NATS (announcements, bids, assignments, progress, results; live output and its heartbeat
-record, see bacq.logs and bacq.nodes), its kubo node, the Docker daemon and its own work directory.
-Capacity (cpu, memory, job slots) is reserved when it bids, so it never promises more than it has;
-a reservation the requester never answers expires on its own.
+Touches NATS (announcements and invitations, bids, assignments, progress, results; live output
+and its heartbeat record, see bacq.logs and bacq.nodes), its kubo node, the Docker daemon and its
+own work directory. Capacity (cpu, memory, job slots) is reserved when it bids, so it never
+promises more than it has; a reservation the requester never answers expires on its own.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ class Worker:
         self._registry = NodeRegistry(bus)
         self._draining = False
         self._fixed_cid: str | None = None  # the noop executor's one result, added at start
+        self._started_at = now()
 
     # -- capacity ---------------------------------------------------------------------------------
     def _free(self) -> tuple[float, int, int]:
@@ -141,6 +142,8 @@ class Worker:
         job_id, spec = announcement.job_id, announcement.spec
         if job_id in self._reservations:
             return
+        if announcement.nodes is not None and self.config.node_id not in announcement.nodes:
+            return  # the requester invited other workers (with free slots) to bid
         reason = self.why_not(spec)
         if reason is not None:
             self.log.info("bid.skipped", job=job_id, reason=reason)
@@ -169,11 +172,12 @@ class Worker:
             await msg.respond(encode(AssignmentReply(ok=False, error=f"malformed: {exc}")))
             return
         job_id = assignment.job_id
-        if not assignment.accepted:
+        if not assignment.accepted:  # published without a reply subject: nothing to answer
             if job_id not in self._tasks:
                 self._reservations.pop(job_id, None)
             self.log.info("bid.rejected", job=job_id, reason=assignment.reason)
-            await msg.respond(encode(AssignmentReply(ok=True)))
+            if msg.reply:
+                await msg.respond(encode(AssignmentReply(ok=True)))
             return
         spec = assignment.spec
         if self._draining:
@@ -241,14 +245,17 @@ class Worker:
                 await self._send_result(ResultMessage(job_id=job_id, node_id=node, error=error))
                 await self._update(job_id, ExecState.FAILED, error=error)
             else:
-                await self._send_result(
-                    ResultMessage(job_id=job_id, node_id=node, cid=cid, exit_code=exit_code)
-                )
-                await self._update(
-                    job_id,
-                    ExecState.COMPLETED,
-                    exit_code=exit_code,
-                    detail=f"exit code {exit_code}",
+                # both in flight at once (they leave in this order on the one connection)
+                await asyncio.gather(
+                    self._send_result(
+                        ResultMessage(job_id=job_id, node_id=node, cid=cid, exit_code=exit_code)
+                    ),
+                    self._update(
+                        job_id,
+                        ExecState.COMPLETED,
+                        exit_code=exit_code,
+                        detail=f"exit code {exit_code}",
+                    ),
                 )
                 log.info("job.completed", cid=cid, exit_code=exit_code)
         finally:
@@ -256,9 +263,20 @@ class Worker:
             self._tasks.pop(job_id, None)
             self._cancelled.discard(job_id)
             self._done += 1
-            await asyncio.shield(asyncio.to_thread(remove_tree, job_dir))
+            if job_dir.exists():  # a noop job has none
+                await asyncio.shield(asyncio.to_thread(remove_tree, job_dir))
 
     async def _execute(
+        self, job_id: str, spec: JobSpec, job_dir: Path, log: object
+    ) -> tuple[str, int]:
+        try:
+            return await self._execute_job(job_id, spec, job_dir, log)
+        finally:
+            # the container is gone: free its slot before reporting, so that the requester,
+            # which counts slots from those reports, finds it free when it invites the next bid
+            self._reservations.pop(job_id, None)
+
+    async def _execute_job(
         self, job_id: str, spec: JobSpec, job_dir: Path, log: object
     ) -> tuple[str, int]:
         if self._fixed_cid is not None:  # noop: the message path only, no Docker, no IPFS
@@ -325,6 +343,8 @@ class Worker:
             running=len(self._tasks),
             jobs=sorted(self._tasks),
             draining=self._draining,
+            network=self.executor.allow_network,
+            started_at=self._started_at,
         )
 
     async def on_cancel(self, msg: Msg) -> None:
@@ -361,6 +381,9 @@ class Worker:
         if leftovers:
             self.log.warning("containers.leftover_removed", containers=leftovers)
         announce_sub = await self.bus.subscribe(subjects.ANNOUNCE, self.on_announce)
+        invite_sub = await self.bus.subscribe(
+            subjects.invite(self.config.node_id), self.on_announce
+        )
         assign_sub = await self.bus.subscribe(subjects.assign(self.config.node_id), self.on_assign)
         cancel_sub = await self.bus.subscribe(subjects.cancel(self.config.node_id), self.on_cancel)
         await self.bus.nc.flush()
@@ -376,6 +399,7 @@ class Worker:
             self._draining = True
             with contextlib.suppress(Exception):
                 await announce_sub.unsubscribe()
+                await invite_sub.unsubscribe()
             self.log.info(
                 "service.draining", running=sorted(self._tasks), timeout=self.config.drain_timeout
             )
