@@ -262,6 +262,7 @@ class FinalWatcher:
         self.client = client
         self.final: dict[str, tuple[float, str, str]] = {}  # id → (unix time, state, reason)
         self.updates = 0
+        self.verified_by: collections.Counter[str] = collections.Counter()  # node → results
         self.changed = asyncio.Event()
         self._watcher: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -289,6 +290,9 @@ class FinalWatcher:
                 created = getattr(entry, "created", None)
                 at = created.timestamp() if created is not None else time.time()
                 self.final[entry.key] = (at, state, record.get("reason", ""))
+                for node, execution in (record.get("executions") or {}).items():
+                    if execution.get("state") == "verified":
+                        self.verified_by[node] += 1
                 self.changed.set()
 
     async def wait_for(self, ids: set[str], *, stall: float, timeout: float) -> None:
@@ -332,6 +336,7 @@ class Batch:
     lost_states: collections.Counter[str] = field(default_factory=collections.Counter)
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process in the batch
     watch_updates: int = 0
+    verified_by: dict[str, int] = field(default_factory=dict)  # verified results per worker
 
     def as_dict(self) -> dict[str, Any]:
         final = sum(self.states.values())
@@ -352,6 +357,7 @@ class Batch:
             "latency": summary(self.latencies),
             "cpu_seconds": {k: round(v, 2) for k, v in self.cpu.items()},
             "watch_updates": self.watch_updates,
+            "verified_by_worker": dict(sorted(self.verified_by.items())),
         }
 
 
@@ -410,6 +416,7 @@ async def run_batch(
                 last = max(last, at)
             batch.seconds = last - start
             batch.watch_updates = watcher.updates
+            batch.verified_by = dict(watcher.verified_by)
         finally:
             await watcher.stop()
     batch.cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
