@@ -1,0 +1,294 @@
+"""The summary table (rich) and the plot (matplotlib) of a benchmark run. Touches its output files.
+
+Every row: the measure, bacq's figure, the baseline's, their ratio, the target and whether it is
+met. Times are seconds, throughputs jobs/s, memory MiB.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+Row = dict[str, Any]
+
+
+def _row(
+    measure: str,
+    bacq: float | None,
+    baseline: float | None = None,
+    *,
+    unit: str = "",
+    ratio: float | None = None,
+    target: str = "",
+    met: bool | None = None,
+) -> Row:
+    return {
+        "measure": measure,
+        "bacq": bacq,
+        "baseline": baseline,
+        "unit": unit,
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+    }
+
+
+def _le(value: float | None, limit: float) -> bool | None:
+    return None if value is None else value <= limit
+
+
+def _ge(value: float | None, limit: float) -> bool | None:
+    return None if value is None else value >= limit
+
+
+def rows(results: dict[str, Any]) -> list[Row]:
+    """The summary rows of whatever sections ``results`` holds."""
+    out: list[Row] = []
+    ov = results.get("overhead") or {}
+    for c, what in (("c1", "concurrency 1"), ("c3", "concurrency 3, deterministic")):
+        sec = ov.get(c)
+        if not sec:
+            continue
+        for q in ("p50", "p95"):
+            r = sec[f"ratio_{q}"]
+            out.append(
+                _row(
+                    f"bacq run vs docker run, {what}, {q}",
+                    sec["bacq"][q],
+                    sec["docker"][q],
+                    unit="s",
+                    ratio=r,
+                    target="≤ 1.10x",
+                    met=_le(r, 1.10),
+                )
+            )
+    for c in ("c1", "c3"):
+        sec = ov.get(c)
+        if sec and sec.get("bacq_client", {}).get("p50") is not None:
+            r = _ratio(sec["bacq_client"]["p50"], sec["docker"]["p50"])
+            out.append(
+                _row(
+                    f"  same job via Python client (no CLI), concurrency {c[1:]}, p50",
+                    sec["bacq_client"]["p50"],
+                    sec["docker"]["p50"],
+                    unit="s",
+                    ratio=r,
+                )
+            )
+    if ov.get("cli_startup"):
+        startup = ov["cli_startup"]["p50"]
+        out.append(_row("  bacq CLI start-up (bacq version), p50", startup, unit="s"))
+    tp = results.get("throughput") or {}
+    if "bacq" in tp:
+        out.append(
+            _row(
+                f"Docker throughput, {tp['jobs']} jobs, {tp['slots']} slots",
+                tp["bacq"]["jobs_per_s"],
+                tp["docker"]["jobs_per_s"],
+                unit="jobs/s",
+                ratio=tp["ratio"],
+                target="≥ 0.90x",
+                met=_ge(tp["ratio"], 0.90),
+            )
+        )
+    orch = results.get("orchestration") or {}
+    for c in ("c1", "c3"):
+        sec = orch.get(c)
+        if not sec:
+            continue
+        conc = c[1:]
+        out.append(
+            _row(
+                f"orchestration only (noop), concurrency {conc}, {sec['jobs']} jobs",
+                sec["jobs_per_s"],
+                unit="jobs/s",
+                target="≥ 1000 jobs/s" if conc == "1" else "",
+                met=_ge(sec["jobs_per_s"], 1000) if conc == "1" else None,
+            )
+        )
+        out.append(
+            _row(
+                f"  latency submit→final, concurrency {conc}, p50 / p95",
+                sec["latency"]["p50"],
+                sec["latency"]["p95"],
+                unit="s",
+            )
+        )
+    for run in (results.get("scale") or {}).get("runs", []):
+        name = f"scale: {run['workers']} workers, {run['jobs']} jobs"
+        if "error" in run:
+            out.append(_row(name, None, target=run["error"][:60], met=False))
+            continue
+        big = run["jobs"] >= 10_000
+        counts = f"accepted {run['accepted']}, failed {run['failed']}, lost {run['lost']}"
+        if run["submit_errors"]:
+            counts += f", not submitted {run['submit_errors']}"
+        out.append(
+            _row(
+                f"{name} ({counts})",
+                run["jobs_per_s"],
+                unit="jobs/s",
+                # noop jobs cannot fail on their own: every one should be accepted
+                target="all accepted, none lost" if big else "",
+                met=(run["accepted"] == run["jobs"]) if big else None,
+            )
+        )
+        mem = run["memory"]
+        out.append(
+            _row(
+                "  peak RSS: requester / worker max (mean)",
+                _mib(mem["requester"]),
+                _mib(mem["worker_max"]),
+                unit=f"MiB (mean {(_mib(mem['worker_mean']) or 0):.0f})",
+            )
+        )
+    data = results.get("data") or {}
+    if "bacq_total" in data:
+        mb = data["megabytes"]
+        for bacq_key, base_key, what in (
+            ("bacq_add", "ipfs_add", "add"),
+            ("bacq_run", None, "job (fetch input, cp, publish output)"),
+            ("bacq_get", "ipfs_get", "get"),
+        ):
+            base = data[base_key]["p50"] if base_key else None
+            out.append(
+                _row(
+                    f"data {mb} MiB: {what}, p50",
+                    data[bacq_key]["p50"],
+                    base,
+                    unit="s",
+                    ratio=_ratio(data[bacq_key]["p50"], base),
+                )
+            )
+        out.append(
+            _row(
+                f"data {mb} MiB: total in + out, p50",
+                data["bacq_total"]["p50"],
+                data["baseline_total"]["p50"],
+                unit="s",
+                ratio=data["ratio_total_p50"],
+            )
+        )
+    for name in ("overhead", "throughput", "orchestration", "scale", "data"):
+        sec = results.get(name)
+        if isinstance(sec, dict) and "error" in sec:
+            out.append(_row(f"{name}: section failed", None, target=sec["error"][:60], met=False))
+    return out
+
+
+def _mib(value: float | None) -> float | None:
+    return None if value is None else value / 1024**2
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def print_table(table_rows: list[Row], console: Console, title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    table.add_column("measure")
+    table.add_column("bacq", justify="right")
+    table.add_column("baseline", justify="right")
+    table.add_column("unit")
+    table.add_column("ratio", justify="right")
+    table.add_column("target")
+    table.add_column("met?", justify="center")
+    for row in table_rows:
+        met = {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[row["met"]]
+        table.add_row(
+            row["measure"],
+            _fmt(row["bacq"]),
+            _fmt(row["baseline"]),
+            row["unit"],
+            "—" if row["ratio"] is None else f"{row['ratio']:.2f}x",
+            row["target"],
+            met,
+        )
+    console.print(table)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Two panels: noop throughput against workers (one line per job count), and the latency
+    distributions of bacq run and docker run at concurrency 1 and 3."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    by_jobs: dict[int, list[tuple[int, float]]] = {}
+    for run in (results.get("scale") or {}).get("runs", []):
+        if run.get("jobs_per_s"):
+            by_jobs.setdefault(run["jobs"], []).append((run["workers"], run["jobs_per_s"]))
+    for jobs, points in sorted(by_jobs.items()):
+        points.sort()
+        left.plot(
+            [p[0] for p in points], [p[1] for p in points], marker="o", label=f"{jobs:,} jobs"
+        )
+    orch = results.get("orchestration") or {}
+    for c, marker, color in (("c1", "s", "black"), ("c3", "^", "grey")):
+        sec = orch.get(c)
+        if sec and sec.get("jobs_per_s"):
+            left.scatter(
+                [sec["workers"]],
+                [sec["jobs_per_s"]],
+                marker=marker,
+                color=color,
+                label=f"orchestration, concurrency {c[1:]}, {sec['jobs']:,} jobs",
+            )
+    left.set_xscale("log")
+    ticks = sorted({p[0] for points in by_jobs.values() for p in points})
+    if ticks:
+        left.set_xticks(ticks, [str(t) for t in ticks])
+        left.minorticks_off()
+    left.set_xlabel("noop workers")
+    left.set_ylabel("jobs/s (submit → final)")
+    left.set_title("Orchestration-only throughput")
+    left.grid(True, alpha=0.3)
+    if left.has_data():
+        left.legend(fontsize=8)
+    else:
+        left.text(0.5, 0.5, "no scale data", ha="center", transform=left.transAxes)
+
+    ov = results.get("overhead") or {}
+    series, labels = [], []
+    for c in ("c1", "c3"):
+        sec = ov.get(c)
+        if not sec:
+            continue
+        for who in ("bacq", "docker"):
+            if sec[who]["samples"]:
+                series.append(sec[who]["samples"])
+                labels.append(f"{'bacq run' if who == 'bacq' else 'docker run'}\nconc. {c[1:]}")
+    if series:
+        right.boxplot(series, showfliers=True)
+        right.set_xticks(range(1, len(labels) + 1), labels)
+    else:
+        right.text(0.5, 0.5, "no overhead data", ha="center", transform=right.transAxes)
+    right.set_ylabel("wall time per job (s)")
+    right.set_title("Per-job wall time: bacq run vs docker run")
+    right.grid(True, axis="y", alpha=0.3)
+    meta = results.get("meta", {}).get("machine", {})
+    fig.suptitle(
+        f"bacq {str(meta.get('bacq_code_commit') or meta.get('bacq_commit', '?'))[:10]} "
+        f"on {meta.get('cpu_count', '?')} CPUs"
+        f"{' (smoke sizes)' if results.get('meta', {}).get('smoke') else ''}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
