@@ -146,7 +146,7 @@ class Worker:
             return  # the requester invited other workers (with free slots) to bid
         reason = self.why_not(spec)
         if reason is not None:
-            self.log.info("bid.skipped", job=job_id, reason=reason)
+            self.log.debug("bid.skipped", job=job_id, reason=reason)  # every job, every worker
             return
         remaining = (announcement.bid_deadline - now()).total_seconds()
         if remaining <= 0:
