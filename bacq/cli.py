@@ -586,8 +586,16 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 
 # -- services ------------------------------------------------------------------------------------
-async def _serve(run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
-    """Run a service until SIGTERM/SIGINT, telling systemd (when it runs us) how it goes."""
+STOP_GRACE = 15.0  # seconds a service has to wind down after SIGTERM before it is cancelled
+
+
+async def _serve(
+    run: Callable[[asyncio.Event], Coroutine[Any, Any, None]], *, stop_grace: float = STOP_GRACE
+) -> int:
+    """Run a service until SIGTERM/SIGINT, telling systemd (when it runs us) how it goes.
+
+    A service that has not finished ``stop_grace`` seconds after the signal (one still starting
+    up, asking a NATS server that is gone again and again) is cancelled."""
     service = getattr(run, "__self__", None)
     status_line: Callable[[], str] = getattr(service, "status_line", None) or (lambda: "serving")
     notifier = Notifier()
@@ -595,17 +603,27 @@ async def _serve(run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> i
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
+    serving = asyncio.create_task(run(stop), name="service")
+
     def on_signal() -> None:
         if not stop.is_set():
             notifier.stopping(f"stopping: {status_line()}")
+            loop.call_later(stop_grace, serving.cancel)
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     keepalive = asyncio.create_task(notifier.keepalive(status_line), name="sd-keepalive")
     try:
-        await run(stop)
+        try:
+            await serving
+        except asyncio.CancelledError:
+            if not stop.is_set() or asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise
+            err.print(f"stopped after {stop_grace:g}s of winding down")
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         keepalive.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await keepalive
@@ -683,7 +701,11 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         config.nats_url, name=f"bacq-worker-{config.node_id}", wait=SERVICE_CONNECT_WAIT
     )
     try:
-        return await _serve(Worker(config, bus, storage, executor).serve)
+        # a draining worker gives its jobs --drain-timeout to finish, then hands them back
+        return await _serve(
+            Worker(config, bus, storage, executor).serve,
+            stop_grace=config.drain_timeout + STOP_GRACE,
+        )
     finally:
         await bus.close()
         await storage.close()

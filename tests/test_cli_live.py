@@ -41,7 +41,16 @@ JOB_KEYS = {
     "idempotency_key",
     "deadline",
 }
-EXECUTION_KEYS = {"node_id", "state", "updated_at", "detail", "error", "exit_code", "result_cid"}
+EXECUTION_KEYS = {
+    "node_id",
+    "state",
+    "updated_at",
+    "detail",
+    "error",
+    "exit_code",
+    "result_cid",
+    "assigned_at",
+}
 NODE_KEYS = {
     "node_id",
     "online",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 from collections.abc import Callable
 
@@ -260,3 +261,19 @@ async def test_a_record_behind_its_events_is_rolled_forward_on_restart(
     assert rebuilt.state == JobState.ACCEPTED
     assert rebuilt.result_cid == final.result_cid
     assert rebuilt.event_seq == final.event_seq
+
+
+async def test_services_stop_on_sigterm_even_with_nats_gone(
+    make_stack: Callable[..., Devstack],
+) -> None:
+    stack = make_stack(workers=1, kubo_nodes=1)
+    await asyncio.to_thread(stack.nats.stop)
+    procs = {name: stack.services[name].proc for name in ("requester", "verifier", "w1")}
+    for proc in procs.values():
+        assert proc is not None
+        proc.send_signal(signal.SIGTERM)
+    for name, proc in procs.items():
+        assert proc is not None
+        code = await asyncio.to_thread(proc.wait, 60)
+        assert code == 0, f"{name} exited with {code}"
+
