@@ -187,8 +187,14 @@ class DockerExecutor:
             exit_code = await self._wait(container, spec.timeout, mounts)
             for follower in followers:  # let them hand over the last bytes
                 await asyncio.to_thread(follower.join, 2.0)
-            stdout = await asyncio.to_thread(container.logs, stdout=True, stderr=False)
-            stderr = await asyncio.to_thread(container.logs, stdout=False, stderr=True)
+            try:
+                stdout = await asyncio.to_thread(container.logs, stdout=True, stderr=False)
+                stderr = await asyncio.to_thread(container.logs, stdout=False, stderr=True)
+            except (docker.errors.NotFound, docker.errors.APIError) as exc:
+                raise ExecutionError(
+                    f"the job's container {container.name} was removed while it ran (by another "
+                    f"process, or a restart of this worker cleaning up): {exc}"
+                ) from None
             await self._check_results_size(mounts, len(stdout) + len(stderr))
             return ContainerResult(exit_code=exit_code, stdout=stdout, stderr=stderr)
         finally:
