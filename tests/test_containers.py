@@ -6,10 +6,12 @@ the container sees under /sys/fs/cgroup. A results limit stops oversized output 
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import docker.errors
 import pytest
 
 from bacq.client import Client
@@ -18,6 +20,7 @@ from bacq.errors import ExecutionError, ResultsTooLarge
 from bacq.spec import JobSpec, parse_spec
 from bacq.states import JobState
 from bacq.worker.executor import DockerExecutor, bind
+from tests.scenarios import BUSYBOX
 
 PROBE = r"""
 echo "uid=$(id -u)"
@@ -196,3 +199,30 @@ async def test_a_worker_started_with_a_results_limit_fails_the_job_with_the_reas
     assert job.state == JobState.FAILED
     error = job.executions["w1"].error or ""
     assert "exceed this worker's limit of 102400 bytes" in error
+
+
+def test_leftover_cleanup_spares_a_namesake_workers_containers(executor: DockerExecutor) -> None:
+    # two workers named w1 on one Docker daemon (two devstacks): one's restart must not remove
+    # the other's running container
+    client = executor._docker
+    node = f"w-{uuid.uuid4().hex[:8]}"
+    theirs = client.containers.create(
+        BUSYBOX,
+        ["sleep", "30"],
+        name=_name("theirs"),
+        labels={"bacq.node": node, "bacq.work_dir": "/srv/other-devstack/w1"},
+    )
+    mine = client.containers.create(
+        BUSYBOX,
+        ["sleep", "30"],
+        name=_name("mine"),
+        labels={"bacq.node": node, "bacq.work_dir": "/srv/this-devstack/w1"},
+    )
+    try:
+        removed = executor.remove_leftovers(node, "/srv/this-devstack/w1")
+        assert removed == [mine.name]
+        theirs.reload()  # still there
+    finally:
+        for container in (theirs, mine):
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)

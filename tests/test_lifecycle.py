@@ -276,4 +276,3 @@ async def test_services_stop_on_sigterm_even_with_nats_gone(
         assert proc is not None
         code = await asyncio.to_thread(proc.wait, 60)
         assert code == 0, f"{name} exited with {code}"
-

@@ -116,11 +116,15 @@ class DockerExecutor:
             return "the job needs network access and this worker does not allow it"
         return None
 
-    def remove_leftovers(self, node_id: str) -> list[str]:
-        """Remove this node's containers that a crash left behind (a worker killed mid-job)."""
+    def remove_leftovers(self, node_id: str, work_dir: str) -> list[str]:
+        """Remove this worker's containers that a crash left behind (a worker killed mid-job).
+
+        "This worker" is its node id *and* its work directory: another worker with the same id
+        on the same Docker daemon (a second devstack, a test) keeps its running containers."""
         removed = []
         leftovers = self._docker.containers.list(
-            all=True, filters={"label": f"bacq.node={node_id}"}
+            all=True,
+            filters={"label": [f"bacq.node={node_id}", f"bacq.work_dir={work_dir}"]},
         )
         for container in leftovers:
             self._remove(container)

@@ -28,7 +28,7 @@ class NoopExecutor:
     def why_not(self, spec: JobSpec) -> str | None:
         return None
 
-    def remove_leftovers(self, node_id: str) -> list[str]:
+    def remove_leftovers(self, node_id: str, work_dir: str) -> list[str]:
         return []
 
     def close(self) -> None:

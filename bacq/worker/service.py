@@ -313,7 +313,11 @@ class Worker:
                 spec,
                 name=f"bacq-{job_id}-{self.config.node_id}",
                 mounts=mounts,
-                labels={"bacq.job": job_id, "bacq.node": self.config.node_id},
+                labels={
+                    "bacq.job": job_id,
+                    "bacq.node": self.config.node_id,
+                    "bacq.work_dir": str(self.config.work_dir.resolve()),
+                },
                 output=streamer.feed,
             )
         finally:
@@ -377,7 +381,11 @@ class Worker:
             folder = self.executor.write_result(self.config.work_dir / "noop-result", tamper=tamper)
             self._fixed_cid = await self.storage.add(folder)
             self.log.info("noop.result", cid=self._fixed_cid)
-        leftovers = await asyncio.to_thread(self.executor.remove_leftovers, self.config.node_id)
+        leftovers = await asyncio.to_thread(
+            self.executor.remove_leftovers,
+            self.config.node_id,
+            str(self.config.work_dir.resolve()),
+        )
         if leftovers:
             self.log.warning("containers.leftover_removed", containers=leftovers)
         announce_sub = await self.bus.subscribe(subjects.ANNOUNCE, self.on_announce)
