@@ -55,8 +55,8 @@ async def soak(args: argparse.Namespace) -> int:
         async with await Client.connect(stack.nats.url) as client:
             stop = asyncio.Event()
             chaos_task = asyncio.create_task(chaos(stack, stop, args, events))
-            # at most --parallel jobs in flight: bidding has a deadline, and a job that finds
-            # every slot taken fails for want of bids (bacq does not queue jobs)
+            # at most --parallel jobs in flight, so that the kills hit running jobs rather than
+            # jobs waiting in the requester's queue
             gate = asyncio.Semaphore(args.parallel)
             ids: list[str] = [""] * args.jobs
 
