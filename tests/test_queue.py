@@ -24,11 +24,15 @@ async def test_jobs_beyond_the_free_slots_wait_in_the_queue_and_all_complete(
 ) -> None:
     stack = make_stack(workers=1, kubo_nodes=1, max_jobs=1)
     async with await Client.connect(stack.nats.url) as client:
-        ids = [await client.submit(sleeper(1.5)) for _ in range(4)]
-        await asyncio.sleep(4)  # past the requester's first listening, into the first job
-        waiting = [await client.job(i) for i in ids]
+        ids = [await client.submit(sleeper(3)) for _ in range(4)]
+        async with asyncio.timeout(60):  # the oldest goes first
+            while True:
+                if (await client.job(ids[0])).state == JobState.RUNNING:
+                    break
+                await asyncio.sleep(0.2)
+        waiting = [await client.job(i) for i in ids[1:]]
         # one slot: one job runs, the others wait their turn instead of failing
-        assert sum(j.state == JobState.PENDING for j in waiting) >= 2, [j.state for j in waiting]
+        assert [j.state for j in waiting] == [JobState.PENDING] * 3, [j.state for j in waiting]
         jobs = [await client.wait(i, timeout=120) for i in ids]
     assert [j.state for j in jobs] == [JobState.ACCEPTED] * 4, [(j.state, j.reason) for j in jobs]
     started = [
