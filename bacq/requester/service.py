@@ -115,6 +115,11 @@ def _record_bids(job: JobRecord, *, bids: list[Bid]) -> bool:
     return changed
 
 
+def _selected(node: NodeInfo, spec: JobSpec) -> bool:
+    """True when ``node`` has every label the job's node_selector asks for."""
+    return all(node.labels.get(k) == v for k, v in spec.node_selector.items())
+
+
 def _copy(job: JobRecord) -> JobRecord:
     """A copy the record functions may change: its own executions, the rest shared (a change
     replaces scalar fields and executions; the spec is never changed). Far cheaper than a deep
@@ -147,7 +152,7 @@ class Requester:
         self._records: dict[str, JobRecord] = {}
         self._queue: deque[str] = deque()  # pending jobs waiting for free worker slots, FIFO
         self._wake = asyncio.Event()  # the dispatcher looks at the queue again
-        self._bidding: dict[str, tuple[list[str], Resources]] = {}  # job → workers it invited
+        self._bidding: dict[str, list[str]] = {}  # job in bidding → the workers it invited
         self._loads: dict[str, _Load] = {}  # node → what it runs and was invited to bid for
 
     # -- records and events -----------------------------------------------------------------------
@@ -359,9 +364,7 @@ class Requester:
 
     def _why_no_bids(self, spec: JobSpec, got: int, need: int, what: str) -> str:
         live = self._live_nodes()
-        fitting = [
-            n for n in live if all(n.labels.get(k) == v for k, v in spec.node_selector.items())
-        ]
+        fitting = [n for n in live if _selected(n, spec)]
         parts = [f"{what}: {got} of the {need} needed bid within {spec.bid_timeout:g}s"]
         if spec.node_selector:
             labels = ",".join(f"{k}={v}" for k, v in spec.node_selector.items())
@@ -417,10 +420,8 @@ class Requester:
             loop = asyncio.get_running_loop()
             end = loop.time() + spec.bid_timeout
 
-            def useful() -> int:
-                return sum(1 for b in self._bids[job.id] if b.node_id not in exclude)
-
-            while useful() < need and loop.time() < end:
+            # bids from ``exclude`` are refused as they come (on_bid): every collected one counts
+            while len(self._bids[job.id]) < need and loop.time() < end:
                 with contextlib.suppress(nats.errors.Error):
                     if announcement.nodes is None:
                         await self.bus.publish(subjects.ANNOUNCE, announcement)
@@ -437,11 +438,7 @@ class Requester:
             bids = self._bids.pop(job.id, [])
             self._excluded.pop(job.id, None)
             self._bid_arrived.pop(job.id, None)
-        unwanted = [b for b in bids if b.node_id in exclude]
-        await asyncio.gather(
-            *(self._reject(job.id, b.node_id, "already ran this job") for b in unwanted)
-        )
-        return [b for b in bids if b.node_id not in exclude]
+        return bids
 
     # -- the queue --------------------------------------------------------------------------------
     def _enqueue(self, job_id: str, *, first: bool = False) -> None:
@@ -453,7 +450,7 @@ class Requester:
         return [
             n
             for n in self._live_nodes()
-            if all(n.labels.get(k) == v for k, v in spec.node_selector.items())
+            if _selected(n, spec)
             and spec.resources.cpu <= n.cpu + 1e-9
             and spec.resources.memory <= n.memory
             and (n.network or not spec.network)
@@ -478,13 +475,12 @@ class Requester:
         return [node for _, _, node in ready[:need]] if len(ready) >= need else None
 
     def _hold(self, job: JobRecord, nodes: list[str]) -> None:
-        self._bidding[job.id] = (nodes, job.spec.resources)
+        self._bidding[job.id] = nodes
         for node in nodes:
             self._loads.setdefault(node, _Load()).add(("bid", job.id), job.spec.resources)
 
     def _release(self, job_id: str) -> None:
-        nodes, _ = self._bidding.pop(job_id, ([], None))
-        for node in nodes:
+        for node in self._bidding.pop(job_id, []):
             self._loads[node].remove(("bid", job_id))
         self._wake.set()
 
@@ -543,11 +539,12 @@ class Requester:
                 bids = await collect
             finally:
                 collect.cancel()
-            if bids and len(bids) < need and len(self._fitting(spec)) >= need:
+            could_run = len(self._fitting(spec)) >= need  # once the busy ones have room
+            if bids and len(bids) < need and could_run:
                 # workers that could run it are busy: free the bidders, wait in the queue
                 await asyncio.gather(*(self._reject(job_id, b.node_id, "busy") for b in bids))
                 bids = []
-            if not bids and len(self._fitting(spec)) >= need:
+            if not bids and could_run:
                 requeued = await self.mutate(
                     job_id,
                     lambda j: move_job(
@@ -785,19 +782,19 @@ class Requester:
             subjects.REQUESTER_CONSUMER,
             batch=FOLD_IN_FLIGHT,
         ):
-            groups: dict[str, list[tuple[Msg, Callable[[JobRecord], bool], str]]] = {}
+            groups: dict[str, list[tuple[Msg, Step]]] = {}
             for msg in msgs:
-                step = self._step(msg)
-                if step is None:
+                folded = self._step(msg)
+                if folded is None:
                     await msg.ack()
                     continue
-                job_id, change, actor = step
-                groups.setdefault(job_id, []).append((msg, change, actor))
+                job_id, step = folded
+                groups.setdefault(job_id, []).append((msg, step))
             for job_id, group in groups.items():
                 await slots.acquire()
                 self._spawn(self._fold_group(job_id, group, slots), "fold")
 
-    def _step(self, msg: Msg) -> tuple[str, Callable[[JobRecord], bool], str] | None:
+    def _step(self, msg: Msg) -> tuple[str, Step] | None:
         """The change ``msg`` makes to its job record (None: nothing to fold)."""
         try:
             if msg.subject.startswith(subjects.EXEC_ALL[:-1]):
@@ -806,12 +803,12 @@ class Requester:
                     reason = update.error or f"worker {update.node_id} handed the job back"
                     self._spawn(self._lose(update.job_id, update.node_id, reason), "handback")
                     return None
-                return update.job_id, partial(apply_exec_update, update=update), update.node_id
+                return update.job_id, (partial(apply_exec_update, update=update), update.node_id)
             verdict = decode(Verdict, msg.data)
             self.log.info(
                 "job.verdict", job=verdict.job_id, outcome=verdict.outcome, reason=verdict.reason
             )
-            return verdict.job_id, partial(apply_verdict, verdict=verdict), "verifier"
+            return verdict.job_id, (partial(apply_verdict, verdict=verdict), "verifier")
         except ValueError as exc:
             self.log.warning("message.malformed", subject=msg.subject, error=str(exc))
             return None
@@ -819,12 +816,12 @@ class Requester:
     async def _fold_group(
         self,
         job_id: str,
-        group: list[tuple[Msg, Callable[[JobRecord], bool], str]],
+        group: list[tuple[Msg, Step]],
         slots: asyncio.Semaphore,
     ) -> None:
         try:
-            await self.mutate_steps(job_id, [(change, actor) for _, change, actor in group])
-            for msg, _, _ in group:
+            await self.mutate_steps(job_id, [step for _, step in group])
+            for msg, _ in group:
                 await msg.ack()
         except (nats.errors.Error, TimeoutError) as exc:
             # not acked: JetStream delivers them again after the consumer's ack_wait

@@ -258,8 +258,7 @@ class Worker:
                     ),
                 )
                 log.info("job.completed", cid=cid, exit_code=exit_code)
-        finally:
-            self._reservations.pop(job_id, None)
+        finally:  # (its reservation was freed by _execute, once the container was gone)
             self._tasks.pop(job_id, None)
             self._cancelled.discard(job_id)
             self._done += 1
