@@ -30,6 +30,8 @@ __all__ = [
     "NodeVerdict",
     "Problem",
     "ResultMessage",
+    "SubmitManyReply",
+    "SubmitManyRequest",
     "SubmitReply",
     "SubmitRequest",
     "Verdict",
@@ -75,6 +77,14 @@ class SubmitRequest(_Msg):
     idempotency_key: str | None = None  # a retry with the same key returns the same job
 
 
+class SubmitManyRequest(_Msg):
+    """Many submissions in one request (``bacq.api.submit_many``), answered in the same order."""
+
+    specs: list[dict[str, object]]
+    # one per spec (None: no key); a retry of the whole batch with the same keys submits once
+    idempotency_keys: list[str | None] | None = None
+
+
 class CancelRequest(_Msg):
     job_id: str
 
@@ -90,6 +100,14 @@ class SubmitReply(_Msg):
     job_id: str | None = None
     error: str | None = None
     problems: list[Problem] = Field(default_factory=list)
+
+
+class SubmitManyReply(_Msg):
+    """One ``SubmitReply`` per submitted spec, in order; ``error`` when the batch as a whole was
+    refused (too many specs, malformed request)."""
+
+    results: list[SubmitReply] = Field(default_factory=list)
+    error: str | None = None
 
 
 class Announcement(_Msg):

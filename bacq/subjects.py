@@ -3,6 +3,8 @@
 Core NATS (fire-and-forget or request/reply; losing one only delays a job, never corrupts it):
 
     bacq.api.submit                      client → requester   request: job spec → job id or problems
+    bacq.api.submit_many                 client → requester   request: up to SUBMIT_MANY_MAX specs →
+                                                              one job id (or problems) per spec
     bacq.api.cancel                      client → requester   request: job id → cancelled or why not
     bacq.jobs.announce                   requester → workers  a job wants bids
     bacq.bids.<job>                      worker → requester   a bid (node, capacity)
@@ -56,6 +58,8 @@ __all__ = [
     "STREAM",
     "STREAM_SUBJECTS",
     "SUBMIT",
+    "SUBMIT_MANY",
+    "SUBMIT_MANY_MAX",
     "VERDICT_ALL",
     "VERIFIER_CONSUMER",
     "VERIFY_ALL",
@@ -74,6 +78,8 @@ __all__ = [
 PREFIX = "bacq"
 
 SUBMIT = f"{PREFIX}.api.submit"
+SUBMIT_MANY = f"{PREFIX}.api.submit_many"
+SUBMIT_MANY_MAX = 1000  # specs in one bulk request (a client splits larger batches)
 CANCEL = f"{PREFIX}.api.cancel"
 ANNOUNCE = f"{PREFIX}.jobs.announce"
 HEARTBEAT = f"{PREFIX}.nodes.heartbeat"

@@ -12,7 +12,19 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 KUBO_VERSION=${BACQ_KUBO_VERSION:-v0.28.0}   # the kubo RPC API that aioipfs 0.7.1 is written against
 CACHE=${BACQ_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/bacq}
-MIRROR=${BACQ_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# debootstrap's mirror: BACQ_DEBIAN_MIRROR, else the first Debian archive this machine's apt uses.
+apt_mirror() {
+    local f
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] || continue
+        awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f"
+    done | head -n 1
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -f "$f" ] || continue
+        awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { if ($i !~ /security/) print $i; break } }' "$f"
+    done | head -n 1
+}
+MIRROR=${BACQ_DEBIAN_MIRROR:-$(apt_mirror | head -n 1)}
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
@@ -108,6 +120,7 @@ if ! docker image inspect bacq-test/debian:bookworm >/dev/null 2>&1; then
     rootfs_tar="$CACHE/debian-bookworm-minbase.tar"
     if [ ! -s "$rootfs_tar" ]; then
         say "building a Debian bookworm minbase tree with debootstrap (once; cached in $CACHE)"
+        [ -n "$MIRROR" ] || die "no Debian mirror found in /etc/apt/sources.list*; set BACQ_DEBIAN_MIRROR"
         tree=$(mktemp -d)
         $SUDO debootstrap --variant=minbase bookworm "$tree" "$MIRROR" >/dev/null \
             || die "debootstrap from $MIRROR failed (set BACQ_DEBIAN_MIRROR to a reachable mirror)"
@@ -123,7 +136,7 @@ fi
 if ! docker image inspect bacq-test/systemd:bookworm >/dev/null 2>&1; then
     say "building image bacq-test/systemd:bookworm (systemd as PID 1, for tests/test_systemd.py)"
     docker build -q -t bacq-test/systemd:bookworm "$ROOT/tests/systemd" >/dev/null \
-        || die "building bacq-test/systemd:bookworm failed (apt from deb.debian.org)"
+        || die "building bacq-test/systemd:bookworm failed (apt inside the image uses the host's sources)"
 fi
 
 say "ready: docker $(docker version -f '{{.Server.Version}}'), kubo at $(command -v ipfs || echo "$KUBO_BIN")"

@@ -109,7 +109,7 @@ def test_every_unit_keeps_its_recorded_security_exposure(unit_root: Path) -> Non
 def _ensure_image() -> None:
     if _run("docker", "image", "inspect", IMAGE, check=False).returncode == 0:
         return
-    # built once (scripts/setup.sh does it too); apt fetches from deb.debian.org
+    # built once (scripts/setup.sh does it too); apt uses the sources debootstrap wrote
     _run("docker", "build", "-t", IMAGE, str(ROOT / "tests" / "systemd"), timeout=900)
 
 
