@@ -208,7 +208,8 @@ def test_zsh_completion_script_declares_the_commands_and_options() -> None:
         assert word in done.stdout
     # job ids complete from the network, through a function the script defines
     assert "_bacq_job_ids() {" in done.stdout
-    assert done.stdout.count("_bacq_job_ids") >= 4  # defined, then used by describe, logs, get
+    # defined, then used by describe, logs, get, cancel and history
+    assert done.stdout.count("_bacq_job_ids") >= 6
 
 
 def test_completion_for_an_unknown_shell_is_a_usage_error() -> None:

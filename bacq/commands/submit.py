@@ -1,0 +1,361 @@
+"""``bacq run``, ``bacq create`` and ``bacq validate``: build or read job specs, submit them, follow
+them to their verdict.
+
+Touches NATS (submission, the jobs bucket), kubo (the ends of the result's stdout and stderr after
+the verdict), the job file or stdin, and the terminal. ``run --no-wait`` imports only what
+submission needs: no rich, no kubo client.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from bacq.commands.common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    FILE_COMPLETION,
+    add_command,
+    connection_flags,
+    emit,
+    err,
+    ipfs_api,
+    job_exit_code,
+    key_values,
+    nats_url,
+    out,
+    output_flag,
+    pair,
+)
+
+if TYPE_CHECKING:
+    from bacq.models import JobRecord
+    from bacq.spec import JobSpec
+
+__all__ = ["register"]
+
+TAIL_LINES = 10  # lines of stdout/stderr shown under the verdict
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    run = add_command(
+        sub,
+        common,
+        "run",
+        "run a job and follow it to its verdict",
+        description="Run IMAGE [CMD...] on workers and show its progress live until the verdict "
+        "(Ctrl-C detaches; the job goes on). Put -- before CMD when it has options.",
+    )
+    run.add_argument(
+        "-v",
+        "--input",
+        action="append",
+        default=[],
+        metavar="CID:PATH",
+        help="mount an IPFS CID read-only at PATH (repeatable)",
+    )
+    run.add_argument(
+        "-o",
+        "--output-volume",
+        action="append",
+        default=[],
+        metavar="NAME:PATH",
+        help="collect the folder PATH as NAME in the results (repeatable)",
+    )
+    run.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("-w", "--workdir", metavar="PATH", help="working directory in the container")
+    run.add_argument("--entrypoint", help="override the image's entrypoint")
+    run.add_argument("--concurrency", type=int, default=1, help="workers that run the job (1)")
+    run.add_argument(
+        "--confidence", type=int, default=0, help="matching results needed to accept (0)"
+    )
+    run.add_argument("--min-bids", type=int, default=0, help="bids to wait for first (0)")
+    run.add_argument("--verifier", choices=["noop", "deterministic"], default="deterministic")
+    run.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds the job's command may run (600)"
+    )
+    run.add_argument(
+        "--bid-timeout", type=float, default=10.0, help="seconds to wait for enough bids (10)"
+    )
+    run.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds the job may wait in the queue while the workers that could run it are "
+        "busy (3600)",
+    )
+    run.add_argument(
+        "--retries", type=int, default=2, help="times a lost execution moves to another worker (2)"
+    )
+    run.add_argument(
+        "--network",
+        action="store_true",
+        help="the job needs network access (only workers run with --allow-network bid)",
+    )
+    run.add_argument("--cpu", type=float, default=1.0, help="CPU cores per execution (1)")
+    run.add_argument("--memory", default="512m", help="memory per execution (512m)")
+    run.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="label the job (repeatable)",
+    )
+    run.add_argument(
+        "--select",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only workers with this label may bid (repeatable)",
+    )
+    run.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="follow the job to its verdict (the default); --no-wait prints the job id and returns",
+    )
+    _follow_flags(run)
+    run.add_argument("image", help="Docker image, e.g. bacq-test/debian:bookworm")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments")
+    run.set_defaults(func=cmd_run)
+
+    create = add_command(
+        sub,
+        common,
+        "create",
+        "submit the job of a YAML or JSON job file",
+        description="Submit the job in FILE (YAML or JSON; - reads stdin) and print its id; "
+        "--wait follows it like `bacq run`. `bacq run --dry-run ...` writes such a file.",
+    )
+    create.add_argument(
+        "-f", "--file", required=True, metavar="FILE", help="job file, or - for stdin"
+    ).complete = FILE_COMPLETION  # type: ignore[attr-defined]
+    create.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="follow the job to its verdict (default: print the id and return)",
+    )
+    _follow_flags(create)
+    create.set_defaults(func=cmd_create)
+
+    validate = add_command(
+        sub,
+        common,
+        "validate",
+        "check a job file without submitting it",
+        description="Check FILE (YAML or JSON; - reads stdin); each problem names the field and "
+        "its line. Exit 0 when valid, 2 when not.",
+    )
+    validate.add_argument(
+        "-f", "--file", required=True, metavar="FILE", help="job file, or - for stdin"
+    ).complete = FILE_COMPLETION  # type: ignore[attr-defined]
+    output_flag(validate)
+    validate.set_defaults(func=cmd_validate)
+
+
+def _follow_flags(parser: argparse.ArgumentParser) -> None:
+    """What run and create share once the job is submitted."""
+    parser.add_argument("--id-only", action="store_true", help="print only the job id and return")
+    parser.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="submitting again with the same key returns the same job",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the job as YAML (a job file) and stop"
+    )
+    output_flag(parser)
+    connection_flags(parser, ipfs=True)
+
+
+def spec_from_run_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The job spec (not yet checked) that ``bacq run``'s arguments describe."""
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    inputs = []
+    for volume in args.input:
+        cid, path = pair(volume, ":", "input volume (-v)", "CID:/path/in/container")
+        inputs.append({"cid": cid, "path": path})
+    outputs = []
+    for volume in args.output_volume:
+        name, path = pair(volume, ":", "output volume (-o)", "NAME:/path/in/container")
+        outputs.append({"name": name, "path": path})
+    spec: dict[str, Any] = {
+        "image": args.image,
+        "command": command,
+        "inputs": inputs,
+        "outputs": outputs,
+        "env": key_values(args.env, "environment variable (-e)"),
+        "labels": key_values(args.label, "label (--label)"),
+        "node_selector": key_values(args.select, "node selector (--select)"),
+        "concurrency": args.concurrency,
+        "confidence": args.confidence,
+        "min_bids": args.min_bids,
+        "verifier": args.verifier,
+        "timeout": args.timeout,
+        "bid_timeout": args.bid_timeout,
+        "queue_timeout": args.queue_timeout,
+        "retries": args.retries,
+        "network": args.network,
+        "resources": {"cpu": args.cpu, "memory": args.memory},
+    }
+    if args.entrypoint is not None:
+        spec["entrypoint"] = [args.entrypoint]
+    if args.workdir is not None:
+        spec["working_dir"] = args.workdir
+    return spec
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    from bacq.spec import parse_spec
+
+    spec = parse_spec(spec_from_run_args(args))
+    if args.dry_run:
+        from bacq.jobfile import spec_to_yaml
+
+        print(spec_to_yaml(spec), end="")
+        return EXIT_OK
+    return await submit_and_follow(args, spec, wait=args.wait)
+
+
+async def cmd_create(args: argparse.Namespace) -> int:
+    from bacq.jobfile import load_job_file, spec_to_yaml
+
+    spec = load_job_file(args.file)
+    if args.dry_run:
+        print(spec_to_yaml(spec), end="")
+        return EXIT_OK
+    return await submit_and_follow(args, spec, wait=args.wait)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from bacq.jobfile import load_job_file
+
+    spec = load_job_file(args.file)
+    source = "<stdin>" if args.file == "-" else args.file
+    if args.output in ("json", "yaml"):
+        emit({"valid": True, "file": source, "spec": spec.model_dump(mode="json")}, args.output)
+    else:
+        out().print(
+            f"[green]valid[/]: {source} runs {spec.image} on {spec.concurrency} worker(s), "
+            f"verifier {spec.verifier}"
+        )
+    return EXIT_OK
+
+
+async def output_tails(
+    args: argparse.Namespace, job: JobRecord
+) -> tuple[bytes | None, bytes | None, str]:
+    """The ends of the accepted result's stdout and stderr, read from kubo (best effort)."""
+    from bacq.errors import BacqError
+    from bacq.storage import Storage
+
+    if job.result_cid is None:
+        return None, None, ""
+    try:
+        storage = await Storage.connect(ipfs_api(args), timeout=15.0)
+    except BacqError:
+        return (
+            None,
+            None,
+            f"(output not shown: no kubo at {ipfs_api(args)}; try `bacq logs {job.id}`)",
+        )
+    try:
+        tails: list[bytes | None] = []
+        for name in ("stdout", "stderr"):
+            try:
+                tails.append(await storage.read_tail(f"{job.result_cid}/{name}"))
+            except BacqError:
+                tails.append(None)
+        return tails[0], tails[1], ""
+    finally:
+        await storage.close()
+
+
+async def _preload_storage() -> None:
+    import asyncio
+    import importlib
+
+    storage = await asyncio.to_thread(importlib.import_module, "bacq.storage")
+    await storage.preload()
+
+
+async def submit_and_follow(args: argparse.Namespace, spec: JobSpec, *, wait: bool) -> int:
+    """Submit ``spec``; print its id (``--no-wait``/``--id-only``) or follow it to its verdict."""
+    from bacq.client import Client
+
+    async with await Client.connect(nats_url(args)) as client:
+        job_id = await client.submit(spec, idempotency_key=args.idempotency_key)
+        if args.id_only or not wait:
+            print(job_id, flush=True)
+            return EXIT_OK
+        return await follow(args, client, job_id)
+
+
+async def follow(args: argparse.Namespace, client: Any, job_id: str) -> int:
+    """Follow a submitted job: a live view on a terminal, plain progress lines otherwise; then the
+    verdict (or the record, with ``--output json|yaml``)."""
+    import asyncio
+    import sys
+    import time
+    from collections.abc import Callable
+
+    from bacq.render import plain_progress, render_verdict
+
+    # the output is read from kubo at the end: import its client while the job runs
+    preloading = asyncio.create_task(_preload_storage())
+    started = time.monotonic()
+    machine = args.output in ("json", "yaml")
+    live = None
+    on_change: Callable[[JobRecord], None]
+    if not machine and sys.stdout.isatty():
+        from rich.live import Live
+
+        from bacq.render import LiveView
+
+        view = LiveView(job_id)
+        live = Live(view, console=out(), refresh_per_second=4, transient=False)
+        on_change = view.update
+    else:
+        seen: dict[str, str] = {}
+        if not machine:
+            err().print(
+                f"job [bold]{job_id}[/] submitted; waiting (Ctrl-C detaches, the job goes on)"
+            )
+
+        def on_change(job: JobRecord) -> None:
+            if not machine:
+                for line in plain_progress(job, seen):
+                    err().print(line)
+
+    try:
+        if live is not None:
+            with live:
+                job = await client.wait(job_id, on_change=on_change)
+        else:
+            job = await client.wait(job_id, on_change=on_change)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        preloading.cancel()
+        err().print(
+            f"detached: job {job_id} goes on. Follow it with `bacq logs -f {job_id}`, "
+            f"see it with `bacq describe {job_id}`"
+        )
+        return EXIT_INTERRUPTED
+    if machine:
+        preloading.cancel()
+        emit(job.model_dump(mode="json"), args.output)
+        return job_exit_code(job)
+    await preloading
+    stdout, stderr, note = await output_tails(args, job)
+    render_verdict(
+        out(),
+        job,
+        elapsed=time.monotonic() - started,
+        stdout=stdout,
+        stderr=stderr,
+        output_note=note,
+        tail_lines=TAIL_LINES,
+    )
+    return job_exit_code(job)
