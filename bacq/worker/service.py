@@ -81,6 +81,9 @@ class WorkerConfig:
     heartbeat_interval: float = 2.0
     drain_timeout: float = 60.0  # on SIGTERM: seconds running jobs get to finish
     tamper: bool = False  # a bad worker, for demonstrations and tests of the verifier
+    # a lazy worker: runs no container and builds its result from whatever it can read of the
+    # others' (job record, live output, IPFS), to show that it cannot; BACQ_WORKER_LAZY=1
+    lazy: bool = field(default_factory=lambda: os.environ.get("BACQ_WORKER_LAZY") == "1")
 
     def __post_init__(self) -> None:
         if not NODE_ID.match(self.node_id):
@@ -94,6 +97,20 @@ class _Reservation:
     cpu: float
     memory: int
     expires: float | None  # monotonic time; None once the job runs
+
+
+async def _read_live_output(bus: Bus, job_id: str) -> list[str]:
+    """What the live output stream holds for ``job_id`` (the lazy worker tries it)."""
+    sub = await bus.js.subscribe(subjects.logs_of_job(job_id), ordered_consumer=True)
+    try:
+        msgs = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                msg = await sub.next_msg(timeout=0.5)
+                msgs.append(msg.data.decode(errors="replace"))
+        return msgs
+    finally:
+        await sub.unsubscribe()
 
 
 def live_logs_allowed(spec: JobSpec) -> bool:
@@ -383,6 +400,8 @@ class Worker:
         if not isinstance(self.executor, DockerExecutor):
             raise AssertionError("a noop worker runs jobs once its fixed result is added")
         inputs_dir, results_dir = job_dir / "inputs", job_dir / "results"
+        if self.config.lazy:
+            return await self._copy_instead(job_id, spec, results_dir)
         results_dir.mkdir(parents=True, exist_ok=True)
         inputs_dir.mkdir(parents=True, exist_ok=True)
 
@@ -435,6 +454,33 @@ class Worker:
         # the CID only: no block is published until the verifier asks for the reveal
         cid = await self.storage.add(results_dir, only_hash=True)
         return cid, result.exit_code
+
+    async def _copy_instead(self, job_id: str, spec: JobSpec, results_dir: Path) -> tuple[str, int]:
+        """The lazy worker: try every channel a worker can read for the others' output, then
+        commit to a folder built from what it found (or a guess). Each channel is closed to it
+        before the verdict: its NATS user may read neither job records nor the live output
+        stream, the others publish no block before every commitment is in, and a deterministic
+        job with several workers streams no live output at all."""
+        found: dict[str, str] = {}
+        for channel, read in (
+            ("job record", lambda: self.bus.load_job(job_id)),
+            ("live output", lambda: _read_live_output(self.bus, job_id)),
+        ):
+            try:
+                async with asyncio.timeout(3):
+                    value = await read()
+                found[channel] = repr(value)[:200]
+            except Exception as exc:  # refused (permissions) or nothing there
+                found[channel] = f"refused: {type(exc).__name__}"
+        self.log.warning("lazy.channels", job=job_id, found=found)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        for output in spec.outputs:
+            (results_dir / output.name).mkdir(parents=True, exist_ok=True)
+        (results_dir / "stdout").write_bytes(b"")
+        (results_dir / "stderr").write_bytes(b"")
+        (results_dir / "exitCode").write_text("0")
+        await self._update(job_id, ExecState.PUBLISHING)
+        return await self.storage.add(results_dir, only_hash=True), 0
 
     # -- lifecycle --------------------------------------------------------------------------------
     def info(self) -> NodeInfo:
