@@ -21,6 +21,7 @@ P = subjects.PREFIX
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")  # as the worker checks its --node-id
 KV_JOBS = f"KV_{subjects.JOBS_BUCKET}"
 KV_NODES = f"KV_{subjects.NODES_BUCKET}"
+KV_KEYS = f"KV_{subjects.KEYS_BUCKET}"
 
 
 def _read_stream(stream: str) -> list[str]:
@@ -83,6 +84,7 @@ def role_permissions() -> dict[str, dict[str, Any]]:
                     *_read_stream(subjects.EVENTS_STREAM),
                     *_read_stream(subjects.LOGS_STREAM),
                     *_read_stream(KV_NODES),
+                    *_read_stream(KV_KEYS),  # the requester's signing keys (history --verify)
                 ]
             },
             "subscribe": {"allow": ["_INBOX.client.>"]},
@@ -100,6 +102,7 @@ def role_permissions() -> dict[str, dict[str, Any]]:
                     "$JS.FC.>",
                     f"$KV.{subjects.JOBS_BUCKET}.>",
                     f"$KV.{subjects.IDEMPOTENCY_BUCKET}.>",
+                    f"$KV.{subjects.KEYS_BUCKET}.>",
                 ]
             },
             "subscribe": {

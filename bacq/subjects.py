@@ -26,7 +26,9 @@ requester): ``bacq.events.<job>``, every state change of a job and its execution
 
 Key-value buckets: ``bacq-jobs`` (key = job id, value = the job record; written by the requester
 only), ``bacq-results`` (key = job id, the results the verifier has collected; verifier only) and
-``bacq-idempotency`` (key = hash of a client's idempotency key, value = the job id it created).
+``bacq-idempotency`` (key = hash of a client's idempotency key, value = the job id it created)
+and ``bacq-keys`` (key ``requester``: the public keys that sign job events, see ``bacq.signing``;
+requester only, clients read it).
 
 Live output and node records (read by ``bacq logs`` and ``bacq nodes``; losing them loses no job):
 
@@ -50,6 +52,7 @@ __all__ = [
     "HEARTBEAT",
     "IDEMPOTENCY_BUCKET",
     "JOBS_BUCKET",
+    "KEYS_BUCKET",
     "LOGS_ALL",
     "LOGS_STREAM",
     "NODES_BUCKET",
@@ -159,3 +162,6 @@ def logs(job_id: str, node_id: str) -> str:
 
 def logs_of_job(job_id: str) -> str:
     return f"{PREFIX}.logs.{_token(job_id)}.*"
+
+
+KEYS_BUCKET = "bacq-keys"  # the requester's public signing keys (bacq.signing); requester only
