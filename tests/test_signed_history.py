@@ -1,9 +1,10 @@
 """Signed job histories: the requester's key, seal with a signer, and verify_history.
 
-Pure logic (plus a temporary key file): histories are built the way the requester commits them
-(``diff`` then ``seal``), then attacked the way an insider with write access to the events stream
-could: removing events from the end, reordering them, forging events with a valid hash chain
-(unsigned, signed by another key, or naming the requester's key), and rotating keys.
+Mostly pure logic (and a temporary key file): histories are built the way the requester commits
+them (``diff`` then ``seal``), then attacked the way an insider with write access to the events
+stream could: removing events from the end, reordering them, forging events with a valid hash chain
+(unsigned, signed by another key, or naming the requester's key), and rotating keys. The last test
+runs ``bacq history --verify`` on a real devstack with the published and the pinned key.
 """
 
 from __future__ import annotations
@@ -11,24 +12,35 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from bacq import subjects
+from bacq.client import Client
+from bacq.devstack import Devstack
 from bacq.errors import ConfigError
 from bacq.events import Event, decode_events, diff, encode_events, seal, verify_chain
 from bacq.events import verify_history as verify
 from bacq.models import Execution, JobRecord, new_job_id
 from bacq.signing import (
+    REQUESTER_KEY_ENV,
     PublishedKeys,
     Signer,
+    fetch_requester_keys,
     load_signer,
     parse_public_keys,
+    publish_requester_keys,
     signature_valid,
 )
 from bacq.spec import JobSpec
 from bacq.states import ExecState, JobState
+from tests.conftest import run_cli
+from tests.scenarios import BUSYBOX
+
+DEVSTACK = {"workers": 1}
 
 REQUESTER = Signer.generate()
 ATTACKER = Signer.generate()
@@ -327,3 +339,81 @@ def test_published_keys_must_list_their_current_key() -> None:
         PublishedKeys.decode(b"[]")
     with pytest.raises(ConfigError, match="bytes, more than"):
         PublishedKeys.decode(b" " * 20000)
+
+
+# -- bacq history --verify on a real devstack -----------------------------------------------------
+async def test_history_verify_uses_the_published_or_pinned_key_and_reports_attacks(
+    stack: Devstack,
+) -> None:
+    async with await Client.connect(stack.nats.url) as client:
+        job_id = await client.submit({"image": BUSYBOX, "command": ["true"]})
+        await client.wait(job_id, timeout=60)
+        # a requester that does not sign yet, and publishes no key: the chain alone verifies
+        done = run_cli(stack, "history", job_id, "--verify")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "NOT signed" in done.stdout
+        assert "no trusted requester key" in done.stdout
+        # pinned: unsigned events are a problem
+        done = run_cli(stack, "history", job_id, "--verify", "--requester-key", REQUESTER.key_id)
+        assert done.returncode == 1
+        assert "not signed: the requester signs every event it writes" in done.stdout
+
+        # what a signing requester writes: its key in bacq-keys, each commit's events signed
+        published = await publish_requester_keys(client.bus.js, REQUESTER)
+        assert published.keys == [REQUESTER.key_id]
+        assert await fetch_requester_keys(client.bus.js) == published
+        subject = subjects.events(job_id)
+        record = await client.job(job_id)
+
+        async def rewrite(events: list[Event], last: Event) -> None:
+            await client.bus.js.purge_stream(subjects.EVENTS_STREAM, subject=subject)
+            for event in events:  # one message per event, as plain publishes (no dedup id)
+                await client.bus.js.publish(subject, encode_events([event]))
+            record.event_seq, record.last_hash = last.seq, last.hash
+            await client.bus.save_job(record)
+
+        signed = reseal(await client.history(job_id), 1, REQUESTER)
+        await rewrite(signed, signed[-1])
+        done = run_cli(stack, "history", job_id, "--verify")
+        assert done.returncode == 0, done.stdout
+        assert f"published by the requester in bucket {subjects.KEYS_BUCKET}" in done.stdout
+        assert f"signed by {REQUESTER.key_id}" in done.stdout
+
+        # truncated: the last event removed from the stream
+        await rewrite(signed[:-1], signed[-1])
+        done = run_cli(stack, "history", job_id, "--verify")
+        assert done.returncode == 1
+        assert "removed from the end (truncated)" in done.stdout
+
+        # forged: a result changed and the chain recomputed with another key; even when the forger
+        # also rewrites the job record to point at its last event
+        edited = [e.model_copy(deep=True) for e in signed]
+        edited[-1].result_cid = "bafyforged"
+        forged = reseal(edited, len(edited), ATTACKER)
+        await rewrite(forged, forged[-1])
+        done = run_cli(stack, "history", job_id, "--verify")
+        assert done.returncode == 1
+        assert f"signed by {ATTACKER.key_id}, which is not a trusted requester key" in done.stdout
+
+        # whoever can write bacq-keys can add a key there; a pin wins over what is published
+        await publish_requester_keys(client.bus.js, ATTACKER)
+        done = run_cli(stack, "history", job_id, "--verify")
+        assert done.returncode == 0, done.stdout  # the published keys now list the forger's
+        env_pin = {**os.environ, REQUESTER_KEY_ENV: REQUESTER.key_id}
+        done = run_cli_env(stack, env_pin, "history", job_id, "--verify")
+        assert done.returncode == 1
+        assert f"trusted key {REQUESTER.key_id} (pinned by {REQUESTER_KEY_ENV})" in done.stdout
+        assert f"event {forged[-1].seq} signed by {ATTACKER.key_id}" in done.stdout
+
+
+def run_cli_env(
+    stack: Devstack, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        return run_cli(stack, *args)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
