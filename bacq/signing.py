@@ -21,6 +21,7 @@ import base64
 import binascii
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import stat
@@ -181,14 +182,20 @@ def _raw_public_key(key: str) -> bytes | None:
     return bytes(body[1:])
 
 
+@functools.lru_cache(maxsize=_MAX_KEYS)
+def _verify_key(key_id: str) -> nacl.signing.VerifyKey | None:
+    raw_key = _raw_public_key(key_id)
+    return nacl.signing.VerifyKey(raw_key) if raw_key is not None else None
+
+
 def signature_valid(key_id: str, event_hash: str, signature: str) -> bool:
     """True when ``signature`` is ``key_id``'s signature of ``event_hash``."""
-    raw_key = _raw_public_key(key_id)
-    if raw_key is None:
+    verify_key = _verify_key(key_id)
+    if verify_key is None:
         return False
     try:
         sig = base64.b64decode(signature.encode(), validate=True)
-        nacl.signing.VerifyKey(raw_key).verify(_CONTEXT + event_hash.encode(), sig)
+        verify_key.verify(_CONTEXT + event_hash.encode(), sig)
     except (binascii.Error, ValueError, nacl.exceptions.BadSignatureError, TypeError):
         return False
     return True
