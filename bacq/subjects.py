@@ -41,9 +41,10 @@ requester): ``bacq.events.<job>``, every state change of a job and its execution
 
 Key-value buckets: ``bacq-jobs`` (key = job id, value = the job record; written by the requester
 only), ``bacq-results`` (key = job id, the results the verifier has collected; verifier only) and
-``bacq-idempotency`` (key = hash of a client's idempotency key, value = the job id it created) and
+``bacq-idempotency`` (key = hash of a client's idempotency key, value = the job id it created),
 ``bacq-reputation`` (key = node id, what its messages and results earned it; requester and
-verifier).
+verifier) and ``bacq-keys`` (key ``requester``: the public keys that sign job events, see
+``bacq.signing``; requester only, clients read it).
 
 Live output and node records (read by ``bacq logs`` and ``bacq nodes``; losing them loses no job):
 
@@ -70,6 +71,7 @@ __all__ = [
     "HEARTBEATS_ALL",
     "IDEMPOTENCY_BUCKET",
     "JOBS_BUCKET",
+    "KEYS_BUCKET",
     "LOGS_ALL",
     "LOGS_STREAM",
     "MAX_DELIVER",
@@ -231,3 +233,6 @@ def logs(job_id: str, node_id: str) -> str:
 
 def logs_of_job(job_id: str) -> str:
     return f"{PREFIX}.logs.{_token(job_id)}.*"
+
+
+KEYS_BUCKET = "bacq-keys"  # the requester's public signing keys (bacq.signing); requester only

@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -27,6 +28,7 @@ from bacq.models import (
 from bacq.reputation import QuarantinePolicy, Reputations
 from bacq.requester.operators import NODES_CONFIG_ENV, load_operator_config
 from bacq.requester.record import move_exec
+from bacq.signing import load_signer
 from bacq.spec import JobSpec, Resources
 from bacq.states import ExecState
 
@@ -48,6 +50,7 @@ class RequesterConfig:
     events_max_age: float = 365 * 24 * 3600.0
     events_max_bytes: int = 10 * 1024**3
     nodes_config: str | None = None  # operators and capacity caps per node (operators.py)
+    signing_key: str | None = None  # the seed file that signs events (bacq.signing; created)
     offences_limit: int = 10  # forged/malformed messages and bad reveals before quarantine
     rejected_limit: int = 5  # outvoted results (more than verified) before quarantine
 
@@ -120,6 +123,10 @@ class Core:
         self._invited: dict[str, set[str]] = {}  # job in bidding → the nodes invited to bid
         self.operators = load_operator_config(
             self.config.nodes_config or os.environ.get(NODES_CONFIG_ENV) or None
+        )
+        # signs every event (bacq.signing): the key file is read, or made, at once
+        self.signer = load_signer(
+            Path(self.config.signing_key) if self.config.signing_key else None
         )
         # each node's record; its bucket is opened in serve()
         self.reputations = Reputations(

@@ -28,7 +28,7 @@ class Ledger(Core):
     async def _commit(self, job: JobRecord, events: list[Event], prev_hash: str) -> None:
         """Chain ``events`` after ``prev_hash`` and publish them, then save ``job``."""
         if events:
-            seal(events, prev_hash)
+            seal(events, prev_hash, self.signer)
             job.event_seq, job.last_hash = events[-1].seq, events[-1].hash
             await self.bus.publish_events(events)
         await self.bus.save_job(job)

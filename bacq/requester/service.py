@@ -22,6 +22,7 @@ from bacq.nodes import nodes_bucket
 from bacq.reputation import reputation_bucket
 from bacq.requester._base import RequesterConfig
 from bacq.requester.intake import Intake
+from bacq.signing import publish_requester_keys
 
 __all__ = ["Requester", "RequesterConfig"]
 from bacq.states import ExecState, JobState
@@ -57,6 +58,8 @@ class Requester(Intake):
         # declared here for the workers, which may not use the JetStream API themselves
         await ensure_logs_stream(self.bus.js)
         await nodes_bucket(self.bus)
+        keys = await publish_requester_keys(self.bus.js, self.signer)
+        self.log.info("signing.key", key=self.signer.key_id, trusted=len(keys.keys))
         self.reputations.bucket = await reputation_bucket(self.bus)
         await self.reputations.load_all()
         self.reputations.start()

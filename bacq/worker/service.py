@@ -113,6 +113,16 @@ async def _read_live_output(bus: Bus, job_id: str) -> list[str]:
         await sub.unsubscribe()
 
 
+def _write_guess(results_dir: Path, outputs: list[str]) -> None:
+    """The lazy worker's result: empty output folders, no output, exit code 0."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for name in outputs:
+        (results_dir / name).mkdir(parents=True, exist_ok=True)
+    (results_dir / "stdout").write_bytes(b"")
+    (results_dir / "stderr").write_bytes(b"")
+    (results_dir / "exitCode").write_text("0")
+
+
 def live_logs_allowed(spec: JobSpec) -> bool:
     """Whether a running execution's output may be streamed live (``bacq logs -f``). Not for a
     job whose result is checked by comparing several workers': another worker's operator could
@@ -473,12 +483,7 @@ class Worker:
             except Exception as exc:  # refused (permissions) or nothing there
                 found[channel] = f"refused: {type(exc).__name__}"
         self.log.warning("lazy.channels", job=job_id, found=found)
-        results_dir.mkdir(parents=True, exist_ok=True)
-        for output in spec.outputs:
-            (results_dir / output.name).mkdir(parents=True, exist_ok=True)
-        (results_dir / "stdout").write_bytes(b"")
-        (results_dir / "stderr").write_bytes(b"")
-        (results_dir / "exitCode").write_text("0")
+        await asyncio.to_thread(_write_guess, results_dir, [o.name for o in spec.outputs])
         await self._update(job_id, ExecState.PUBLISHING)
         return await self.storage.add(results_dir, only_hash=True), 0
 
