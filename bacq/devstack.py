@@ -393,11 +393,16 @@ class Devstack:
                 ("requester", ("requester", "--result-grace", str(self.result_grace))),
                 ("verifier", ("verifier",)),
             ]:
+                own = (
+                    {"BACQ_SIGNING_KEY": str(self.state_dir / "requester-signing.nk")}
+                    if name == "requester"
+                    else {}
+                )
                 service = _Service(
                     name,
                     self._argv(*args, "--nats", self.nats.url),
                     self.logs / f"{name}.log",
-                    env=self.role_env.get(name, {}),
+                    env={**own, **self.role_env.get(name, {})},
                 )
                 self.services[name] = service
                 service.start()
