@@ -26,6 +26,7 @@ from bacq.commands.common import (
     EXIT_USAGE,
     Parser,
     UsageError,
+    defer_import,
     export_nats_flags,
     parse_since,
 )
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False) or os.environ.get("BACQ_DEBUG"))
     export_nats_flags(args)
     _configure_logging(args, debug)
+    defer_import("aiohttp")
     try:
         result = args.func(args)
         if hasattr(result, "__await__"):
@@ -97,8 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         return _report(exc)
 
 
+SHOWN_PROBLEMS = 100  # problems of a job file listed before "… and N more"
+
+
 def _report(exc: Exception) -> int:
     """One line per problem, no traceback (``--debug`` shows it); returns the exit code."""
+    from rich.markup import escape
+
     from bacq.commands.common import err
     from bacq.errors import BacqError, ConfigError, SpecError
     from bacq.jobfile import JobFileError
@@ -108,12 +115,18 @@ def _report(exc: Exception) -> int:
         if all(p.field == "file" for p in exc.problems):  # unreadable, not YAML, not a mapping
             for problem in exc.problems:
                 where = f"{exc.source}:{problem.line}" if problem.line else exc.source
-                console.print(f"[red]error:[/] {where}: {problem.message}")
+                console.print(f"[red]error:[/] {where}: {escape(problem.message)}")
             return EXIT_USAGE
-        console.print(f"[red]error:[/] {exc.source} is not a valid job file")
-        for problem in sorted(exc.problems, key=lambda p: p.line or 0):
+        console.print(f"[red]error:[/] {exc.summary or f'{exc.source} is not a valid job file'}")
+        problems = sorted(exc.problems, key=lambda p: (p.index or 0, p.line or 0))
+        for problem in problems[:SHOWN_PROBLEMS]:
             where = f"{exc.source}:{problem.line}" if problem.line else exc.source
-            console.print(f"  {where}: [bold]{problem.field}[/]: {problem.message}")
+            job = f"job {problem.index}: " if problem.index is not None else ""
+            console.print(
+                f"  {where}: {job}[bold]{escape(problem.field)}[/]: {escape(problem.message)}"
+            )
+        if len(problems) > SHOWN_PROBLEMS:
+            console.print(f"  … and {len(problems) - SHOWN_PROBLEMS} more problems")
         return EXIT_USAGE
     if isinstance(exc, SpecError):
         console.print("[red]error:[/] invalid job spec")

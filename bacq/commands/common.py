@@ -14,6 +14,7 @@ import functools
 import os
 import re
 import sys
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from bacq.errors import BacqError
@@ -259,3 +260,36 @@ def add_command(
         name, help=help, parents=[common], epilog=EPILOG, **kwargs
     )
     return parser
+
+
+class _Deferred(ModuleType):
+    """Stands for a module in ``sys.modules`` until an attribute of it is needed."""
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        name = self.__name__
+        if sys.modules.get(name) is self:
+            del sys.modules[name]
+        real = importlib.import_module(name)
+        self.__dict__.update(real.__dict__)
+        return getattr(real, attr)
+
+
+def defer_import(name: str) -> None:
+    """Make ``import name`` give a stand-in that imports the module on first attribute access.
+
+    nats-py imports aiohttp (for WebSocket servers only) whenever aiohttp is installed, which
+    aioipfs does: deferred, a command that talks plain NATS never loads it, and one that uses
+    it (kubo, a ws:// server) loads it on first use as usual. (importlib's LazyLoader does not
+    do: a second ``import`` of a lazy module loads it.)"""
+    import importlib.util
+
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        return
+    stand_in = _Deferred(name)
+    stand_in.__spec__ = spec
+    sys.modules[name] = stand_in

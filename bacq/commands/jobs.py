@@ -1,5 +1,5 @@
 """``bacq list``, ``describe``, ``cancel``, ``history`` and ``events``: reading jobs and their
-histories, and cancelling them.
+histories, and cancelling them (the history commands run ``bacq._audit``'s code).
 
 Touches NATS (the jobs bucket read-only, the events stream read-only, the cancel request) and the
 terminal.
@@ -11,8 +11,8 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from bacq import subjects
 from bacq.commands.common import (
-    EXIT_FAILED,
     EXIT_OK,
     SINCE_HELP,
     UsageError,
@@ -31,13 +31,13 @@ from bacq.commands.common import (
 if TYPE_CHECKING:
     import datetime as dt
 
-    from bacq.events import Event
     from bacq.models import JobRecord
     from bacq.states import JobState
 
 __all__ = ["register"]
 
 SORT_KEYS = ("created", "id", "image", "state", "updated")
+REQUESTER_KEY_ENV = "BACQ_REQUESTER_KEY"  # bacq.signing.REQUESTER_KEY_ENV (a test checks)
 _JOB_STATES = "pending,bidding,running,verifying,accepted,void,failed,cancelled"
 
 
@@ -85,7 +85,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     history.add_argument(
         "--verify",
         action="store_true",
-        help="check the hash chain; names the first broken link (exit 1)",
+        help="check the hash chain, every event's signature and that the history ends at the"
+        " job record's last event; names each problem (exit 1)",
+    )
+    history.add_argument(
+        "--requester-key",
+        metavar="KEY[,KEY]",
+        help="the requester's public signing key(s) to trust with --verify, instead of those it"
+        f" publishes in bucket {subjects.KEYS_BUCKET} (env {REQUESTER_KEY_ENV})",
     )
     output_flag(history, ("table", "json"))
     connection_flags(history)
@@ -200,81 +207,20 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- history, events -----------------------------------------------------------------------------
-def _what(event: Event) -> str:
-    if event.kind == "execution":
-        return f"{event.node_id}: {event.state}"
-    if event.kind == "submitted":
-        return f"job submitted ({event.spec.image if event.spec else '?'})"
-    return f"job: {event.state}"
-
-
-def _why(event: Event) -> str:
-    parts = [p for p in (event.error or event.reason,) if p]
-    if event.result_cid and event.kind == "job":
-        parts.append(f"result {event.result_cid}")
-    return "; ".join(parts)
-
-
-def _event_json(event: Event, stream_seq: int | None = None) -> dict[str, Any]:
-    data = event.model_dump(mode="json", exclude_none=True)
-    if stream_seq is not None:
-        data["stream_seq"] = stream_seq
-    return data
-
-
+# -- history, events: bacq._audit does the work -----------------------------------------------
 async def cmd_history(args: argparse.Namespace) -> int:
-    import json
-
+    from bacq._audit import cmd_history as history
     from bacq.client import Client
-    from bacq.events import verify_chain
 
     async with await Client.connect(nats_url(args)) as client:
-        events = await client.history(args.job_id)
-    flaw = verify_chain(events) if args.verify else None
-    if args.output == "json":
-        print(json.dumps([_event_json(e) for e in events], indent=2))
-    else:
-        from rich.table import Table
-
-        table = Table(box=None, pad_edge=False)
-        for column in ("SEQ", "TIME (UTC)", "WHO", "WHAT", "WHY"):
-            table.add_column(column, overflow="fold")
-        for event in events:
-            table.add_row(
-                str(event.seq),
-                event.at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
-                event.actor,
-                _what(event),
-                _why(event),
-            )
-        out().print(table)
-    if args.verify:
-        if flaw is not None:
-            out().print(f"[red]history of {args.job_id} does not verify:[/] {flaw}")
-            return EXIT_FAILED
-        out().print(
-            f"[green]history verified:[/] {len(events)} events, each chained to the one before it"
-        )
-    return EXIT_OK
+        return await history(args, client, out())
 
 
 async def cmd_events(args: argparse.Namespace) -> int:
-    import json
-
+    from bacq._audit import cmd_events as events
     from bacq.client import Client
 
-    since = parse_since(args.since) if args.since else None
+    if args.since:  # read here, as every --since is: handed on as a time with its zone
+        args.since = parse_since(args.since).isoformat()
     async with await Client.connect(nats_url(args)) as client:
-        async for stream_seq, event in client.events(
-            from_seq=args.from_seq, since=since, follow=args.follow
-        ):
-            if args.output == "json":
-                print(json.dumps(_event_json(event, stream_seq)), flush=True)
-            else:
-                out().print(
-                    f"{stream_seq:>7} {event.at.strftime('%Y-%m-%d %H:%M:%S')} {event.job_id} "
-                    f"#{event.seq} {event.actor}: {_what(event)}"
-                    + (f" — {_why(event)}" if _why(event) else "")
-                )
-    return EXIT_OK
+        return await events(args, client, out())

@@ -7,12 +7,9 @@ SIGTERM/SIGINT and tells systemd how it goes (``bacq.sdnotify``). Services log J
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import os
-import signal
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bacq.commands.common import (
     EXIT_FAILED,
@@ -25,6 +22,9 @@ from bacq.commands.common import (
     key_values,
     nats_url,
 )
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["SERVICES", "register", "serve"]
 
@@ -151,6 +151,10 @@ async def serve(
 
     A service that has not finished ``stop_grace`` seconds after the signal (one still starting
     up, asking a NATS server that is gone again and again) is cancelled."""
+    import asyncio
+    import contextlib
+    import signal
+
     from bacq.sdnotify import Notifier, on_log_event
 
     service = getattr(run, "__self__", None)
@@ -279,6 +283,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_devstack(args: argparse.Namespace) -> int:
+    import signal
     import time
     from pathlib import Path
 

@@ -9,9 +9,12 @@ submission needs: no rich, no kubo client.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING, Any
 
 from bacq.commands.common import (
+    EXIT_COMMAND_FAILED,
+    EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     FILE_COMPLETION,
@@ -29,6 +32,7 @@ from bacq.commands.common import (
 )
 
 if TYPE_CHECKING:
+    from bacq.jobfile import FileProblem, JobsFile
     from bacq.models import JobRecord
     from bacq.spec import JobSpec
 
@@ -123,9 +127,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "create",
-        "submit the job of a YAML or JSON job file",
+        "submit the job(s) of a YAML or JSON job file",
         description="Submit the job in FILE (YAML or JSON; - reads stdin) and print its id; "
-        "--wait follows it like `bacq run`. `bacq run --dry-run ...` writes such a file.",
+        "--wait follows it like `bacq run`. `bacq run --dry-run ...` writes such a file. FILE "
+        "may hold many jobs: a YAML list, YAML documents separated by ---, or JSON lines (one "
+        "job object per line); they are checked first (each problem names the job, from 0, and "
+        "its line), then submitted in batches, and their ids printed in file order. A file "
+        "with a bad job submits nothing unless --skip-invalid.",
     )
     create.add_argument(
         "-f", "--file", required=True, metavar="FILE", help="job file, or - for stdin"
@@ -134,7 +142,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "--wait",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="follow the job to its verdict (default: print the id and return)",
+        help="follow the job to its verdict (default: print the id and return); with many "
+        "jobs, wait for all and print each one's state",
+    )
+    create.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="many jobs: submit the valid ones even when others have problems (those are "
+        "listed on stderr; only the submitted jobs' ids are printed)",
     )
     _follow_flags(create)
     create.set_defaults(func=cmd_create)
@@ -160,7 +175,8 @@ def _follow_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--idempotency-key",
         metavar="KEY",
-        help="submitting again with the same key returns the same job",
+        help="submitting again with the same key returns the same job (with many jobs, job N "
+        "gets KEY-N)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the job as YAML (a job file) and stop"
@@ -221,25 +237,43 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def cmd_create(args: argparse.Namespace) -> int:
-    from bacq.jobfile import load_job_file, spec_to_yaml
+    from bacq.jobfile import load_jobs_file, spec_to_yaml
 
-    spec = load_job_file(args.file)
-    if args.dry_run:
-        print(spec_to_yaml(spec), end="")
-        return EXIT_OK
-    return await submit_and_follow(args, spec, wait=args.wait)
+    jobs = load_jobs_file(args.file)
+    if not jobs.many:
+        (spec,) = [spec for _, spec in jobs.valid]  # one job: its problems were raised
+        if args.dry_run:
+            print(spec_to_yaml(spec), end="")
+            return EXIT_OK
+        return await submit_and_follow(args, spec, wait=args.wait)
+    return await create_many(args, jobs)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from bacq.jobfile import load_job_file
+    from bacq.jobfile import JobFileError, load_jobs_file
 
-    spec = load_job_file(args.file)
-    source = "<stdin>" if args.file == "-" else args.file
+    jobs = load_jobs_file(args.file)
+    if jobs.problems:
+        bad = len({p.index for p in jobs.problems})
+        raise JobFileError(
+            jobs.source,
+            jobs.problems,
+            summary=f"{jobs.source}: {bad} of its {len(jobs.specs)} jobs have problems",
+        )
+    specs = [spec for _, spec in jobs.valid]
     if args.output in ("json", "yaml"):
-        emit({"valid": True, "file": source, "spec": spec.model_dump(mode="json")}, args.output)
+        report: dict[str, Any] = {"valid": True, "file": jobs.source}
+        if jobs.many:
+            report["specs"] = [spec.model_dump(mode="json") for spec in specs]
+        else:
+            report["spec"] = specs[0].model_dump(mode="json")
+        emit(report, args.output)
+    elif jobs.many:
+        out().print(f"[green]valid[/]: {jobs.source} holds {len(specs)} jobs")
     else:
+        spec = specs[0]
         out().print(
-            f"[green]valid[/]: {source} runs {spec.image} on {spec.concurrency} worker(s), "
+            f"[green]valid[/]: {jobs.source} runs {spec.image} on {spec.concurrency} worker(s), "
             f"verifier {spec.verifier}"
         )
     return EXIT_OK
@@ -284,21 +318,135 @@ async def _preload_storage() -> None:
 
 async def submit_and_follow(args: argparse.Namespace, spec: JobSpec, *, wait: bool) -> int:
     """Submit ``spec``; print its id (``--no-wait``/``--id-only``) or follow it to its verdict."""
+    if args.id_only or not wait:
+        # a plain NATS connection: no JetStream lookup, no message models, no kubo client
+        from bacq import submission
+
+        nc = await submission.connect(nats_url(args))
+        try:
+            job_id = await submission.submit_one(
+                nc,
+                nats_url(args),
+                spec.model_dump(mode="json"),
+                idempotency_key=args.idempotency_key,
+            )
+        finally:
+            await nc.close()
+        print(job_id, flush=True)
+        return EXIT_OK
     from bacq.client import Client
 
     async with await Client.connect(nats_url(args)) as client:
         job_id = await client.submit(spec, idempotency_key=args.idempotency_key)
-        if args.id_only or not wait:
-            print(job_id, flush=True)
-            return EXIT_OK
         return await follow(args, client, job_id)
+
+
+async def create_many(args: argparse.Namespace, jobs: JobsFile) -> int:
+    """``bacq create -f`` of a file of many jobs: check all, submit in batches, print the ids in
+    file order; ``--wait`` then waits for all of them."""
+    import time
+
+    from bacq import submission
+    from bacq.jobfile import JobFileError, spec_to_yaml
+
+    total = len(jobs.specs)
+    bad = sorted({p.index for p in jobs.problems if p.index is not None})
+    if bad and not args.skip_invalid:
+        raise JobFileError(
+            jobs.source,
+            jobs.problems,
+            summary=f"{jobs.source}: {len(bad)} of its {total} jobs have problems; nothing was "
+            "submitted (fix them, or --skip-invalid submits the others)",
+        )
+    if bad:
+        _print_problems(jobs.problems, jobs.source)
+        err().print(
+            f"[yellow]skipping {len(bad)} of {total} jobs[/] with problems (jobs "
+            + ", ".join(str(i) for i in bad[:20])
+            + (", …" if len(bad) > 20 else "")
+            + f"); submitting the other {total - len(bad)}"
+        )
+    valid = jobs.valid
+    if args.dry_run:
+        print("---\n".join(spec_to_yaml(spec) for _, spec in valid), end="")
+        return EXIT_OK
+    keys = (
+        [f"{args.idempotency_key}-{index}" for index, _ in valid] if args.idempotency_key else None
+    )
+    started = time.monotonic()
+    url = nats_url(args)
+    nc = await submission.connect(url)
+    try:
+        outcomes = await submission.submit_many(
+            nc, url, [spec.model_dump(mode="json") for _, spec in valid], keys
+        )
+    finally:
+        await nc.close()
+    took = time.monotonic() - started
+    job_ids: list[str] = []
+    refused = 0
+    for (index, _), outcome in zip(valid, outcomes, strict=True):
+        if outcome.job_id is not None:
+            job_ids.append(outcome.job_id)
+            print(outcome.job_id)
+            continue
+        refused += 1
+        for field, message in outcome.problems or [("job", outcome.error or "refused")]:
+            err().print(
+                f"[red]refused:[/] {jobs.source}: job {index}: [bold]{field}[/]: {message}"
+            )
+    sys.stdout.flush()
+    if sys.stderr.isatty():
+        err().print(
+            f"submitted {len(job_ids)} jobs in {took:.2f}s ({len(job_ids) / max(took, 1e-6):.0f}/s)"
+        )
+    if refused:
+        err().print(
+            f"[red]error:[/] the requester refused {refused} of {len(valid)} jobs (listed "
+            "above); the others were submitted"
+        )
+        return EXIT_FAILED
+    if not (args.wait and not args.id_only):
+        return EXIT_OK
+    return await _wait_many(args, job_ids)
+
+
+def _print_problems(problems: list[FileProblem], source: str) -> None:
+    from rich.markup import escape
+
+    for problem in problems[:100]:
+        where = f"{source}:{problem.line}" if problem.line else source
+        err().print(
+            f"  {where}: job {problem.index}: [bold]{escape(problem.field)}[/]: "
+            f"{escape(problem.message)}"
+        )
+    if len(problems) > 100:
+        err().print(f"  … and {len(problems) - 100} more problems")
+
+
+async def _wait_many(args: argparse.Namespace, job_ids: list[str]) -> int:
+    from bacq.client import Client
+    from bacq.states import JobState
+
+    err().print(f"waiting for {len(job_ids)} jobs (Ctrl-C stops waiting; the jobs go on)")
+    async with await Client.connect(nats_url(args)) as client:
+        done = await client.wait_all(job_ids)
+    records = [done[job_id] for job_id in job_ids]
+    if args.output in ("json", "yaml"):
+        emit([job.model_dump(mode="json") for job in records], args.output)
+    else:
+        for job in records:
+            exit_code = "" if job.exit_code is None else f" exit {job.exit_code}"
+            print(f"{job.id} {job.state.value}{exit_code}")
+    if any(job.state != JobState.ACCEPTED for job in records):
+        return EXIT_FAILED
+    return EXIT_COMMAND_FAILED if any(job.exit_code for job in records) else EXIT_OK
 
 
 async def follow(args: argparse.Namespace, client: Any, job_id: str) -> int:
     """Follow a submitted job: a live view on a terminal, plain progress lines otherwise; then the
     verdict (or the record, with ``--output json|yaml``)."""
     import asyncio
-    import sys
     import time
     from collections.abc import Callable
 
