@@ -46,6 +46,9 @@ GROUPS = (
 )
 
 
+SERVICES = ("requester", "verifier", "worker")  # long-running: JSON logs at INFO
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     common.add_argument(
@@ -69,7 +72,7 @@ def _configure_logging(args: argparse.Namespace, debug: bool) -> None:
     is imported by the first log line, if any)."""
     from bacq.log import configure
 
-    service = args.cmd in ("requester", "verifier", "worker")
+    service = args.cmd in SERVICES
     configure(
         json=True if service or os.environ.get("BACQ_LOG_JSON") else None,
         level=None if service or debug else "WARNING",
@@ -83,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False) or os.environ.get("BACQ_DEBUG"))
     export_nats_flags(args)
     _configure_logging(args, debug)
-    defer_import("aiohttp")
+    defer_import("aiohttp")  # nats-py imports it for ws:// servers only
+    if args.cmd not in SERVICES:
+        # pydantic looks for plugins among every installed distribution's entry points when it
+        # builds its first model (a third of `bacq run --no-wait`'s start); a client has none
+        os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     try:
         result = args.func(args)
         if hasattr(result, "__await__"):

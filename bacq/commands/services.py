@@ -26,10 +26,9 @@ from bacq.commands.common import (
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["SERVICES", "register", "serve"]
+__all__ = ["register", "serve"]
 
 SERVICE_CONNECT_WAIT = 60.0  # seconds a service waits for NATS at start (it may be starting too)
-SERVICES = ("requester", "verifier", "worker")  # commands that log JSON lines at INFO
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
