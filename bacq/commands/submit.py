@@ -392,9 +392,7 @@ async def create_many(args: argparse.Namespace, jobs: JobsFile) -> int:
             continue
         refused += 1
         for field, message in outcome.problems or [("job", outcome.error or "refused")]:
-            err().print(
-                f"[red]refused:[/] {jobs.source}: job {index}: [bold]{field}[/]: {message}"
-            )
+            err().print(f"[red]refused:[/] {jobs.source}: job {index}: [bold]{field}[/]: {message}")
     sys.stdout.flush()
     if sys.stderr.isatty():
         err().print(
