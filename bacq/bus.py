@@ -38,7 +38,7 @@ from pydantic import BaseModel
 
 from bacq import subjects
 from bacq.auth import NatsOptions
-from bacq.errors import ConfigError, NatsUnavailable
+from bacq.errors import ConfigError, Fenced, NatsUnavailable
 from bacq.events import Event, decode_events, encode_events
 from bacq.log import get_logger
 from bacq.models import JobRecord, decode, encode
@@ -389,11 +389,49 @@ class Bus:
         value = await again(get)
         return None if value is None else decode(JobRecord, value)
 
-    async def save_job(self, job: JobRecord) -> None:
-        async def put() -> None:
-            await self.jobs.put(job.id, encode(job))
+    async def load_job_entry(self, job_id: str) -> tuple[JobRecord, int] | None:
+        """A job record and its revision (for ``save_job``'s compare-and-set)."""
 
-        await again(put)
+        async def get() -> tuple[bytes | None, int] | None:
+            try:
+                entry = await self.jobs.get(job_id)
+            except nats.js.errors.KeyNotFoundError:
+                return None
+            return entry.value, entry.revision or 0
+
+        found = await again(get)
+        if found is None or found[0] is None:
+            return None
+        return decode(JobRecord, found[0]), found[1]
+
+    async def save_job(self, job: JobRecord, *, revision: int | None = None) -> int:
+        """Write a job record; returns its new revision. With ``revision`` (0: the record must
+        not exist yet) the write is a compare-and-set: if someone else wrote the record since,
+        ``Fenced`` is raised and nothing is written (a deposed requester cannot overwrite the
+        decisions of the one that replaced it)."""
+        data = encode(job)
+
+        async def put() -> int:
+            if revision is None:
+                return int(await self.jobs.put(job.id, data))
+            try:
+                if revision == 0:
+                    return int(await self.jobs.create(job.id, data))
+                return int(await self.jobs.update(job.id, data, last=revision))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                # our own write whose acknowledgement was lost (then retried) is no conflict
+                try:
+                    entry = await self.jobs.get(job.id)
+                except nats.js.errors.KeyNotFoundError:
+                    entry = None
+                if entry is not None and entry.value == data:
+                    return int(entry.revision or 0)
+                raise Fenced(
+                    f"job {job.id} was written by someone else since revision {revision}: "
+                    "another requester is active"
+                ) from None
+
+        return await again(put)
 
     async def job_ids(self) -> list[str]:
         async def keys() -> list[str]:

@@ -15,6 +15,8 @@
     │   └── JobTimeout             the container outlived the job's timeout and was killed
     ├── RequestRejected            the requester answered a request with an error
     │   └── BatchRejected          it refused some specs of a bulk submission
+    ├── Fenced                     another instance of this service took over (its lease, or a
+    │                              job record changed under it): this one must stop
     └── ComponentError             a local component (nats-server, kubo) failed to start
 
 Every message is one line a person can act on: what went wrong, and what to do about it.
@@ -31,6 +33,7 @@ __all__ = [
     "ConnectError",
     "DockerUnavailable",
     "ExecutionError",
+    "Fenced",
     "ImageUnavailable",
     "IpfsUnavailable",
     "JobNotFound",
@@ -126,3 +129,8 @@ class BatchRejected(RequestRejected):
     ) -> None:
         self.job_ids = job_ids
         super().__init__(message, problems)
+
+
+class Fenced(BacqError):
+    """Another instance of this service is active now (it took the lease, or wrote a job record
+    this one was about to overwrite). The service stops; its supervisor restarts it as a standby."""

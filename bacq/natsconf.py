@@ -22,6 +22,7 @@ NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")  # as the worker check
 KV_JOBS = f"KV_{subjects.JOBS_BUCKET}"
 KV_NODES = f"KV_{subjects.NODES_BUCKET}"
 KV_REPUTATION = f"KV_{subjects.REPUTATION_BUCKET}"
+KV_LEASES = f"KV_{subjects.LEASES_BUCKET}"
 KV_KEYS = f"KV_{subjects.KEYS_BUCKET}"
 
 
@@ -90,6 +91,7 @@ def role_permissions() -> dict[str, dict[str, Any]]:
                     *_read_stream(subjects.LOGS_STREAM),
                     *_read_stream(KV_NODES),
                     *_read_stream(KV_REPUTATION),
+                    *_read_stream(KV_LEASES),
                     *_read_stream(subjects.DEAD_STREAM),
                     *_read_stream(KV_KEYS),  # the requester's signing keys (history --verify)
                 ]
@@ -109,6 +111,7 @@ def role_permissions() -> dict[str, dict[str, Any]]:
                     f"$KV.{subjects.JOBS_BUCKET}.>",
                     f"$KV.{subjects.IDEMPOTENCY_BUCKET}.>",
                     f"$KV.{subjects.REPUTATION_BUCKET}.>",
+                    f"$KV.{subjects.LEASES_BUCKET}.>",
                     subjects.DEAD_ALL,
                     f"$KV.{subjects.KEYS_BUCKET}.>",
                 ]
@@ -137,6 +140,7 @@ def role_permissions() -> dict[str, dict[str, Any]]:
                     "$JS.FC.>",
                     f"$KV.{subjects.RESULTS_BUCKET}.>",
                     f"$KV.{subjects.REPUTATION_BUCKET}.>",
+                    f"$KV.{subjects.LEASES_BUCKET}.>",
                     subjects.DEAD_ALL,
                 ]
             },

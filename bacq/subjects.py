@@ -43,7 +43,8 @@ Key-value buckets: ``bacq-jobs`` (key = job id, value = the job record; written 
 only), ``bacq-results`` (key = job id, the results the verifier has collected; verifier only) and
 ``bacq-idempotency`` (key = hash of a client's idempotency key, value = the job id it created),
 ``bacq-reputation`` (key = node id, what its messages and results earned it; requester and
-verifier) and ``bacq-keys`` (key ``requester``: the public keys that sign job events, see
+verifier), ``bacq-leases`` (key = role: which requester and which verifier is active, see
+``bacq.lease``) and ``bacq-keys`` (key ``requester``: the public keys that sign job events, see
 ``bacq.signing``; requester only, clients read it).
 
 Live output and node records (read by ``bacq logs`` and ``bacq nodes``; losing them loses no job):
@@ -72,6 +73,7 @@ __all__ = [
     "IDEMPOTENCY_BUCKET",
     "JOBS_BUCKET",
     "KEYS_BUCKET",
+    "LEASES_BUCKET",
     "LOGS_ALL",
     "LOGS_STREAM",
     "MAX_DELIVER",
@@ -136,6 +138,7 @@ REQUESTER_VERDICT_CONSUMER = "requester-verdicts"  # verdicts (BACQ_VERDICTS str
 VERIFIER_CONSUMER = "verifier"
 
 REPUTATION_BUCKET = "bacq-reputation"
+LEASES_BUCKET = "bacq-leases"  # key = role: the active requester and verifier (bacq.lease)
 JOBS_BUCKET = "bacq-jobs"
 RESULTS_BUCKET = "bacq-results"
 IDEMPOTENCY_BUCKET = "bacq-idempotency"

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from bacq.bus import Bus
+from bacq.lease import Lease
 from bacq.log import get_logger
 from bacq.models import (
     Bid,
@@ -124,6 +125,11 @@ class Core:
         self.operators = load_operator_config(
             self.config.nodes_config or os.environ.get(NODES_CONFIG_ENV) or None
         )
+        # fencing: the lease this requester holds (serve() acquires it), the revision of each
+        # record it last wrote or read, and whether another requester took over
+        self.lease: Lease | None = None
+        self._revisions: dict[str, int] = {}
+        self.fenced = asyncio.Event()
         # signs every event (bacq.signing): the key file is read, or made, at once
         self.signer = load_signer(
             Path(self.config.signing_key) if self.config.signing_key else None

@@ -119,7 +119,7 @@ class Intake(Folding):
                 return None
             job = fold(events)
             job.idempotency_key = key
-            await self.bus.save_job(job)
+            self._revisions[job.id] = await self.bus.save_job(job, revision=0)
             self._keep(job)
             self._enqueue(existing)
         return existing

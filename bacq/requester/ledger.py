@@ -15,6 +15,7 @@ import nats.errors
 import nats.js.errors
 
 from bacq import subjects
+from bacq.errors import Fenced
 from bacq.events import Event, decode_events, diff, fold, seal
 from bacq.models import (
     JobRecord,
@@ -26,16 +27,35 @@ from bacq.states import EXEC_ACTIVE
 
 class Ledger(Core):
     async def _commit(self, job: JobRecord, events: list[Event], prev_hash: str) -> None:
-        """Chain ``events`` after ``prev_hash`` and publish them, then save ``job``."""
-        if events:
-            seal(events, prev_hash, self.signer)
-            job.event_seq, job.last_hash = events[-1].seq, events[-1].hash
-            await self.bus.publish_events(events)
-        await self.bus.save_job(job)
+        """Chain ``events`` after ``prev_hash`` and publish them, then save ``job`` with a
+        compare-and-set on the revision this requester last wrote or read (0: a new record).
+
+        Fenced: a requester whose lease has run out writes nothing, and one whose record was
+        changed by another (the one that replaced it) stops (``self.fenced``)."""
+        if self.lease is not None and not self.lease.valid():
+            self.fenced.set()
+            raise Fenced("this requester's lease ran out: another one may be active")
+        try:
+            if events:
+                seal(events, prev_hash, self.signer)
+                job.event_seq, job.last_hash = events[-1].seq, events[-1].hash
+                await self.bus.publish_events(events)
+            self._revisions[job.id] = await self.bus.save_job(
+                job, revision=self._revisions.get(job.id, 0)
+            )
+        except Fenced:
+            self.fenced.set()
+            raise
 
     async def _load(self, job_id: str) -> JobRecord | None:
         job = self._records.get(job_id)
-        return job if job is not None else await self.bus.load_job(job_id)
+        if job is not None:
+            return job
+        found = await self.bus.load_job_entry(job_id)
+        if found is None:
+            return None
+        job, self._revisions[job_id] = found
+        return job
 
     def _keep(self, job: JobRecord) -> None:
         """Remember ``job`` as committed: the cache, and which nodes it keeps busy."""
@@ -48,6 +68,7 @@ class Ledger(Core):
         if job.final:
             self._records.pop(job.id, None)
             self._locks.pop(job.id, None)
+            self._revisions.pop(job.id, None)
         else:
             self._records[job.id] = job
         if self._queue:
@@ -97,6 +118,8 @@ class Ledger(Core):
             return job
         rebuilt = fold(await self.bus.job_events(job.id))
         rebuilt.deadline, rebuilt.idempotency_key = job.deadline, job.idempotency_key
-        await self.bus.save_job(rebuilt)
+        self._revisions[job.id] = await self.bus.save_job(
+            rebuilt, revision=self._revisions.get(job.id, 0)
+        )
         self.log.info("job.rolled_forward", job=job.id, seq=rebuilt.event_seq)
         return rebuilt

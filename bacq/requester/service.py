@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from functools import partial
 
 from bacq import subjects
 from bacq.bus import ensure_bucket
+from bacq.errors import Fenced
+from bacq.lease import Lease
 from bacq.logs import ensure_logs_stream
 from bacq.models import (
     JobRecord,
@@ -32,16 +35,19 @@ class Requester(Intake):
     async def _resume(self) -> None:
         queued: list[JobRecord] = []
         for job_id in await self.bus.job_ids():
-            job = await self.bus.load_job(job_id)
-            if job is None or job.final:
+            found = await self.bus.load_job_entry(job_id)
+            if found is None or found[0].final:
                 continue
+            job, self._revisions[job_id] = found
             job = await self._reconcile(job)
             self.log.info("job.resumed", job=job_id, state=job.state)
             if job.state in (JobState.PENDING, JobState.BIDDING):
                 queued.append(job)
             elif job.deadline is None:
                 job.deadline = self._results_deadline(job.spec)
-                await self.bus.save_job(job)
+                self._revisions[job_id] = await self.bus.save_job(
+                    job, revision=self._revisions[job_id]
+                )
             self._keep(job)
             # the choice was committed, but the previous process may have died before the
             # workers heard of it: tell them again (a worker that runs it already says ok)
@@ -51,6 +57,21 @@ class Requester(Intake):
             self._enqueue(job.id)
 
     async def serve(self, stop: asyncio.Event) -> None:
+        """Wait for the lease (another requester may be active: then this one is a standby),
+        then serve until ``stop`` is set; raises ``Fenced`` when another requester took over."""
+        self.lease = Lease(self.bus, "requester")
+        standby = partial(self.log.info, "service.ready", service="requester", standby=True)
+        if not await self.lease.acquire(stop, on_standby=standby):
+            return
+        try:
+            await self._serve_active(stop)
+        finally:
+            await self.lease.release()
+        if self.lease.lost.is_set() or self.fenced.is_set():
+            raise Fenced("another requester took over; this one stopped (it may start again)")
+
+    async def _serve_active(self, stop: asyncio.Event) -> None:
+        assert self.lease is not None  # noqa: S101 (serve acquired it)
         await self.bus.set_events_retention(
             max_age=self.config.events_max_age, max_bytes=self.config.events_max_bytes
         )
@@ -78,10 +99,17 @@ class Requester(Intake):
             asyncio.create_task(self._dispatch()),
         ]
         await self.bus.nc.flush()
-        self.log.info("service.ready", service="requester")
+        self.log.info("service.ready", service="requester", instance=self.lease.holder.instance)
+        ends = [
+            asyncio.create_task(stop.wait()),
+            asyncio.create_task(self.lease.lost.wait()),
+            asyncio.create_task(self.fenced.wait()),
+        ]
         try:
-            await stop.wait()
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for end in ends:
+                end.cancel()
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any
 
 import nats.errors
@@ -34,7 +35,9 @@ from pydantic import BaseModel, Field
 
 from bacq import subjects
 from bacq.bus import Bus, ensure_bucket, last_delivery, new_nonce
+from bacq.errors import Fenced
 from bacq.faults import crash_point
+from bacq.lease import Lease
 from bacq.log import get_logger
 from bacq.models import (
     JobRecord,
@@ -383,6 +386,20 @@ class Verifier:
             slots.release()
 
     async def serve(self, stop: asyncio.Event) -> None:
+        """Wait for the lease (another verifier may be active: then this one is a standby),
+        then verify until ``stop`` is set; raises ``Fenced`` when another verifier took over."""
+        lease = Lease(self.bus, "verifier")
+        standby = partial(self.log.info, "service.ready", service="verifier", standby=True)
+        if not await lease.acquire(stop, on_standby=standby):
+            return
+        try:
+            await self._serve_active(stop, lease)
+        finally:
+            await lease.release()
+        if lease.lost.is_set():
+            raise Fenced("another verifier took over; this one stopped (it may start again)")
+
+    async def _serve_active(self, stop: asyncio.Event, lease: Lease) -> None:
         await self._recover()
         await self.reputations.load_all()
         self.reputations.start()
@@ -393,6 +410,10 @@ class Verifier:
                 subjects.VERIFY_ALL, subjects.VERIFIER_CONSUMER, batch=IN_FLIGHT
             ):
                 await slots.acquire()
+                if not lease.valid():  # frozen or cut off: another verifier may be active
+                    slots.release()
+                    lease.lost.set()
+                    return
                 self._spawn(self._handle_and_ack(msg, slots), "result")
 
         async def sweep() -> None:
@@ -402,11 +423,12 @@ class Verifier:
 
         tasks = [asyncio.create_task(loop()), asyncio.create_task(sweep())]
         await self.bus.nc.flush()
-        self.log.info("service.ready", service="verifier")
+        self.log.info("service.ready", service="verifier", instance=lease.holder.instance)
+        ends = [asyncio.create_task(stop.wait()), asyncio.create_task(lease.lost.wait())]
         try:
-            await stop.wait()
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for pending in [*tasks, *self._tasks]:
+            for pending in [*ends, *tasks, *self._tasks]:
                 pending.cancel()
             await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
             await self.reputations.stop()
