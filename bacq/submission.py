@@ -30,7 +30,11 @@ if TYPE_CHECKING:
 __all__ = ["Outcome", "batches", "connect", "fresh_key", "submit_many", "submit_one"]
 
 PAYLOAD_MARGIN = 4096  # bytes of a request's payload kept free under the server's max_payload
-BATCHES_IN_FLIGHT = 4  # bulk requests outstanding at once
+# specs per bulk request and requests outstanding at once: the requester records every spec
+# (JetStream writes) before it answers, so a few mid-sized batches in flight keep it busy
+# without piling up thousands of half-done submissions (measured: 250 x 4 beat 1000 x 1..4)
+BATCH_SIZE = min(250, subjects.SUBMIT_MANY_MAX)
+BATCHES_IN_FLIGHT = 4
 
 
 def fresh_key() -> str:
@@ -170,23 +174,26 @@ def batches(sizes: Sequence[int], *, max_count: int, max_bytes: int) -> list[ran
 async def submit_many(
     nc: NatsClient,
     url: str,
-    specs: Sequence[dict[str, Any]],
+    specs: Sequence[dict[str, Any] | bytes],
     idempotency_keys: Sequence[str | None] | None = None,
     *,
     timeout: float = 60.0,
     attempts: int = 3,
-    max_count: int = subjects.SUBMIT_MANY_MAX,
+    max_count: int = BATCH_SIZE,
     in_flight: int = BATCHES_IN_FLIGHT,
 ) -> list[Outcome]:
-    """Submit checked specs (their JSON forms) in batches under the count and the server's
-    payload limits, a few batches at a time; the outcomes are in the order of ``specs``."""
+    """Submit checked specs (their JSON forms, as dicts or encoded) in batches under the count
+    and the server's payload limits, a few batches at a time; the outcomes are in the order of
+    ``specs``."""
     if idempotency_keys is not None and len(idempotency_keys) != len(specs):
         raise ValueError("idempotency_keys must have one key per spec")
     keys = [
         (idempotency_keys[i] if idempotency_keys is not None else None) or fresh_key()
         for i in range(len(specs))
     ]
-    encoded = [json.dumps(s, separators=(",", ":")).encode() for s in specs]
+    encoded = [
+        s if isinstance(s, bytes) else json.dumps(s, separators=(",", ":")).encode() for s in specs
+    ]
     quoted = [json.dumps(k).encode() for k in keys]
     max_bytes = max(1024, (nc.max_payload or 1024 * 1024) - PAYLOAD_MARGIN)
     sizes = [len(e) + len(q) + 2 for e, q in zip(encoded, quoted, strict=True)]

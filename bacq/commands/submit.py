@@ -378,17 +378,19 @@ async def create_many(args: argparse.Namespace, jobs: JobsFile) -> int:
     nc = await submission.connect(url)
     try:
         outcomes = await submission.submit_many(
-            nc, url, [spec.model_dump(mode="json") for _, spec in valid], keys
+            nc, url, [spec.model_dump_json().encode() for _, spec in valid], keys
         )
     finally:
         await nc.close()
     took = time.monotonic() - started
+    waiting = args.wait and not args.id_only
     job_ids: list[str] = []
     refused = 0
     for (index, _), outcome in zip(valid, outcomes, strict=True):
         if outcome.job_id is not None:
             job_ids.append(outcome.job_id)
-            print(outcome.job_id)
+            if not waiting:  # waiting: the ids come with the outcomes
+                print(outcome.job_id)
             continue
         refused += 1
         for field, message in outcome.problems or [("job", outcome.error or "refused")]:
@@ -404,7 +406,7 @@ async def create_many(args: argparse.Namespace, jobs: JobsFile) -> int:
             "above); the others were submitted"
         )
         return EXIT_FAILED
-    if not (args.wait and not args.id_only):
+    if not waiting:
         return EXIT_OK
     return await _wait_many(args, job_ids)
 
@@ -423,12 +425,19 @@ def _print_problems(problems: list[FileProblem], source: str) -> None:
 
 
 async def _wait_many(args: argparse.Namespace, job_ids: list[str]) -> int:
+    import asyncio
+
     from bacq.client import Client
     from bacq.states import JobState
 
     err().print(f"waiting for {len(job_ids)} jobs (Ctrl-C stops waiting; the jobs go on)")
-    async with await Client.connect(nats_url(args)) as client:
-        done = await client.wait_all(job_ids)
+    try:
+        async with await Client.connect(nats_url(args)) as client:
+            done = await client.wait_all(job_ids)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("\n".join(job_ids), flush=True)
+        err().print(f"detached: the {len(job_ids)} jobs (ids above) go on")
+        return EXIT_INTERRUPTED
     records = [done[job_id] for job_id in job_ids]
     if args.output in ("json", "yaml"):
         emit([job.model_dump(mode="json") for job in records], args.output)
