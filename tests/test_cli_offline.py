@@ -46,7 +46,8 @@ def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
 # -- validate: each kind of bad file, with the field and its line --------------------------------
 BAD_FILES = {
     "not_yaml": ("image: busybox\ncommand: [echo, hi\n", "line 3", "is not valid YAML or JSON"),
-    "a_list": ("- image: busybox\n", "line 1", "not a mapping of job fields"),
+    # a list of jobs is a file of many jobs (tests/test_cli_bulk_offline.py); its items must be jobs
+    "a_list": ("- just text\n", "line 1", "not a mapping of job fields"),
     "empty": ("\n\n", None, "is empty"),
     "unknown_field": (
         "image: busybox\ncomand: [echo]\n",
