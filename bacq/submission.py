@@ -35,6 +35,9 @@ PAYLOAD_MARGIN = 4096  # bytes of a request's payload kept free under the server
 # without piling up thousands of half-done submissions (measured: 250 x 4 beat 1000 x 1..4)
 BATCH_SIZE = min(250, subjects.SUBMIT_MANY_MAX)
 BATCHES_IN_FLIGHT = 4
+# seconds a bulk submission waits for a requester that stopped listening (restart, failover, a
+# reconnection): its keys make the retry safe, and giving up halfway leaves a file half-submitted
+REQUESTER_PATIENCE = 30.0
 
 
 def fresh_key() -> str:
@@ -78,23 +81,37 @@ async def connect(url: str, *, name: str = "bacq-client", wait: float = 5.0) -> 
 
 
 async def _request(
-    nc: NatsClient, url: str, subject: str, payload: bytes, *, timeout: float, attempts: int
+    nc: NatsClient,
+    url: str,
+    subject: str,
+    payload: bytes,
+    *,
+    timeout: float,
+    attempts: int,
+    patience: float = 3.0,
 ) -> dict[str, Any]:
-    """Ask the requester, again on no answer; the same payload (and keys) every time."""
-    for attempt in range(1, attempts + 1):
+    """Ask the requester, again on no answer (``attempts`` times), and again while nobody
+    listens on ``subject`` (for ``patience`` seconds: a requester restarting, failing over or
+    reconnecting); the same payload, so the same idempotency keys, every time."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + patience
+    delay, attempt = 0.5, 0
+    while True:
         try:
             msg = await nc.request(subject, payload, timeout=timeout)
         except nats.errors.NoRespondersError:
-            if attempt == attempts:
+            if loop.time() + delay > give_up:
                 what = "bulk submissions" if subject == subjects.SUBMIT_MANY else "submissions"
                 raise RequestRejected(
                     f"no requester answers {what} ({subject}) on NATS at {url}; start one "
                     "(`bacq devstack`, or `bacq requester`), or update one older than this client"
                 ) from None
-            await asyncio.sleep(attempt)  # a requester that restarts is back in a moment
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 4.0)
             continue
         except (TimeoutError, nats.errors.TimeoutError):
-            if attempt == attempts:
+            attempt += 1
+            if attempt >= attempts:
                 raise RequestRejected(
                     f"the requester did not answer {attempts} times in {timeout:g}s; "
                     "is it overloaded or stuck?"
@@ -107,7 +124,6 @@ async def _request(
         if not isinstance(reply, dict):
             raise RequestRejected(f"the requester's answer on {subject} is not a JSON object")
         return reply
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _problems(reply: dict[str, Any]) -> list[tuple[str, str]]:
@@ -224,7 +240,13 @@ async def submit_many(
         )
         async with gate:
             reply = await _request(
-                nc, url, subjects.SUBMIT_MANY, payload, timeout=timeout, attempts=attempts
+                nc,
+                url,
+                subjects.SUBMIT_MANY,
+                payload,
+                timeout=timeout,
+                attempts=attempts,
+                patience=REQUESTER_PATIENCE,
             )
         results = reply.get("results")
         if reply.get("error") or not isinstance(results, list) or len(results) != len(wanted):
