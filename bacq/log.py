@@ -7,7 +7,6 @@ structlog (which loads rich for its console renderer) is imported only when some
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import TYPE_CHECKING, Any, cast
@@ -33,6 +32,8 @@ def configure(*, json: bool | None = None, level: str | None = None, lazy: bool 
 
 
 def _apply(*, json: bool | None, level: str | None) -> None:
+    import logging
+
     import structlog
 
     level_name = (level or os.environ.get("BACQ_LOG_LEVEL") or "INFO").upper()
