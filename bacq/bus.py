@@ -10,6 +10,7 @@ JetStream API permissions to do so, see deploy/nats/bacq.conf).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import os
@@ -90,6 +91,8 @@ class Bus:
         self.nc = nc
         self.js = js
         self.jobs = jobs
+        self.reconnects = 0  # since the process started (bacq.metrics reads them)
+        self.dead_letters: collections.Counter[str] = collections.Counter()  # per consumer
 
     @classmethod
     async def connect(
@@ -127,6 +130,7 @@ class Bus:
         async def on_reconnect() -> None:
             if bus is not None:
                 bus.reconnected_at = time.monotonic()
+                bus.reconnects += 1
             log.info("nats.reconnected")
 
         try:
@@ -232,6 +236,7 @@ class Bus:
     async def dead_letter(self, msg: Msg, consumer: str, reason: str) -> None:
         """Give up on ``msg``: keep a copy (at most ``DEAD_KEEP`` bytes of it) with the reason in
         the BACQ_DEAD stream for ``bacq events --dead-letters``, and terminate its delivery."""
+        self.dead_letters[consumer] += 1
         log.warning(
             "message.dead_letter", consumer=consumer, subject=msg.subject, reason=reason[:200]
         )

@@ -28,9 +28,10 @@ from bacq.bus import Bus, ensure_bucket
 from bacq.log import get_logger
 from bacq.models import Reputation, decode, encode, now
 
-__all__ = ["KINDS", "QuarantinePolicy", "Reputations", "reputation_bucket"]
+__all__ = ["KINDS", "OFFENCES", "QuarantinePolicy", "Reputations", "reputation_bucket"]
 
 KINDS = ("verified", "rejected", "failed", "forged", "malformed", "bad_reveals")
+OFFENCES = ("forged", "malformed", "bad_reveals")
 FLUSH_EVERY = 1.0  # seconds between writes of the counted offences
 log = get_logger("bacq.reputation")
 
@@ -70,6 +71,7 @@ class Reputations:
         self._pending: dict[str, Counter[str]] = {}
         self._records: dict[str, Reputation] = {}  # the latest seen of each node
         self._releases: set[str] = set()
+        self.counted: Counter[str] = Counter()  # every count since start, by kind (metrics)
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -82,6 +84,11 @@ class Reputations:
         if not subjects.is_token(node_id):
             return  # no record can be kept under that name (it came from a subject, so rare)
         self._pending.setdefault(node_id, Counter())[kind] += n
+        self.counted[kind] += n
+
+    def offences(self) -> dict[str, int]:
+        """Offences counted since this process started, by kind (for the metrics)."""
+        return {kind: self.counted[kind] for kind in OFFENCES}
 
     def quarantined(self, node_id: str) -> str | None:
         record = self._records.get(node_id)

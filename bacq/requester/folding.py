@@ -9,7 +9,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
-from bacq import subjects
+from bacq import metrics, subjects
 from bacq.bus import last_delivery
 from bacq.models import (
     ExecUpdate,
@@ -91,6 +91,7 @@ class Folding(Watchdog):
             self.log.info(
                 "job.verdict", job=verdict.job_id, outcome=verdict.outcome, reason=verdict.reason
             )
+            metrics.VERDICTS.labels(verdict.outcome).inc()
             for node_id, node in verdict.nodes.items():
                 if node.verified:
                     self.reputations.count(node_id, "verified")

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from functools import partial
 
-from bacq import subjects
+from bacq import metrics, subjects
 from bacq.bus import ensure_bucket
 from bacq.errors import Fenced
 from bacq.lease import Lease
@@ -72,6 +72,12 @@ class Requester(Intake):
 
     async def _serve_active(self, stop: asyncio.Event) -> None:
         assert self.lease is not None  # noqa: S101 (serve acquired it)
+        metrics.start()
+        metrics.observe(
+            reconnects=lambda: self.bus.reconnects,
+            dead_letters=lambda: dict(self.bus.dead_letters),
+            offences=self.reputations.offences,
+        )
         await self.bus.set_events_retention(
             max_age=self.config.events_max_age, max_bytes=self.config.events_max_bytes
         )

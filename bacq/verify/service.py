@@ -33,7 +33,7 @@ from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
-from bacq import subjects
+from bacq import metrics, subjects
 from bacq.bus import Bus, ensure_bucket, last_delivery, new_nonce
 from bacq.errors import Fenced
 from bacq.faults import crash_point
@@ -78,6 +78,7 @@ class Collected(BaseModel):
     results: list[ResultMessage] = Field(default_factory=list)  # errors and matching reveals
     commitments: dict[str, str] = Field(default_factory=dict)  # node → its commitment
     reveal_asked_at: dt.datetime | None = None
+    first_at: dt.datetime | None = None  # the first answer (metrics)
     decided: bool = False
     verdict: Verdict | None = None  # once decided
     published: bool = False  # the verdict is in the stream
@@ -189,6 +190,8 @@ class Verifier:
         if node_id not in job.executions:
             raise _Dropped(f"{node_id} was not chosen for job {job_id}", "forged")
         collected = await self._load(job_id) or Collected()
+        if collected.first_at is None:
+            collected.first_at = now()
         if collected.decided:
             log.info("result.after_verdict")
             return
@@ -267,6 +270,9 @@ class Verifier:
         )
         collected.published = True
         await self._save(job_id, collected)
+        if collected.first_at is not None:
+            seconds = (now() - collected.first_at).total_seconds()
+            metrics.VERIFICATION_SECONDS.observe(seconds)
         self.log.info(
             "verdict",
             job=job_id,
@@ -400,6 +406,12 @@ class Verifier:
             raise Fenced("another verifier took over; this one stopped (it may start again)")
 
     async def _serve_active(self, stop: asyncio.Event, lease: Lease) -> None:
+        metrics.start()
+        metrics.observe(
+            reconnects=lambda: self.bus.reconnects,
+            dead_letters=lambda: dict(self.bus.dead_letters),
+            offences=self.reputations.offences,
+        )
         await self._recover()
         await self.reputations.load_all()
         self.reputations.start()
