@@ -130,6 +130,7 @@ class Core:
         self.lease: Lease | None = None
         self._revisions: dict[str, int] = {}
         self._states: dict[str, JobState] = {}  # the state each unfinished job is counted in
+        self._answers: Any = None  # the bucket of known answers (answers.py), opened in serve()
         self.fenced = asyncio.Event()
         # signs every event (bacq.signing): the key file is read, or made, at once
         self.signer = load_signer(

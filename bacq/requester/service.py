@@ -82,6 +82,7 @@ class Requester(Intake):
             max_age=self.config.events_max_age, max_bytes=self.config.events_max_bytes
         )
         self._idempotency = await ensure_bucket(self.bus.js, subjects.IDEMPOTENCY_BUCKET)
+        self._answers = await ensure_bucket(self.bus.js, subjects.ANSWERS_BUCKET)
         # declared here for the workers, which may not use the JetStream API themselves
         await ensure_logs_stream(self.bus.js)
         await nodes_bucket(self.bus)
