@@ -400,8 +400,22 @@ class Verifier:
             slots.release()
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Wait for the lease (another verifier may be active: then this one is a standby),
-        then verify until ``stop`` is set; raises ``Fenced`` when another verifier took over."""
+        """Verify until ``stop`` is set, in terms: each term waits for the lease (another
+        verifier may be active: this one is then a standby) and verifies while it holds it. A
+        term ends when the lease is lost; the next starts from what the bucket holds."""
+        term: Verifier = self
+        while True:
+            try:
+                await term._term(stop)
+                return
+            except Fenced as exc:
+                if stop.is_set():
+                    return
+                self.log.warning("verifier.deposed", reason=str(exc))
+                term = type(self)(self.bus, self.results, self.reputations)
+                term.reputations = await Reputations.open(self.bus)
+
+    async def _term(self, stop: asyncio.Event) -> None:
         lease = Lease(self.bus, "verifier")
         standby = partial(self.log.info, "service.ready", service="verifier", standby=True)
         if not await lease.acquire(stop, on_standby=standby):
