@@ -10,12 +10,14 @@ JetStream API permissions to do so, see deploy/nats/bacq.conf).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import nats
@@ -47,6 +49,7 @@ __all__ = [
     "DEFAULT_NATS_URL",
     "TRANSIENT",
     "Bus",
+    "DeadLetter",
     "again",
     "ensure_bucket",
     "last_delivery",
@@ -90,6 +93,8 @@ class Bus:
         self.nc = nc
         self.js = js
         self.jobs = jobs
+        self.reconnects = 0  # since the process started (bacq.metrics reads them)
+        self.dead_letters: collections.Counter[str] = collections.Counter()  # per consumer
 
     @classmethod
     async def connect(
@@ -127,6 +132,7 @@ class Bus:
         async def on_reconnect() -> None:
             if bus is not None:
                 bus.reconnected_at = time.monotonic()
+                bus.reconnects += 1
             log.info("nats.reconnected")
 
         try:
@@ -232,6 +238,7 @@ class Bus:
     async def dead_letter(self, msg: Msg, consumer: str, reason: str) -> None:
         """Give up on ``msg``: keep a copy (at most ``DEAD_KEEP`` bytes of it) with the reason in
         the BACQ_DEAD stream for ``bacq events --dead-letters``, and terminate its delivery."""
+        self.dead_letters[consumer] += 1
         log.warning(
             "message.dead_letter", consumer=consumer, subject=msg.subject, reason=reason[:200]
         )
@@ -301,6 +308,33 @@ class Bus:
                 await asyncio.sleep(1.0)
                 continue
             yield msgs
+
+    async def read_dead_letters(self, *, last: int = 50) -> list[DeadLetter]:
+        """The ``last`` messages of the BACQ_DEAD stream, oldest first (``bacq events
+        --dead-letters``)."""
+        try:
+            info = await self.js.stream_info(subjects.DEAD_STREAM)
+        except nats.js.errors.NotFoundError:
+            return []
+        first = max(info.state.first_seq, info.state.last_seq - last + 1)
+        letters: list[DeadLetter] = []
+        for seq in range(first, info.state.last_seq + 1):
+            try:
+                msg = await self.js.get_msg(subjects.DEAD_STREAM, seq)
+            except nats.js.errors.NotFoundError:
+                continue
+            headers = msg.headers or {}
+            letters.append(
+                DeadLetter(
+                    seq=seq,
+                    at=msg.time,
+                    consumer=headers.get("Bacq-Consumer", ""),
+                    subject=headers.get("Bacq-Subject", ""),
+                    reason=headers.get("Bacq-Reason", ""),
+                    data=msg.data or b"",
+                )
+            )
+        return letters
 
     async def set_events_retention(self, *, max_age: float, max_bytes: int) -> None:
         """Apply the retention of the BACQ_EVENTS stream (seconds, bytes; 0 = unlimited)."""
@@ -441,6 +475,18 @@ class Bus:
                 return []
 
         return await again(keys)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message a consumer gave up on, as kept in BACQ_DEAD."""
+
+    seq: int
+    at: dt.datetime | None
+    consumer: str
+    subject: str
+    reason: str
+    data: bytes
 
 
 def new_nonce() -> str:

@@ -110,6 +110,7 @@ def role_permissions() -> dict[str, dict[str, Any]]:
                     "$JS.FC.>",
                     f"$KV.{subjects.JOBS_BUCKET}.>",
                     f"$KV.{subjects.IDEMPOTENCY_BUCKET}.>",
+                    f"$KV.{subjects.ANSWERS_BUCKET}.>",
                     f"$KV.{subjects.REPUTATION_BUCKET}.>",
                     f"$KV.{subjects.LEASES_BUCKET}.>",
                     subjects.DEAD_ALL,

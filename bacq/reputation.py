@@ -26,11 +26,20 @@ from nats.js.kv import KeyValue
 from bacq import subjects
 from bacq.bus import Bus, ensure_bucket
 from bacq.log import get_logger
-from bacq.models import Reputation, decode, encode, now
+from bacq.models import ReleaseReply, ReleaseRequest, Reputation, decode, encode, now
 
-__all__ = ["KINDS", "QuarantinePolicy", "Reputations", "reputation_bucket"]
+__all__ = [
+    "KINDS",
+    "OFFENCES",
+    "QuarantinePolicy",
+    "Reputations",
+    "read_reputations",
+    "release_node",
+    "reputation_bucket",
+]
 
 KINDS = ("verified", "rejected", "failed", "forged", "malformed", "bad_reveals")
+OFFENCES = ("forged", "malformed", "bad_reveals")
 FLUSH_EVERY = 1.0  # seconds between writes of the counted offences
 log = get_logger("bacq.reputation")
 
@@ -61,6 +70,20 @@ async def reputation_bucket(bus: Bus) -> KeyValue:
     return await ensure_bucket(bus.js, subjects.REPUTATION_BUCKET)
 
 
+async def read_reputations(bus: Bus) -> dict[str, Reputation]:
+    """Every node's record (for ``bacq nodes``)."""
+    reputations = Reputations(await reputation_bucket(bus))
+    await reputations.load_all()
+    return reputations.records()
+
+
+async def release_node(bus: Bus, node_id: str, *, timeout: float = 10.0) -> ReleaseReply:
+    """Ask the requester to lift ``node_id``'s quarantine (``bacq nodes release``)."""
+    return await bus.request(
+        subjects.RELEASE, ReleaseRequest(node_id=node_id), ReleaseReply, timeout=timeout
+    )
+
+
 class Reputations:
     """Counts offences and results per node and keeps the records in the bucket."""
 
@@ -70,6 +93,7 @@ class Reputations:
         self._pending: dict[str, Counter[str]] = {}
         self._records: dict[str, Reputation] = {}  # the latest seen of each node
         self._releases: set[str] = set()
+        self.counted: Counter[str] = Counter()  # every count since start, by kind (metrics)
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -82,6 +106,11 @@ class Reputations:
         if not subjects.is_token(node_id):
             return  # no record can be kept under that name (it came from a subject, so rare)
         self._pending.setdefault(node_id, Counter())[kind] += n
+        self.counted[kind] += n
+
+    def offences(self) -> dict[str, int]:
+        """Offences counted since this process started, by kind (for the metrics)."""
+        return {kind: self.counted[kind] for kind in OFFENCES}
 
     def quarantined(self, node_id: str) -> str | None:
         record = self._records.get(node_id)

@@ -42,10 +42,11 @@ requester): ``bacq.events.<job>``, every state change of a job and its execution
 Key-value buckets: ``bacq-jobs`` (key = job id, value = the job record; written by the requester
 only), ``bacq-results`` (key = job id, the results the verifier has collected; verifier only) and
 ``bacq-idempotency`` (key = hash of a client's idempotency key, value = the job id it created),
-``bacq-reputation`` (key = node id, what its messages and results earned it; requester and
-verifier), ``bacq-leases`` (key = role: which requester and which verifier is active, see
-``bacq.lease``) and ``bacq-keys`` (key ``requester``: the public keys that sign job events, see
-``bacq.signing``; requester only, clients read it).
+``bacq-answers`` (key = a deterministic job's answer key, value = the accepted job that
+answers it; requester only), ``bacq-reputation`` (key = node id, what its messages and results
+earned it; requester and verifier), ``bacq-leases`` (key = role: which requester and which
+verifier is active, see ``bacq.lease``) and ``bacq-keys`` (key ``requester``: the public keys
+that sign job events, see ``bacq.signing``; requester only, clients read it).
 
 Live output and node records (read by ``bacq logs`` and ``bacq nodes``; losing them loses no job):
 
@@ -62,6 +63,7 @@ from __future__ import annotations
 import re
 
 __all__ = [
+    "ANSWERS_BUCKET",
     "BIDS_ALL",
     "CANCEL",
     "DEAD_ALL",
@@ -138,6 +140,7 @@ REQUESTER_VERDICT_CONSUMER = "requester-verdicts"  # verdicts (BACQ_VERDICTS str
 VERIFIER_CONSUMER = "verifier"
 
 REPUTATION_BUCKET = "bacq-reputation"
+ANSWERS_BUCKET = "bacq-answers"  # key = a deterministic job's answer key, value = accepted job
 LEASES_BUCKET = "bacq-leases"  # key = role: the active requester and verifier (bacq.lease)
 JOBS_BUCKET = "bacq-jobs"
 RESULTS_BUCKET = "bacq-results"

@@ -31,7 +31,7 @@ from bacq.requester.operators import NODES_CONFIG_ENV, load_operator_config
 from bacq.requester.record import move_exec
 from bacq.signing import load_signer
 from bacq.spec import JobSpec, Resources
-from bacq.states import ExecState
+from bacq.states import ExecState, JobState
 
 ASSIGN_TIMEOUT = 5.0  # seconds a chosen worker has to confirm an assignment
 REANNOUNCE_EVERY = 2.0  # seconds between announcements while bids are missing
@@ -129,6 +129,8 @@ class Core:
         # record it last wrote or read, and whether another requester took over
         self.lease: Lease | None = None
         self._revisions: dict[str, int] = {}
+        self._states: dict[str, JobState] = {}  # the state each unfinished job is counted in
+        self._answers: Any = None  # the bucket of known answers (answers.py), opened in serve()
         self.fenced = asyncio.Event()
         # signs every event (bacq.signing): the key file is read, or made, at once
         self.signer = load_signer(

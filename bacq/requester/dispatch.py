@@ -19,7 +19,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
-from bacq import subjects
+from bacq import metrics, subjects
 from bacq.faults import crash_point
 from bacq.models import (
     Announcement,
@@ -135,8 +135,10 @@ class Dispatch(Ledger):
             return
         why = self._refuse_bid(job_id, node_id, bids)
         if why is not None:
+            metrics.BIDS.labels("refused").inc()
             self._spawn(self._reject(job_id, node_id, why), "reject")
             return
+        metrics.BIDS.labels("collected").inc()
         bids.append(bid)
         self._bid_arrived[job_id].set()
 
@@ -278,6 +280,7 @@ class Dispatch(Ledger):
         announced to all at once and fails for want of bids, with the reason."""
         await asyncio.sleep(LISTEN_FIRST)  # hear the workers' heartbeats before counting slots
         while True:
+            metrics.QUEUE_DEPTH.set(len(self._queue))
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
@@ -293,6 +296,7 @@ class Dispatch(Ledger):
                     if invited is None:
                         break  # busy: wait for a slot (a job ending, a heartbeat, the watchdog)
                 self._queue.popleft()
+                metrics.QUEUE_WAIT.observe((now() - job.created_at).total_seconds())
                 self._hold(job, invited or [])
                 self._spawn(self.drive(job.id, invited), f"drive-{job.id}")
 
@@ -432,8 +436,10 @@ class Dispatch(Ledger):
                 timeout=ASSIGN_TIMEOUT,
             )
             error = None if reply.ok else f"worker {node_id} declined the assignment: {reply.error}"
+            metrics.ASSIGNMENTS.labels("confirmed" if reply.ok else "declined").inc()
         except (nats.errors.Error, TimeoutError, ValueError) as exc:
             error = f"worker {node_id} did not confirm the assignment ({type(exc).__name__})"
+            metrics.ASSIGNMENTS.labels("unanswered").inc()
         if error is not None:
             self.log.warning("assign.failed", job=job.id, node=node_id, error=error)
             await self._lose(job.id, node_id, error)

@@ -9,17 +9,18 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
-from bacq import subjects
+from bacq import metrics, subjects
 from bacq.bus import last_delivery
 from bacq.models import (
     ExecUpdate,
+    JobRecord,
     Verdict,
     decode,
 )
 from bacq.requester._base import FOLD_IN_FLIGHT, Step
 from bacq.requester.record import apply_exec_update, apply_verdict
 from bacq.requester.watchdog import Watchdog
-from bacq.states import ExecState
+from bacq.states import ExecState, JobState
 
 
 class Folding(Watchdog):
@@ -77,6 +78,9 @@ class Folding(Watchdog):
                 feeder.cancel()
             await asyncio.gather(*feeders, return_exceptions=True)
 
+    async def remember_answer(self, job: JobRecord) -> None:
+        """(Intake's part: ``Intake.remember_answer``.)"""
+
     def _step(self, msg: Msg) -> tuple[str, Step] | str | None:
         """The change ``msg`` makes to its job record; None: nothing to fold; a string: why the
         message cannot be used (it is dead-lettered and counted against its node)."""
@@ -91,6 +95,7 @@ class Folding(Watchdog):
             self.log.info(
                 "job.verdict", job=verdict.job_id, outcome=verdict.outcome, reason=verdict.reason
             )
+            metrics.VERDICTS.labels(verdict.outcome).inc()
             for node_id, node in verdict.nodes.items():
                 if node.verified:
                     self.reputations.count(node_id, "verified")
@@ -134,7 +139,9 @@ class Folding(Watchdog):
         slots: asyncio.Semaphore,
     ) -> None:
         try:
-            await self.mutate_steps(job_id, [step for _, step in group])
+            job = await self.mutate_steps(job_id, [step for _, step in group])
+            if job is not None and job.state == JobState.ACCEPTED:
+                await self.remember_answer(job)
             for msg, _ in group:
                 await msg.ack()
         except (nats.errors.Error, TimeoutError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import nats.errors
 import nats.js.errors
@@ -27,6 +28,7 @@ from bacq.models import (
     new_job_id,
 )
 from bacq.requester._base import idempotency_slot
+from bacq.requester.answers import answer_key
 from bacq.requester.folding import Folding
 from bacq.requester.record import move_exec, move_job
 from bacq.spec import parse_spec
@@ -100,7 +102,42 @@ class Intake(Folding):
         await self._commit(job, diff(None, job, actor="client"), job.last_hash)
         self._keep(job)
         self.log.info("job.submitted", job=job.id, image=spec.image)
+        await self._known_answer(job)
         return SubmitReply(job_id=job.id)
+
+    async def _known_answer(self, job: JobRecord) -> None:
+        """Answer a deterministic job from an accepted equal one, if there is one."""
+        key = answer_key(job.spec)
+        if key is None or self._answers is None:
+            return
+        try:
+            entry = await self._answers.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return
+        source = await self.bus.load_job((entry.value or b"").decode())
+        if source is None or source.state != JobState.ACCEPTED or source.result_cid is None:
+            return
+
+        def answer(j: JobRecord) -> bool:
+            reason = (
+                f"known answer: job {source.id} ran this spec on these inputs and was accepted "
+                f"({source.reason}); --no-cache runs it again"
+            )
+            if not move_job(j, JobState.ACCEPTED, reason):
+                return False
+            j.result_cid, j.exit_code = source.result_cid, source.exit_code
+            return True
+
+        if await self.mutate(job.id, answer) is not None:
+            self.log.info("job.known_answer", job=job.id, source=source.id)
+
+    async def remember_answer(self, job: JobRecord) -> None:
+        """An accepted deterministic job: its result answers equal jobs from now on."""
+        key = answer_key(job.spec)
+        if key is None or self._answers is None or job.result_cid is None:
+            return
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self._answers.put(key, job.id.encode())
 
     async def _claim_key(self, key: str, job_id: str) -> str | None:
         """Bind ``key`` to ``job_id``; if a job already holds it, return that job's id instead."""

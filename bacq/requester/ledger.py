@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import nats.errors
 import nats.js.errors
 
-from bacq import subjects
+from bacq import metrics, subjects
 from bacq.errors import Fenced
 from bacq.events import Event, decode_events, diff, fold, seal
 from bacq.models import (
@@ -58,7 +58,18 @@ class Ledger(Core):
         return job
 
     def _keep(self, job: JobRecord) -> None:
-        """Remember ``job`` as committed: the cache, and which nodes it keeps busy."""
+        """Remember ``job`` as committed: the cache, which nodes it keeps busy, its state in
+        the metrics."""
+        seen = self._states.get(job.id)
+        if seen != job.state:
+            if seen is not None:
+                metrics.JOBS.labels(seen.value).dec()
+            if job.final:
+                self._states.pop(job.id, None)
+                metrics.JOBS_FINISHED.labels(job.state.value).inc()
+            else:
+                self._states[job.id] = job.state
+                metrics.JOBS.labels(job.state.value).inc()
         for node_id, execution in job.executions.items():
             load = self._loads.setdefault(node_id, Load())
             if execution.state in EXEC_ACTIVE and not job.final:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from functools import partial
 
-from bacq import subjects
+from bacq import metrics, subjects
 from bacq.bus import ensure_bucket
 from bacq.errors import Fenced
 from bacq.lease import Lease
@@ -57,8 +57,22 @@ class Requester(Intake):
             self._enqueue(job.id)
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Wait for the lease (another requester may be active: then this one is a standby),
-        then serve until ``stop`` is set; raises ``Fenced`` when another requester took over."""
+        """Serve until ``stop`` is set, in terms: each term waits for the lease (another
+        requester may be active: this one is then a standby) and serves while it holds it.
+        A term ends when the lease is lost (NATS away too long, or another requester took
+        over): the next one starts from a fresh state, read back from NATS."""
+        term: Requester = self
+        while True:
+            try:
+                await term._term(stop)
+                return
+            except Fenced as exc:
+                if stop.is_set():
+                    return
+                self.log.warning("requester.deposed", reason=str(exc))
+                term = type(self)(self.bus, self.config)
+
+    async def _term(self, stop: asyncio.Event) -> None:
         self.lease = Lease(self.bus, "requester")
         standby = partial(self.log.info, "service.ready", service="requester", standby=True)
         if not await self.lease.acquire(stop, on_standby=standby):
@@ -72,10 +86,17 @@ class Requester(Intake):
 
     async def _serve_active(self, stop: asyncio.Event) -> None:
         assert self.lease is not None  # noqa: S101 (serve acquired it)
+        metrics.start()
+        metrics.observe(
+            reconnects=lambda: self.bus.reconnects,
+            dead_letters=lambda: dict(self.bus.dead_letters),
+            offences=self.reputations.offences,
+        )
         await self.bus.set_events_retention(
             max_age=self.config.events_max_age, max_bytes=self.config.events_max_bytes
         )
         self._idempotency = await ensure_bucket(self.bus.js, subjects.IDEMPOTENCY_BUCKET)
+        self._answers = await ensure_bucket(self.bus.js, subjects.ANSWERS_BUCKET)
         # declared here for the workers, which may not use the JetStream API themselves
         await ensure_logs_stream(self.bus.js)
         await nodes_bucket(self.bus)

@@ -9,6 +9,7 @@ from functools import partial
 import nats.errors
 import nats.js.errors
 
+from bacq import metrics
 from bacq.models import (
     Execution,
     JobRecord,
@@ -34,10 +35,12 @@ class Watchdog(Dispatch):
                 return move_exec(j, node_id, ExecState.LOST, error=reason)
 
             job = await self.mutate(job_id, lose)
-            if job is None or job.final or job.executions[node_id].state != ExecState.LOST:
-                return
+            lost = None if job is None else job.executions.get(node_id)
+            if job is None or job.final or lost is None or lost.state != ExecState.LOST:
+                return  # (a worker may hand back only an execution it holds)
             spec = job.spec
             if job.retries_used > spec.retries:
+                metrics.EXECUTIONS_LOST.labels("no").inc()
                 await self.mutate(
                     job_id,
                     lambda j: move_job(
@@ -48,6 +51,7 @@ class Watchdog(Dispatch):
             # every worker that already holds an execution of this job stays out of the retry
             exclude = {n for n, e in job.executions.items() if e.state != ExecState.BID_REJECTED}
             bids = await self._collect_bids(job, 1, exclude)
+            metrics.EXECUTIONS_LOST.labels("yes" if bids else "no").inc()
             if not bids:
                 why = self._why_no_bids(spec, 0, 1, "no worker took over")
                 await self.mutate(

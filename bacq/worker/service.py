@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
-from bacq import subjects
+from bacq import metrics, subjects
 from bacq.bus import Bus, new_nonce
 from bacq.errors import BacqError, StorageError
 from bacq.log import get_logger
@@ -351,9 +351,12 @@ class Worker:
         node = self.config.node_id
         log = self.log.bind(job=job_id)
         job_dir = self.config.work_dir / "jobs" / job_id
+        started = time.monotonic()
+        outcome = "failed"
         try:
             try:
                 cid, exit_code = await self._execute(job_id, spec, job_dir, log)
+                outcome = "completed"
             except asyncio.CancelledError:
                 # the container is gone already (the executor kills it on cancellation)
                 if job_id in self._cancelled:
@@ -382,6 +385,7 @@ class Worker:
                 )
                 log.info("job.completed", cid=cid, exit_code=exit_code)
         finally:  # (its reservation was freed by _execute, once the container was gone)
+            metrics.EXECUTION_SECONDS.labels(outcome).observe(time.monotonic() - started)
             self._tasks.pop(job_id, None)
             self._cancelled.discard(job_id)
             self._done += 1
@@ -532,6 +536,11 @@ class Worker:
             folder = self.executor.write_result(self.config.work_dir / "noop-result", tamper=tamper)
             self._fixed_cid = await self.storage.add(folder)
             self.log.info("noop.result", cid=self._fixed_cid)
+        metrics.start()
+        metrics.observe(
+            reconnects=lambda: self.bus.reconnects,
+            slots=lambda: (len(self._reservations), max(0, self._free()[2])),
+        )
         leftovers = await asyncio.to_thread(
             self.executor.remove_leftovers,
             self.config.node_id,
