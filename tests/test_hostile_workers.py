@@ -23,9 +23,10 @@ from bacq import subjects
 from bacq.bus import Bus
 from bacq.client import Client
 from bacq.devstack import Devstack
-from bacq.models import ReleaseReply, ReleaseRequest, Reputation, decode
+from bacq.models import Reputation, decode
 from bacq.reputation import reputation_bucket
 from bacq.states import ExecState, JobState
+from tests.conftest import run_cli
 from tests.scenarios import BUSYBOX
 
 HELLO = {"image": BUSYBOX, "command": ["echo", "hello"], "timeout": 60}
@@ -210,12 +211,21 @@ async def test_a_flood_of_malformed_messages_delays_no_job_and_quarantines_its_s
         )
         assert job.state == JobState.ACCEPTED, job.reason
         assert "w3" not in job.executions
-        reply = await client.bus.request(
-            subjects.RELEASE, ReleaseRequest(node_id="w3"), ReleaseReply, timeout=10
-        )
-        assert reply.ok, reply.error
+        # what an operator sees, and how it lets the node back in
+        nodes = await asyncio.to_thread(run_cli, stack, "nodes")
+        assert "quarantined" in nodes.stdout, nodes.stdout
+        assert "bacq nodes release w3" in nodes.stdout
+        assert "active requester:" in nodes.stderr
+        dead = await asyncio.to_thread(run_cli, stack, "events", "--dead-letters", "-n", "5")
+        assert dead.returncode == 0, dead.stderr
+        assert "bacq.exec." in dead.stdout or "bacq.verify." in dead.stdout, dead.stdout
+        released = await asyncio.to_thread(run_cli, stack, "nodes", "release", "w3")
+        assert released.returncode == 0, released.stderr
         record = await _eventually_reputation(client, "w3", lambda r: r.quarantined is None)
         assert record.released_at is not None
+        again = await asyncio.to_thread(run_cli, stack, "nodes", "release", "w3")
+        assert again.returncode != 0
+        assert "not quarantined" in again.stderr
 
 
 async def test_a_lazy_worker_is_outvoted_in_every_job_it_runs(

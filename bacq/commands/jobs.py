@@ -106,6 +106,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     start.add_argument("--from-seq", type=int, metavar="N", help="from stream sequence N")
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
     events.add_argument(
+        "--dead-letters",
+        action="store_true",
+        help="instead: the last messages a service gave up on (BACQ_DEAD), with the reason",
+    )
+    events.add_argument(
+        "-n", "--last", type=int, default=50, metavar="N", help="with --dead-letters: how many"
+    )
+    events.add_argument(
         "--output", choices=["table", "json"], default="table", help="json: one object per line"
     )
     connection_flags(events)
@@ -220,7 +228,51 @@ async def cmd_events(args: argparse.Namespace) -> int:
     from bacq._audit import cmd_events as events
     from bacq.client import Client
 
+    if args.dead_letters:
+        return await cmd_dead_letters(args)
     if args.since:  # read here, as every --since is: handed on as a time with its zone
         args.since = parse_since(args.since).isoformat()
     async with await Client.connect(nats_url(args)) as client:
         return await events(args, client, out())
+
+
+async def cmd_dead_letters(args: argparse.Namespace) -> int:
+    import json
+
+    from bacq.client import Client
+
+    async with await Client.connect(nats_url(args)) as client:
+        letters = await client.bus.read_dead_letters(last=max(1, args.last))
+    if args.output == "json":
+        for letter in letters:
+            print(
+                json.dumps(
+                    {
+                        "seq": letter.seq,
+                        "at": letter.at.isoformat() if letter.at else None,
+                        "consumer": letter.consumer,
+                        "subject": letter.subject,
+                        "reason": letter.reason,
+                        "bytes": len(letter.data),
+                        "data": letter.data[:512].decode(errors="replace"),
+                    }
+                )
+            )
+        return EXIT_OK
+    if not letters:
+        err().print("no dead letters: every message was used or is still being tried")
+        return EXIT_OK
+    from rich.markup import escape  # what a worker sent is shown, never interpreted
+
+    console = out()
+    for letter in letters:
+        at = f"{letter.at:%Y-%m-%d %H:%M:%S}" if letter.at else "?"
+        preview = letter.data[:80].decode(errors="replace")
+        console.print(
+            f"{letter.seq:>6} {at} [bold]{escape(letter.consumer)}[/] "
+            f"{escape(letter.subject)}: {escape(letter.reason)}",
+            highlight=False,
+        )
+        size = len(letter.data)
+        console.print(f"       {size} bytes: {preview!r}", highlight=False, markup=False)
+    return EXIT_OK

@@ -74,10 +74,36 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="the oldest histories go beyond this size (10g; 0 = no limit)",
     )
+    requester.add_argument(
+        "--nodes-config",
+        metavar="FILE",
+        help="operators and capacity caps per worker node, YAML/JSON (env BACQ_NODES_CONFIG; "
+        "default: each node its own operator, at most 16 cpu, 64 GiB, 16 jobs)",
+    )
+    requester.add_argument(
+        "--signing-key",
+        metavar="FILE",
+        help="nkey seed that signs job events; made (0600) when missing (env BACQ_SIGNING_KEY; "
+        "default ~/.local/state/bacq/requester/signing.nk)",
+    )
+    requester.add_argument(
+        "--offences-limit",
+        type=int,
+        default=10,
+        help="forged or malformed messages and bad reveals before a node is quarantined (10)",
+    )
+    requester.add_argument(
+        "--rejected-limit",
+        type=int,
+        default=5,
+        help="outvoted results (outnumbering its verified ones) before quarantine (5)",
+    )
+    _metrics_flag(requester)
     connection_flags(requester)
     requester.set_defaults(func=cmd_requester)
 
     verifier = add_command(sub, common, "verifier", "run the verifier service")
+    _metrics_flag(verifier)
     connection_flags(verifier)
     verifier.set_defaults(func=cmd_verifier)
 
@@ -136,6 +162,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "with one fixed result folder: for benchmarks and tests of the message path only",
     )
     worker.add_argument("--tamper", action="store_true", help=argparse.SUPPRESS)
+    _metrics_flag(worker)
     connection_flags(worker, ipfs=True)
     worker.set_defaults(func=cmd_worker)
 
@@ -192,17 +219,37 @@ async def serve(
     return EXIT_OK
 
 
+def _metrics_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (env BACQ_METRICS_PORT; "
+        "BACQ_METRICS_ADDR picks the address)",
+    )
+
+
+def _export_metrics_port(args: argparse.Namespace) -> None:
+    if getattr(args, "metrics_port", None) is not None:
+        os.environ["BACQ_METRICS_PORT"] = str(args.metrics_port)
+
+
 async def cmd_requester(args: argparse.Namespace) -> int:
     from bacq.bus import Bus
     from bacq.requester.service import Requester, RequesterConfig
     from bacq.spec import parse_memory
 
+    _export_metrics_port(args)
     config = RequesterConfig(
         result_grace=args.result_grace,
         lost_after=args.lost_after,
         verify_timeout=args.verify_timeout,
         events_max_age=args.events_max_age * 86400,
         events_max_bytes=int(parse_memory(args.events_max_bytes)),
+        nodes_config=args.nodes_config,
+        signing_key=args.signing_key,
+        offences_limit=args.offences_limit,
+        rejected_limit=args.rejected_limit,
     )
     bus = await Bus.connect(nats_url(args), name="bacq-requester", wait=SERVICE_CONNECT_WAIT)
     try:
@@ -215,6 +262,7 @@ async def cmd_verifier(args: argparse.Namespace) -> int:
     from bacq.bus import Bus
     from bacq.verify.service import Verifier
 
+    _export_metrics_port(args)
     bus = await Bus.connect(nats_url(args), name="bacq-verifier", wait=SERVICE_CONNECT_WAIT)
     try:
         return await serve((await Verifier.create(bus)).serve)
@@ -223,6 +271,7 @@ async def cmd_verifier(args: argparse.Namespace) -> int:
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
+    _export_metrics_port(args)
     import socket
     from pathlib import Path
 

@@ -76,6 +76,21 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     run.add_argument("--min-bids", type=int, default=0, help="bids to wait for first (0)")
     run.add_argument("--verifier", choices=["noop", "deterministic"], default="deterministic")
     run.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="the output depends on the spec and inputs alone: an equal accepted job answers "
+        "at once (known answer)",
+    )
+    run.add_argument(
+        "--no-cache", action="store_true", help="run it even if an equal job was accepted"
+    )
+    run.add_argument(
+        "--live-logs",
+        action="store_true",
+        help="stream the output live even with several verifying workers (weakens the check: "
+        "another worker's operator could copy it instead of computing)",
+    )
+    run.add_argument(
         "--timeout", type=float, default=600.0, help="seconds the job's command may run (600)"
     )
     run.add_argument(
@@ -217,6 +232,9 @@ def spec_from_run_args(args: argparse.Namespace) -> dict[str, Any]:
         "network": args.network,
         "resources": {"cpu": args.cpu, "memory": args.memory},
     }
+    for flag in ("deterministic", "no_cache", "live_logs"):
+        if getattr(args, flag, False):
+            spec[flag] = True
     if args.entrypoint is not None:
         spec["entrypoint"] = [args.entrypoint]
     if args.workdir is not None:
