@@ -10,12 +10,15 @@ Writes (``python -m bacq.docgen``; ``--check`` only compares and exits 1 naming 
 - ``docs/reference/states.md`` and ``docs/img/{job,execution}-states.svg``: the state tables of
   ``bacq.states`` and a drawing of each;
 - ``docs/metrics.md``: ``bacq.metrics.markdown()``;
-- ``docs/operations/fleet.md``: deploy/README.md, its links made to fit the site.
+- ``docs/operations/fleet.md``: deploy/README.md, its links made to fit the site;
+- with ``--screenshots``: ``docs/img/site-*.png``, the built site in headless Chromium (not
+  compared by ``--check``: pixels differ with fonts).
 
 Also finds the runnable shell blocks of a page (``runnable_blocks``: a fenced block right after a
 ``<!-- runnable -->`` line), which tests/test_docs_runnable.py runs against a devstack.
 
-Touches only the files above (under the repository given by ``--root``, default this checkout).
+Touches only the files above (under the repository given by ``--root``, default this checkout),
+a temporary folder for the built site, and the ``mkdocs`` and ``chromium`` processes it starts.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import inspect
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -631,6 +637,85 @@ def write(root: Path = ROOT) -> list[str]:
     return changed
 
 
+# -- the built site in a browser -------------------------------------------------------------------
+SCREENSHOTS = {  # the pictures of what a reader sees, checked into docs/img/
+    "docs/img/site-landing.png": ("index.html", (1280, 900)),
+    "docs/img/site-states.png": ("reference/states.html", (1280, 1000)),
+}
+
+
+def chromium(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Debian's headless Chromium (``apt-get install chromium``; scripts/setup.sh installs it)."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        raise FileNotFoundError("no chromium on PATH: `apt-get install -y chromium`")
+    return subprocess.run(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def build_site(site_dir: Path, root: Path = ROOT) -> None:
+    """``mkdocs build --strict`` into ``site_dir``; RuntimeError with its output if it fails."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site_dir)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"mkdocs build --strict failed:\n{done.stdout}\n{done.stderr}")
+
+
+def screenshots(site_dir: Path, out_root: Path = ROOT) -> list[str]:
+    """Take the pictures of ``SCREENSHOTS`` from the built site at ``site_dir``."""
+    made = []
+    for path, (page, (width, height)) in SCREENSHOTS.items():
+        target = (out_root / path).resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        done = chromium(
+            f"--screenshot={target}",
+            f"--window-size={width},{height}",
+            (site_dir / page).resolve().as_uri(),
+        )
+        if done.returncode != 0 or not target.is_file():
+            raise RuntimeError(f"chromium could not take {path}: {done.stderr.strip()[-500:]}")
+        made.append(path)
+    return made
+
+
+def html_parser_page(text: str) -> list[str]:
+    """The h1-h3 headings of an HTML document, as a reader sees them (permalink signs dropped)."""
+    from html.parser import HTMLParser
+
+    headings: list[str] = []
+    current: list[list[str]] = []
+
+    class Headings(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            if tag in ("h1", "h2", "h3"):
+                current.append([])
+
+        def handle_data(self, data: str) -> None:
+            if current:
+                current[-1].append(data)
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag in ("h1", "h2", "h3") and current:
+                text = " ".join("".join(current.pop()).split()).rstrip("¶").strip()
+                if text:
+                    headings.append(text)
+
+    Headings().feed(text)
+    return headings
+
+
 def runnable_blocks(markdown: str) -> list[str]:
     """The body of every fenced block right after a ``<!-- runnable -->`` line, in page order."""
     blocks = []
@@ -664,6 +749,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if stale")
     parser.add_argument("--root", type=Path, default=ROOT, help="the repository (this checkout)")
+    parser.add_argument(
+        "--screenshots",
+        action="store_true",
+        help="also build the site and take the pictures in docs/img/site-*.png (needs chromium)",
+    )
     args = parser.parse_args(argv)
     if args.check:
         wrong = stale(args.root)
@@ -672,6 +762,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if wrong else 0
     for path in write(args.root):
         print(f"wrote {path}")
+    if args.screenshots:
+        with tempfile.TemporaryDirectory() as site:
+            build_site(Path(site), args.root)
+            for path in screenshots(Path(site), args.root):
+                print(f"wrote {path}")
     return 0
 
 
