@@ -145,6 +145,7 @@ class ExecUpdate(_Msg):
     detail: str = ""
     exit_code: int | None = None
     error: str | None = None
+    fuel_used: int | None = None  # wasm jobs: the fuel the module used (a reproducible cost)
 
 
 class ResultMessage(_Msg):
@@ -155,6 +156,7 @@ class ResultMessage(_Msg):
     cid: str | None = None
     error: str | None = None
     exit_code: int | None = None
+    fuel_used: int | None = None  # wasm jobs: the fuel the module used
 
 
 class NodeVerdict(_Msg):
@@ -198,6 +200,7 @@ class Execution(_Msg):
     exit_code: int | None = None
     result_cid: str | None = None
     assigned_at: dt.datetime | None = None  # when the requester chose this worker
+    fuel_used: int | None = None  # wasm jobs: the fuel the module used (a reproducible cost)
 
 
 class JobRecord(_Msg):

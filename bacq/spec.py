@@ -3,6 +3,10 @@
 A spec is plain data (pydantic v2). ``parse_spec`` turns any mapping into a ``JobSpec`` or raises
 ``SpecError`` whose problems name each bad field (``inputs.0.cid``) and how to fix it.
 ``json_schema()`` exports the schema for editors and other clients.
+
+``engine`` picks how a worker runs the job: ``docker`` (``image`` is a Docker image) or ``wasm``
+(``image`` is the WebAssembly module: the CID of a ``.wasm`` file, or a runtime the workers ship,
+see ``WASM_RUNTIMES``); a wasm job is deterministic unless ``deterministic: false``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from bacq.errors import SpecError
 
 __all__ = [
     "RESERVED_OUTPUT_NAMES",
+    "WASM_RUNTIMES",
     "InputVolume",
     "JobSpec",
     "OutputVolume",
@@ -45,6 +50,9 @@ _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.\-/]{0,61}[A-Za-z0-9])?$")
 _MIN_MEMORY = 6 * 1024 * 1024  # Docker refuses less than 6 MiB
+# WebAssembly runtimes that workers ship (bacq.worker.wasm), usable as a wasm job's ``image``.
+WASM_RUNTIMES = frozenset({"python-3.12"})
+MAX_FUEL = 10**15
 
 
 def parse_memory(value: int | str) -> int:
@@ -189,10 +197,17 @@ class Resources(_Model):
 class JobSpec(_Model):
     """A job: run ``image`` with inputs from IPFS, on ``concurrency`` workers, verified."""
 
-    engine: Literal["docker"] = Field(default="docker", description="execution engine")
+    engine: Literal["docker", "wasm"] = Field(
+        default="docker",
+        description="docker: run image in a container; wasm: run image as a WebAssembly (WASI) "
+        "module",
+    )
     image: Annotated[
         str, StringConstraints(min_length=1, max_length=255, strip_whitespace=True)
-    ] = Field(description="Docker image, e.g. bacq-test/debian:bookworm")
+    ] = Field(
+        description="Docker image, e.g. bacq-test/debian:bookworm; for engine wasm the module: "
+        "the CID of a .wasm file, or a runtime the workers ship (python-3.12)"
+    )
     entrypoint: list[str] | None = Field(
         default=None, description="overrides the image's entrypoint, like docker run --entrypoint"
     )
@@ -238,6 +253,18 @@ class JobSpec(_Model):
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="labels a worker must have to bid"
     )
+    deterministic: bool = Field(
+        default=True,
+        description="engine wasm: fixed virtual clock, seeded random, sorted listings (false: "
+        "real time and randomness)",
+    )
+    fuel: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_FUEL,
+        description="engine wasm: the job's fuel budget (about one unit per instruction); "
+        "unset: the worker's default",
+    )
 
     @field_validator("entrypoint")
     @classmethod
@@ -269,6 +296,10 @@ class JobSpec(_Model):
 
     @model_validator(mode="after")
     def _cross_fields(self) -> JobSpec:
+        if self.engine == "wasm":
+            self._check_wasm()
+        elif self.fuel is not None:
+            raise ValueError("fuel is for engine wasm; a Docker job is bounded by its timeout")
         if self.confidence > self.concurrency:
             raise ValueError(
                 f"confidence ({self.confidence}) cannot exceed concurrency ({self.concurrency})"
@@ -284,6 +315,24 @@ class JobSpec(_Model):
         if len(names) != len(set(names)):
             raise ValueError("output volume names must be unique")
         return self
+
+
+    def _check_wasm(self) -> None:
+        if self.image not in WASM_RUNTIMES:
+            try:
+                _check_cid(self.image)
+            except ValueError:
+                raise ValueError(
+                    f"image {self.image!r}: for engine wasm, give the CID of a .wasm file "
+                    f"(`bacq ipfs add module.wasm`) or one of {', '.join(sorted(WASM_RUNTIMES))}"
+                ) from None
+            object.__setattr__(self, "image", self.image.strip().removeprefix("/ipfs/"))
+        if self.entrypoint is not None:
+            raise ValueError("entrypoint is for engine docker; a wasm job's arguments are command")
+        if self.working_dir is not None:
+            raise ValueError("working_dir is for engine docker; WASI has no working directory")
+        if self.network:
+            raise ValueError("a wasm job has no network; use engine docker with network: true")
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
