@@ -660,8 +660,7 @@ async def cmd_verifier(args: argparse.Namespace) -> int:
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
-    from bacq.worker.executor import DockerExecutor
-    from bacq.worker.noop import NoopExecutor
+    from bacq.worker.executor import make_executor
     from bacq.worker.service import Worker, WorkerConfig
 
     try:
@@ -685,16 +684,13 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         results_limit = parse_memory(args.results_limit)
     except ValueError as exc:
         raise UsageError(f"--results-limit: {exc}") from None
-    executor: DockerExecutor | NoopExecutor
-    if args.executor == "noop":
-        executor = NoopExecutor()
-    else:
-        executor = DockerExecutor.from_env(
-            allow_network=args.allow_network,
-            results_limit=results_limit,
-            container_user=args.container_user,
-            tmpfs_size=args.tmp_size,
-        )
+    executor = make_executor(
+        args.executor,
+        allow_network=args.allow_network,
+        results_limit=results_limit,
+        container_user=args.container_user,
+        tmpfs_size=args.tmp_size,
+    )
     # adding a large results folder can take a while; fetches have their own --fetch-timeout
     storage = await Storage.connect(config.ipfs_api, timeout=args.ipfs_timeout)
     bus = await Bus.connect(
@@ -1184,10 +1180,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--executor",
-        choices=("docker", "noop"),
+        choices=("docker", "wasm", "noop"),
         default="docker",
-        help="docker runs the job's container (default); noop runs nothing and answers every job "
-        "with one fixed result folder: for benchmarks and tests of the message path only",
+        help="docker runs Docker and wasm jobs (default); wasm runs wasm jobs only (no Docker "
+        "needed); noop runs nothing and answers every job with one fixed result folder: for "
+        "benchmarks and tests of the message path only",
     )
     worker.add_argument("--tamper", action="store_true", help=argparse.SUPPRESS)
     _connection_flags(worker, ipfs=True)

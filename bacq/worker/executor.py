@@ -108,7 +108,8 @@ class JobContext:
     job_dir: Path  # the job's own folder; removed by the worker afterwards
     fetch: Callable[[str, Path], Awaitable[Path]]
     report: Callable[[ExecState, str], Awaitable[None]]  # progress: (state, detail)
-    live: Callable[[], Callable[[str, bytes], None]]  # starts live output, returns its feed
+    # starts live output and returns its feed; None when this job's output may not go out live
+    live: Callable[[], Callable[[str, bytes], None] | None]
     _outputs: list[Mounted] = field(default_factory=list)
 
     @property

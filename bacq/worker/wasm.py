@@ -366,7 +366,7 @@ class WasmExecutor:
             "preopens": preopens,
             "stdout": str(results / "stdout"),
             "stderr": str(results / "stderr"),
-            "deterministic": spec.deterministic,
+            "deterministic": spec.deterministic is not False,  # unset: deterministic
             "seed": job.job_id,
         }
         result, status, tail = await self._child(
