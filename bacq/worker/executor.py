@@ -587,6 +587,7 @@ class _LogCapture:
     def _follow(self, stream: str) -> None:
         fed = 0
         handle = self._files[stream]
+        chunks: Any = None
         try:
             chunks = self._client.api.logs(
                 self._container.id or "",
@@ -617,6 +618,10 @@ class _LogCapture:
         except Exception as exc:  # a connection cut by the container's removal
             log.debug("container.follow_failed", container=self._container.name, error=str(exc))
             self.error = self.error or f"{type(exc).__name__}: {exc}"
+        finally:
+            if chunks is not None:
+                with contextlib.suppress(Exception):
+                    chunks.close()
 
 
 def _kill(container: Container) -> None:
