@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -276,17 +277,48 @@ class JobSpec(_Model):
         "unset: the worker's default",
     )
 
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("engine") != "wasm" or value in WASM_RUNTIMES:
+            return value
+        try:
+            return _check_cid(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a module: for engine wasm, give the CID of a .wasm file "
+                f"(`bacq ipfs add module.wasm`) or one of {', '.join(sorted(WASM_RUNTIMES))}"
+            ) from None
+
     @field_validator("entrypoint")
     @classmethod
-    def _entrypoint(cls, value: list[str] | None) -> list[str] | None:
+    def _entrypoint(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if value is not None and not value:
             raise ValueError("an entrypoint, when given, needs at least the program to run")
+        if value is not None and info.data.get("engine") == "wasm":
+            raise ValueError("entrypoint is for engine docker; a wasm job's arguments are command")
         return value
 
     @field_validator("working_dir")
     @classmethod
-    def _working_dir(cls, value: str | None) -> str | None:
+    def _working_dir(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("engine") == "wasm":
+            raise ValueError("working_dir is for engine docker; WASI has no working directory")
         return None if value is None else _check_container_path(value)
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("engine") == "wasm":
+            raise ValueError("a wasm job has no network; use engine docker with network: true")
+        return value
+
+    @field_validator("fuel")
+    @classmethod
+    def _fuel(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("engine") != "wasm":
+            raise ValueError("fuel is for engine wasm; a Docker job is bounded by its timeout")
+        return value
 
     @field_validator("env")
     @classmethod
@@ -306,10 +338,6 @@ class JobSpec(_Model):
 
     @model_validator(mode="after")
     def _cross_fields(self) -> JobSpec:
-        if self.engine == "wasm":
-            self._check_wasm()
-        elif self.fuel is not None:
-            raise ValueError("fuel is for engine wasm; a Docker job is bounded by its timeout")
         if self.confidence > self.concurrency:
             raise ValueError(
                 f"confidence ({self.confidence}) cannot exceed concurrency ({self.concurrency})"
@@ -325,24 +353,6 @@ class JobSpec(_Model):
         if len(names) != len(set(names)):
             raise ValueError("output volume names must be unique")
         return self
-
-
-    def _check_wasm(self) -> None:
-        if self.image not in WASM_RUNTIMES:
-            try:
-                _check_cid(self.image)
-            except ValueError:
-                raise ValueError(
-                    f"image {self.image!r}: for engine wasm, give the CID of a .wasm file "
-                    f"(`bacq ipfs add module.wasm`) or one of {', '.join(sorted(WASM_RUNTIMES))}"
-                ) from None
-            object.__setattr__(self, "image", self.image.strip().removeprefix("/ipfs/"))
-        if self.entrypoint is not None:
-            raise ValueError("entrypoint is for engine docker; a wasm job's arguments are command")
-        if self.working_dir is not None:
-            raise ValueError("working_dir is for engine docker; WASI has no working directory")
-        if self.network:
-            raise ValueError("a wasm job has no network; use engine docker with network: true")
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
