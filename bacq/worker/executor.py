@@ -366,7 +366,6 @@ class DockerExecutor:
             raise ExecutionError(reason)
         mounts = [bind(m.host, m.path, read_only=True) for m in await job.inputs(spec)]
         mounts += [bind(m.host, m.path, read_only=False) for m in job.outputs(spec)]
-        await job.report(ExecState.RUNNING, spec.image)
         result = await self.run_container(
             spec,
             name=job.name,
@@ -374,6 +373,7 @@ class DockerExecutor:
             labels=job.labels,
             logs_dir=job.results_dir,
             output=job.live(),
+            started=lambda: job.report(ExecState.RUNNING, spec.image),
         )
         return ExecResult(exit_code=result.exit_code)
 
@@ -386,6 +386,7 @@ class DockerExecutor:
         labels: dict[str, str],
         logs_dir: Path,
         output: Callable[[str, bytes], None] | None = None,
+        started: Callable[[], Awaitable[None]] | None = None,
     ) -> ContainerResult:
         """Run the container to its end or its deadline; always remove it afterwards.
 
@@ -393,6 +394,7 @@ class DockerExecutor:
         container prints them, and handed to ``output(stream, data)`` when given (live output, for
         ``bacq logs -f``; the first few MiB of each stream). Raises ``ResultsTooLarge`` as soon as
         they and the writable mounts together exceed the results limit (the container is killed).
+        ``started()`` is awaited once the container runs (the worker reports "running" then).
         """
         reason = self.why_not(spec)
         if reason is not None:
@@ -407,6 +409,8 @@ class DockerExecutor:
             except docker.errors.APIError as exc:
                 raise _start_error(spec, exc) from None
             capture.start()
+            if started is not None:
+                await started()
             exit_code = await self._wait(container, spec.timeout, mounts, capture)
             finished = await asyncio.to_thread(capture.join, _FOLLOW_GRACE)
             if capture.over:
