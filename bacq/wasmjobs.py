@@ -29,6 +29,7 @@ __all__ = [
     "PYTHON_RUNTIME",
     "add_module",
     "add_python",
+    "cli_spec",
     "python_spec",
     "run_python",
     "wasm_spec",
@@ -163,3 +164,32 @@ async def run_python(
     spec = python_spec(cid, name, args, inputs=inputs, outputs=outputs, **fields)
     job_id = await client.submit(spec)
     return await client.wait(job_id, timeout=wait_timeout)
+
+
+async def cli_spec(
+    storage: Storage,
+    target: str,
+    args: Sequence[str] = (),
+    *,
+    code: str | None = None,
+    modules: Iterable[Path] = (),
+    inputs: Iterable[tuple[str, str]] = (),
+    outputs: Iterable[tuple[str, str]] = (),
+    **fields: Any,
+) -> JobSpec:
+    """The spec of ``bacq run --engine wasm MODULE -- ARGS`` (``target`` a CID, or a local .wasm
+    file added to IPFS first) or of ``bacq run python [script.py] ARGS`` / ``-c CODE``
+    (``target`` "python": the script is the first of ``args`` unless ``code`` is given)."""
+    if target == "python":
+        rest = list(args)
+        script: Path | None = None
+        if code is None:
+            if not rest:
+                raise SpecError([("command", "give a script (bacq run python script.py) or -c")])
+            script = Path(rest.pop(0))
+        cid, name = await add_python(storage, script, code=code, modules=modules)
+        return python_spec(cid, name, rest, inputs=inputs, outputs=outputs, **fields)
+    module = target
+    if await asyncio.to_thread(Path(target).is_file):
+        module = await add_module(storage, Path(target))
+    return wasm_spec(module, args, inputs=inputs, outputs=outputs, **fields)

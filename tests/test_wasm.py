@@ -21,7 +21,7 @@ from bacq.models import JobRecord
 from bacq.spec import JobSpec
 from bacq.states import JobState
 from bacq.storage import Storage
-from bacq.wasmjobs import add_module, run_python, wasm_spec
+from bacq.wasmjobs import add_module, cli_spec, run_python, wasm_spec
 
 WASM_SOURCES = Path(__file__).parent / "wasm"
 PROGRAMS = ("clock", "spin", "sleep", "alloc", "flood", "writein")
@@ -235,3 +235,24 @@ async def test_a_python_job_reads_an_input_csv_and_writes_a_result_file(
     assert (result / "report" / "total.txt").read_text() == "prices: 3 items, total 12\n"
     assert (result / "stdout").read_text().startswith("done at 946684800.")
 
+
+async def test_run_building_blocks_add_a_local_module_and_python_code(
+    client: Client, storage: Storage, programs: dict[str, Path], tmp_path: Path
+) -> None:
+    # what `bacq run --engine wasm ./clock.wasm` and `bacq run python -c CODE` submit
+    folder = tmp_path / "in"
+    folder.mkdir()
+    inputs = await storage.add(folder)
+    spec = await cli_spec(
+        storage, str(programs["clock"]), inputs=[(inputs, "/in")], outputs=[("o", "/out")]
+    )
+    assert spec.engine == "wasm"
+    assert spec.image.startswith("baf")  # the file's CID, added first
+    code = await cli_spec(storage, "python", ["a", "b"], code="import sys; print(sys.argv[1:])")
+    assert code.image == "python-3.12"
+    assert code.command == ["/job/main.py", "a", "b"]
+    for job in [await _run(client, spec), await _run(client, code)]:
+        assert job.state == JobState.ACCEPTED, _errors(job)
+    assert job.result_cid is not None
+    result = await storage.fetch(job.result_cid, tmp_path / "result")
+    assert (result / "stdout").read_text() == "['a', 'b']\n"
