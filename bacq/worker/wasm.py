@@ -228,7 +228,7 @@ class WasmExecutor:
         return await asyncio.shield(task)
 
     async def _compile(self, module: Path, key: str, label: str) -> Path:
-        self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await asyncio.to_thread(self._check_cache_dir)
         target = self.cache_dir / f"{key}.cwasm"
         lock = await asyncio.to_thread(
             os.open, str(self.cache_dir / f"{key}.lock"), os.O_CREAT | os.O_RDWR, 0o600
@@ -272,6 +272,17 @@ class WasmExecutor:
         finally:
             os.close(lock)
 
+    def _check_cache_dir(self) -> None:
+        """Compiled code is loaded only from a folder that no one but this user can write."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info = self.cache_dir.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise ExecutionError(
+                f"the wasm compile cache {self.cache_dir} is writable by other users (or not "
+                "owned by this worker's user), so its compiled code cannot be trusted; "
+                f"chmod 700 it or give the worker its own --wasm-cache"
+            )
+
     # -- running ------------------------------------------------------------------------------
     async def _child(
         self,
@@ -287,7 +298,7 @@ class WasmExecutor:
         runs (ResultsTooLarge, the child killed, past the results limit)."""
         request_file = folder / f"{mode}-request.json"
         log_file = folder / f"{mode}-child.log"
-        request_file.write_text(json.dumps(request))
+        request_file.write_text(json.dumps({**request, "parent": os.getpid()}))
         with log_file.open("wb") as child_log:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,

@@ -21,6 +21,7 @@ output, trap, invalid, compile) and ``message``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -388,12 +389,24 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:500] if text else type(exc).__name__
 
 
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when the worker that started it dies (a job must not outlive it)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the call above
+        os._exit(1)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[1] not in ("compile", "run"):
         print("usage: wasm_child.py compile|run REQUEST.json", file=sys.stderr)
         return 2
     with open(argv[2], encoding="utf-8") as handle:
         request = json.load(handle)
+    _die_with_parent(int(request["parent"]))
     if argv[1] == "compile":
         compile_module(request)
     else:
