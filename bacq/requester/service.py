@@ -57,8 +57,22 @@ class Requester(Intake):
             self._enqueue(job.id)
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Wait for the lease (another requester may be active: then this one is a standby),
-        then serve until ``stop`` is set; raises ``Fenced`` when another requester took over."""
+        """Serve until ``stop`` is set, in terms: each term waits for the lease (another
+        requester may be active: this one is then a standby) and serves while it holds it.
+        A term ends when the lease is lost (NATS away too long, or another requester took
+        over): the next one starts from a fresh state, read back from NATS."""
+        term: Requester = self
+        while True:
+            try:
+                await term._term(stop)
+                return
+            except Fenced as exc:
+                if stop.is_set():
+                    return
+                self.log.warning("requester.deposed", reason=str(exc))
+                term = type(self)(self.bus, self.config)
+
+    async def _term(self, stop: asyncio.Event) -> None:
         self.lease = Lease(self.bus, "requester")
         standby = partial(self.log.info, "service.ready", service="requester", standby=True)
         if not await self.lease.acquire(stop, on_standby=standby):

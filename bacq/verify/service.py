@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import re
 from collections.abc import Coroutine
 from functools import partial
 from typing import Any
@@ -70,6 +71,8 @@ REVEAL_TIMEOUT = 60.0  # seconds a committed worker has to reveal once asked
 REVEAL_ASK_EVERY = 5.0  # seconds between requests to a worker that has not revealed yet
 REVEAL_REPLY_WAIT = 5.0
 SWEEP_EVERY = 2.0
+MAX_ERROR = 2000  # characters of a worker's error kept (it goes into the verdict and the record)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class Collected(BaseModel):
@@ -208,9 +211,12 @@ class Verifier:
             log.debug("result.duplicate")  # a commitment is never replaced
             return
         elif result.kind == "commit":
+            if not _SHA256.match(result.commitment or ""):
+                raise _Dropped(f"{node_id}'s commitment is not a sha256 hex digest")
             collected.commitments[node_id] = result.commitment or ""
         else:
-            collected.results.append(result)
+            error = (result.error or "")[:MAX_ERROR]
+            collected.results.append(result.model_copy(update={"error": error, "cid": None}))
         await self._progress(job, collected)
 
     def _take_reveal(self, collected: Collected, result: ResultMessage, log: object) -> bool:
@@ -270,6 +276,8 @@ class Verifier:
         )
         collected.published = True
         await self._save(job_id, collected)
+        for key in [k for k in self._asked if k[0] == job_id]:
+            del self._asked[key]
         if collected.first_at is not None:
             seconds = (now() - collected.first_at).total_seconds()
             metrics.VERIFICATION_SECONDS.observe(seconds)
@@ -392,8 +400,22 @@ class Verifier:
             slots.release()
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Wait for the lease (another verifier may be active: then this one is a standby),
-        then verify until ``stop`` is set; raises ``Fenced`` when another verifier took over."""
+        """Verify until ``stop`` is set, in terms: each term waits for the lease (another
+        verifier may be active: this one is then a standby) and verifies while it holds it. A
+        term ends when the lease is lost; the next starts from what the bucket holds."""
+        term: Verifier = self
+        while True:
+            try:
+                await term._term(stop)
+                return
+            except Fenced as exc:
+                if stop.is_set():
+                    return
+                self.log.warning("verifier.deposed", reason=str(exc))
+                term = type(self)(self.bus, self.results, self.reputations)
+                term.reputations = await Reputations.open(self.bus)
+
+    async def _term(self, stop: asyncio.Event) -> None:
         lease = Lease(self.bus, "verifier")
         standby = partial(self.log.info, "service.ready", service="verifier", standby=True)
         if not await lease.acquire(stop, on_standby=standby):
