@@ -66,6 +66,7 @@ FULL = {
     "data_runs": 3,
     "stall": 120.0,
     "wasm_jobs": 300,
+    "wasm_runs": 20,
 }
 SMOKE = {
     "runs": 2,
@@ -78,6 +79,7 @@ SMOKE = {
     "data_runs": 1,
     "stall": 60.0,
     "wasm_jobs": 10,
+    "wasm_runs": 1,
 }
 
 
@@ -142,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--data-runs", type=int, help="data: repetitions (3)")
     size.add_argument(
         "--wasm-jobs", type=int, help="wasm_orchestration: wasm jobs submitted at once (300)"
+    )
+    size.add_argument(
+        "--wasm-runs", type=int, help="wasm: runs of each of the three trivial jobs (20)"
     )
     tune = p.add_argument_group("tuning")
     tune.add_argument("--max-jobs", type=int, default=64, help="job slots per noop worker (64)")
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 _write(results, args.out)
             if "wasm" in chosen:
-                _section(results, "wasm", lambda: wasm_sections.engines(stack, args.runs))
+                _section(results, "wasm", lambda: wasm_sections.engines(stack, args.wasm_runs))
                 _write(results, args.out)
         except Exception as exc:
             for name in DOCKER_SECTIONS:
