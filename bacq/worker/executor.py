@@ -623,9 +623,11 @@ class _LogCapture:
             log.debug("container.follow_failed", container=self._container.name, error=str(exc))
             self.error = self.error or f"{type(exc).__name__}: {exc}"
         finally:
-            if chunks is not None:
+            if chunks is not None:  # the stream, then its HTTP response (else its socket leaks)
                 with contextlib.suppress(Exception):
                     chunks.close()
+                with contextlib.suppress(Exception):
+                    chunks._response.close()  # docker-py's CancellableStream keeps it private
 
 
 def _kill(container: Container) -> None:
