@@ -117,6 +117,31 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 unit="s",
             )
         )
+    wasm = results.get("wasm") or {}
+    docker_p50 = (wasm.get("docker") or {}).get("p50")
+    for name, what in (("wasm", "trivial wasm job"), ("python", "trivial Python job (wasm)")):
+        sec = wasm.get(name)
+        if not sec:
+            continue
+        out.append(
+            _row(
+                f"{what} vs the same Docker job, bacq create --wait, p50",
+                sec["p50"],
+                docker_p50,
+                unit="s",
+                ratio=_ratio(sec["p50"], docker_p50),
+            )
+        )
+    wo = results.get("wasm_orchestration") or {}
+    if "jobs_per_s" in wo:
+        counts = f"accepted {wo['accepted']}, failed {wo['failed']}, lost {wo['lost']}"
+        out.append(
+            _row(
+                f"orchestration with the wasm executor, {wo['jobs']} jobs ({counts})",
+                wo["jobs_per_s"],
+                unit="jobs/s",
+            )
+        )
     for run in (results.get("scale") or {}).get("runs", []):
         name = f"scale: {run['workers']} workers, {run['jobs']} jobs"
         if "error" in run:

@@ -156,10 +156,30 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     worker.add_argument(
         "--executor",
-        choices=("docker", "noop"),
+        choices=("docker", "wasm", "noop"),
         default="docker",
-        help="docker runs the job's container (default); noop runs nothing and answers every job "
-        "with one fixed result folder: for benchmarks and tests of the message path only",
+        help="docker runs Docker and wasm jobs (default); wasm runs wasm jobs only (no Docker "
+        "needed); noop runs nothing and answers every job with one fixed result folder: for "
+        "benchmarks and tests of the message path only",
+    )
+    worker.add_argument(
+        "--wasm-module-limit",
+        default="64m",
+        metavar="SIZE",
+        help="largest .wasm module a wasm job may name (64m)",
+    )
+    worker.add_argument(
+        "--wasm-fuel",
+        type=int,
+        default=10**13,
+        metavar="N",
+        help="fuel budget of a wasm job that sets none (about one unit per instruction)",
+    )
+    worker.add_argument(
+        "--wasm-cache",
+        default=None,
+        metavar="DIR",
+        help="where compiled wasm modules are kept (~/.cache/bacq/wasm-compiled)",
     )
     worker.add_argument("--tamper", action="store_true", help=argparse.SUPPRESS)
     _metrics_flag(worker)
@@ -278,9 +298,9 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     from bacq.bus import Bus
     from bacq.spec import parse_memory
     from bacq.storage import Storage
-    from bacq.worker.executor import DockerExecutor
-    from bacq.worker.noop import NoopExecutor
+    from bacq.worker.executor import make_executor
     from bacq.worker.service import Worker, WorkerConfig
+    from bacq.worker.wasm import WasmOptions
 
     try:
         config = WorkerConfig(
@@ -303,16 +323,22 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         results_limit = parse_memory(args.results_limit)
     except ValueError as exc:
         raise UsageError(f"--results-limit: {exc}") from None
-    executor: DockerExecutor | NoopExecutor
-    if args.executor == "noop":
-        executor = NoopExecutor()
-    else:
-        executor = DockerExecutor.from_env(
-            allow_network=args.allow_network,
-            results_limit=results_limit,
-            container_user=args.container_user,
-            tmpfs_size=args.tmp_size,
+    try:
+        wasm = WasmOptions(
+            cache_dir=Path(args.wasm_cache) if args.wasm_cache else None,
+            module_limit=parse_memory(args.wasm_module_limit),
+            fuel=args.wasm_fuel,
         )
+    except ValueError as exc:
+        raise UsageError(f"--wasm-module-limit: {exc}") from None
+    executor = make_executor(
+        args.executor,
+        allow_network=args.allow_network,
+        results_limit=results_limit,
+        container_user=args.container_user,
+        tmpfs_size=args.tmp_size,
+        wasm=wasm,
+    )
     # adding a large results folder can take a while; fetches have their own --fetch-timeout
     storage = await Storage.connect(config.ipfs_api, timeout=args.ipfs_timeout)
     bus = await Bus.connect(
