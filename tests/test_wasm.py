@@ -8,6 +8,7 @@ WASI that the workers ship.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -17,11 +18,13 @@ from pathlib import Path
 import pytest
 
 from bacq.client import Client
+from bacq.devstack import Devstack
 from bacq.models import JobRecord
 from bacq.spec import JobSpec
 from bacq.states import JobState
 from bacq.storage import Storage
 from bacq.wasmjobs import add_module, cli_spec, run_python, wasm_spec
+from tests.conftest import run_cli
 
 WASM_SOURCES = Path(__file__).parent / "wasm"
 PROGRAMS = ("clock", "spin", "sleep", "alloc", "flood", "writein")
@@ -256,3 +259,42 @@ async def test_run_building_blocks_add_a_local_module_and_python_code(
     assert job.result_cid is not None
     result = await storage.fetch(job.result_cid, tmp_path / "result")
     assert (result / "stdout").read_text() == "['a', 'b']\n"
+
+
+async def test_bacq_run_engine_wasm_and_run_python_from_the_cli(
+    stack: Devstack, programs: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a\n")
+    added = await asyncio.to_thread(run_cli, stack, "ipfs", "add", str(folder))
+    assert added.returncode == 0, added.stderr
+    done = await asyncio.to_thread(
+        run_cli,
+        stack,
+        "run",
+        "--engine",
+        "wasm",
+        "--no-cache",
+        "-v",
+        f"{added.stdout.strip()}:/in",
+        "-o",
+        "o:/out",
+        str(programs["clock"]),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "accepted" in done.stdout
+    script = tmp_path / "hello.py"
+    script.write_text("import sys\nprint('hello from', sys.argv[1])\n")
+    done = await asyncio.to_thread(run_cli, stack, "run", "python", str(script), "wasi")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "hello from wasi" in done.stdout
+    done = await asyncio.to_thread(run_cli, stack, "run", "python", "-c", "print(6 * 7)")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "42" in done.stdout
+    # wasm flags on a Docker job are a usage error naming the flag
+    done = await asyncio.to_thread(
+        run_cli, stack, "run", "--fuel", "5", "bacq-test/busybox", "true"
+    )
+    assert done.returncode == 2
+    assert "--fuel is for wasm jobs" in done.stderr

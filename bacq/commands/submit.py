@@ -18,6 +18,7 @@ from bacq.commands.common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     FILE_COMPLETION,
+    UsageError,
     add_command,
     connection_flags,
     emit,
@@ -134,7 +135,34 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="follow the job to its verdict (the default); --no-wait prints the job id and returns",
     )
     _follow_flags(run)
-    run.add_argument("image", help="Docker image, e.g. bacq-test/debian:bookworm")
+    run.add_argument(
+        "--engine",
+        choices=["docker", "wasm"],
+        help="docker (the default): IMAGE is a Docker image; wasm: IMAGE is a .wasm module (a "
+        "CID, or a local file added to IPFS first). `bacq run python script.py` runs a Python "
+        "script on the workers' CPython for WASI (--engine docker for a Docker image named "
+        "python)",
+    )
+    run.add_argument(
+        "-c",
+        "--code",
+        metavar="CODE",
+        help="bacq run python: run this code instead of a script file",
+    )
+    run.add_argument(
+        "--module",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="bacq run python: a local module (file or package folder) the script imports; "
+        "it travels with the script (repeatable)",
+    )
+    run.add_argument(
+        "--fuel", type=int, metavar="N", help="wasm: the job's fuel budget (the worker's default)"
+    )
+    run.add_argument(
+        "image", help="Docker image (bacq-test/debian:bookworm), wasm module, or python"
+    )
     run.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments")
     run.set_defaults(func=cmd_run)
 
@@ -242,10 +270,62 @@ def spec_from_run_args(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
+def _wasm_target(args: argparse.Namespace) -> str | None:
+    """What a wasm run runs: "python", a module CID or local file; None for a Docker job."""
+    if args.engine == "wasm" or (args.engine is None and args.image == "python"):
+        return str(args.image)
+    if args.code or args.module or args.fuel is not None:
+        flag = "-c" if args.code else "--module" if args.module else "--fuel"
+        raise UsageError(f"{flag} is for wasm jobs: bacq run python ... or --engine wasm MODULE")
+    return None
+
+
+async def _wasm_spec(args: argparse.Namespace, target: str) -> JobSpec:
+    """The spec of ``bacq run --engine wasm MODULE`` / ``bacq run python``: a local module or
+    script is added to IPFS first."""
+    from pathlib import Path
+
+    from bacq.storage import Storage
+    from bacq.wasmjobs import cli_spec
+
+    fields = spec_from_run_args(args)
+    for docker_only in ("image", "command", "entrypoint", "working_dir", "network"):
+        fields.pop(docker_only, None)
+    if args.fuel is not None:
+        fields["fuel"] = args.fuel
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    code = args.code
+    if target == "python" and command[:1] == ["-c"]:  # bacq run python -c CODE [ARGS]
+        if len(command) < 2:
+            raise UsageError("-c needs the code to run: bacq run python -c 'print(42)'")
+        code, command = command[1], command[2:]
+    inputs = [(v["cid"], v["path"]) for v in fields.pop("inputs")]
+    outputs = [(v["name"], v["path"]) for v in fields.pop("outputs")]
+    storage = await Storage.connect(ipfs_api(args))
+    try:
+        return await cli_spec(
+            storage,
+            target,
+            command,
+            code=code,
+            modules=[Path(m) for m in args.module],
+            inputs=inputs,
+            outputs=outputs,
+            **fields,
+        )
+    finally:
+        await storage.close()
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
     from bacq.spec import parse_spec
 
-    spec = parse_spec(spec_from_run_args(args))
+    target = _wasm_target(args)
+    spec = (
+        parse_spec(spec_from_run_args(args)) if target is None else await _wasm_spec(args, target)
+    )
     if args.dry_run:
         from bacq.jobfile import spec_to_yaml
 

@@ -79,6 +79,9 @@ def apply_exec_update(job: JobRecord, update: ExecUpdate) -> bool:
         error=update.error,
         exit_code=update.exit_code,
     )
+    execution = job.executions.get(update.node_id)
+    if changed and execution is not None and update.fuel_used is not None:
+        execution.fuel_used = update.fuel_used  # a wasm job's reproducible cost
     if changed and job.state == JobState.RUNNING and all_answered(job):
         move_job(job, JobState.VERIFYING, "every chosen worker has answered; verifying")
     return changed
