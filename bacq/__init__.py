@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from bacq.spec import InputVolume, JobSpec, OutputVolume, Resources, json_schema, parse_spec
     from bacq.states import ExecState, JobState
     from bacq.storage import Storage
+    from bacq.wasmjobs import run_python
 
 
 __version__ = "0.1.0"
@@ -66,11 +67,13 @@ __all__ = [
     "__version__",
     "json_schema",
     "parse_spec",
+    "run_python",
 ]
 
 # where each public name lives; imported on first access
 _HOME = {
     "Client": "bacq.client",
+    "run_python": "bacq.wasmjobs",
     "Storage": "bacq.storage",
     "Execution": "bacq.models",
     "JobRecord": "bacq.models",
