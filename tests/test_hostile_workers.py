@@ -346,3 +346,16 @@ async def test_a_verdict_stream_takes_no_message_from_a_worker(
         assert subjects.VERDICT_ALL not in (main.config.subjects or [])
     finally:
         await bus.close()
+
+
+async def test_a_reveal_that_does_not_match_its_commitment_is_rejected_and_counted(
+    make_stack: Callable[..., Devstack],
+) -> None:
+    stack = make_stack(workers=3, role_env={"w3": {"BACQ_WORKER_SWITCH_REVEAL": "1"}})
+    async with await Client.connect(stack.nats.url) as client:
+        job = await client.wait(await client.submit(DETERMINISTIC), timeout=120)
+        assert job.state == JobState.ACCEPTED, job.reason
+        assert job.executions["w3"].state == ExecState.REJECTED
+        assert "did not match its commitment" in (job.executions["w3"].error or "")
+        assert {job.executions[n].state for n in ("w1", "w2")} == {ExecState.VERIFIED}
+        await _eventually_reputation(client, "w3", lambda r: r.bad_reveals >= 1)

@@ -84,6 +84,11 @@ class WorkerConfig:
     # a lazy worker: runs no container and builds its result from whatever it can read of the
     # others' (job record, live output, IPFS), to show that it cannot; BACQ_WORKER_LAZY=1
     lazy: bool = field(default_factory=lambda: os.environ.get("BACQ_WORKER_LAZY") == "1")
+    # a worker that reveals an exit code other than the one it committed to (as one that learnt
+    # the others' result after committing would): BACQ_WORKER_SWITCH_REVEAL=1
+    switch_reveal: bool = field(
+        default_factory=lambda: os.environ.get("BACQ_WORKER_SWITCH_REVEAL") == "1"
+    )
 
     def __post_init__(self) -> None:
         if not NODE_ID.match(self.node_id):
@@ -327,7 +332,7 @@ class Worker:
                     job_id=job_id,
                     node_id=self.config.node_id,
                     cid=committed.cid,
-                    exit_code=committed.exit_code,
+                    exit_code=committed.exit_code + (1 if self.config.switch_reveal else 0),
                     nonce=committed.nonce,
                 )
             )
