@@ -91,8 +91,12 @@ class Storage:
             result: dict[str, Any] = await self._client.core.id()
             return result
 
-    async def add(self, path: Path, *, pin: bool = True) -> str:
-        """Add a file or a folder (recursively, dotfiles included) and return its CIDv1."""
+    async def add(self, path: Path, *, pin: bool = True, only_hash: bool = False) -> str:
+        """Add a file or a folder (recursively, dotfiles included) and return its CIDv1.
+
+        ``only_hash``: compute the very CID a normal add gives, without storing or pinning a
+        block (kubo's ``add --only-hash``), e.g. to commit to a result before revealing it.
+        """
         path = Path(path)
         if not path.exists():
             # aioipfs skips missing paths without a word; say it instead
@@ -101,7 +105,7 @@ class Storage:
         root: str | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                async for entry in self._add_entries(path, pin):
+                async for entry in self._add_entries(path, pin and not only_hash, only_hash):
                     if entry.get("Name") == root_name:
                         root = entry["Hash"]
         except TimeoutError:
@@ -112,14 +116,32 @@ class Storage:
             raise StorageError(f"kubo did not return a CID for {path}")
         return root
 
-    async def _add_entries(self, path: Path, pin: bool) -> AsyncIterator[dict[str, Any]]:
+    async def _add_entries(
+        self, path: Path, pin: bool, only_hash: bool
+    ) -> AsyncIterator[dict[str, Any]]:
         # the multipart form is built here, not by aioipfs's add(): with aiohttp >= 3.12 its
         # payloads for a lone file fail, and a folder holding an empty file and a subfolder makes
         # kubo wait forever for the rest of the form
         params = {"cid-version": "1", "pin": "true" if pin else "false", "recursive": "true"}
+        if only_hash:
+            params["only-hash"] = "true"
         writer = await asyncio.to_thread(_add_form, path)
         async for entry in self._client.core.add_generic(writer, params=params):
             yield entry
+
+    async def has_block(self, cid: str) -> bool:
+        """Whether the node holds the block ``cid`` itself (asks nobody else: ``offline``)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self._client.session.post(
+                    self._client.core.url("block/stat"), params={"arg": cid, "offline": "true"}
+                ) as response:
+                    await response.read()
+                    return bool(response.status == 200)
+        except TimeoutError:
+            raise StorageError(f"looking for block {cid} took over {self.timeout:g}s") from None
+        except Exception as exc:  # aiohttp errors: connection refused, reset, payload errors
+            raise StorageError(f"looking for block {cid} at {self.maddr} failed: {exc}") from None
 
     async def pin(self, cid: str) -> None:
         try:
