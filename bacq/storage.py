@@ -1,10 +1,17 @@
-"""IPFS storage through a kubo node's RPC API (aioipfs): add a folder, fetch a CID safely, pin.
+"""IPFS storage through a kubo node's RPC API: add a folder, fetch a CID safely, pin, bound sizes.
 
-Touches the kubo node at the given multiaddr and the local paths it is handed, nothing else.
-Every call has a deadline (aioipfs's own default is an hour). CIDs are v1 with raw leaves and no
-file metadata, so identical content gives an identical CID on every worker. Fetched archives are
-extracted here with tarfile's ``data`` filter: entries that would land outside the destination,
-absolute paths, device files and links pointing out are refused, never written.
+Touches the kubo node at the given multiaddr (bacq.kubo_rpc: one HTTP connection per call) and the
+local paths it is handed, nothing else. Every call has a deadline. CIDs are v1 with raw leaves and
+no file metadata, so identical content gives an identical CID on every worker; ``add(...,
+only_hash=True)`` computes that CID without storing a block (commit before reveal).
+
+Whatever a fetch brings in is bounded and checked: before the download, the DAG is walked (``ls``,
+which reads folder blocks and each entry's first block only) and its entry count and total size are
+held against the caller's limits; during the download, kubo's tar stream is extracted here, entry by
+entry, by our own strict extractor (no absolute paths, no ``..``, no entry written through a link or
+over another, no hard links, devices or FIFOs, symlinks that stay inside, sizes counted as they are
+written) and must match the walk. ``sanitize_tree`` checks a job's output folder before it is added:
+it fails closed and bounds the entry count and the bytes.
 """
 
 from __future__ import annotations
@@ -13,312 +20,753 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import quote_plus
 
-import aiohttp
-import aiohttp.payload
-
-from bacq.errors import IpfsUnavailable, StorageError
+from bacq.errors import IpfsUnavailable, ResultsTooLarge, StorageError
+from bacq.kubo_rpc import Call, KuboError, Response, parse_maddr, run_call
 from bacq.log import get_logger
 
-__all__ = ["DEFAULT_IPFS_API", "Storage", "preload", "safe_extract", "sanitize_tree"]
+__all__ = [
+    "DEFAULT_IPFS_API",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_ENTRIES",
+    "Storage",
+    "TreeSize",
+    "preload",
+    "safe_extract",
+    "sanitize_tree",
+]
 
 DEFAULT_IPFS_API = "/ip4/127.0.0.1/tcp/5001"
+DEFAULT_MAX_BYTES = 10 * 1024**3  # a fetch, or a results folder, holds at most this many bytes
+DEFAULT_MAX_ENTRIES = 100_000  # ... and at most this many files, folders and links
+_COPY = 1024 * 1024  # bytes per read when extracting a file
+_LS_BATCH = 128  # folders listed per ls call during the pre-download walk
+_HEADER_ALLOWANCE = 64 * 1024  # tar stream bytes allowed per entry beyond its data
 log = get_logger("bacq.storage")
+T = TypeVar("T")
 
-
-def _api_errors() -> tuple[type[Exception], ...]:
-    import aioipfs  # imported on first use: it takes a fifth of the CLI's start-up
-
-    return (aioipfs.APIError, aioipfs.UnknownAPIError)
+_UNIXFS_DIR, _UNIXFS_FILE, _UNIXFS_SYMLINK = 1, 2, 4  # kubo's ls types
 
 
 async def preload() -> None:
-    """Import the IPFS client in a thread, e.g. while a job runs, so that ``connect`` is quick."""
-    await asyncio.to_thread(_api_errors)
+    """Kept for callers that warmed the IPFS client up: it imports in a millisecond now."""
+
+
+@dataclass
+class TreeSize:
+    """What a CID holds: ``entries`` (files, folders and links, the root included) and ``bytes``."""
+
+    entries: int = 0
+    bytes: int = 0
 
 
 class Storage:
     """A kubo node. Build it with ``await Storage.connect(maddr)`` inside a running loop."""
 
-    def __init__(self, client: Any, maddr: str, timeout: float) -> None:
-        self._client = client
+    def __init__(self, maddr: str, timeout: float, host: str, port: int) -> None:
         self.maddr = maddr
         self.timeout = timeout
+        self._host, self._port = host, port
+        self._aioipfs: Any = None
 
     @classmethod
     async def connect(cls, maddr: str, *, timeout: float = 60.0) -> Storage:
-        import aioipfs
-
         try:
-            client = aioipfs.AsyncIPFS(maddr=maddr)
-        except Exception as exc:  # aioipfs raises a bare Exception for a bad multiaddr
+            host, port = parse_maddr(maddr)
+        except ValueError as exc:
             raise IpfsUnavailable(
                 f"BACQ_IPFS_API {maddr!r} is not a kubo RPC multiaddr ({exc}); "
                 "write it like /ip4/127.0.0.1/tcp/5001"
             ) from None
-        storage = cls(client, maddr, timeout)
-        unreachable: tuple[type[Exception], ...] = (TimeoutError, OSError, *_api_errors())
+        storage = cls(maddr, timeout, host, port)
         try:
             async with asyncio.timeout(10):
-                info = await client.core.id()
+                info = await storage._json("id", [], "asking kubo for its id")
             if not isinstance(info, dict) or "ID" not in info:
-                # aioipfs returns None instead of raising when the connection fails
-                raise OSError("connection failed")
-        except unreachable as exc:
-            await storage.close()
+                raise OSError("the answer has no ID")
+        except (TimeoutError, OSError, KuboError, StorageError) as exc:
             raise IpfsUnavailable(
                 f"no kubo RPC API answers at {maddr} ({type(exc).__name__}); start one with "
                 "`bacq devstack` or set BACQ_IPFS_API / --ipfs to a running node"
             ) from None
-        except Exception as exc:  # aiohttp's client errors are not all OSErrors
-            await storage.close()
-            raise IpfsUnavailable(f"no kubo RPC API answers at {maddr} ({exc})") from None
         return storage
 
+    @property
+    def _client(self) -> Any:
+        """An aioipfs client on the same node, built on first use (bacq itself does not use it)."""
+        if self._aioipfs is None:
+            import aioipfs
+
+            self._aioipfs = aioipfs.AsyncIPFS(maddr=self.maddr)
+        return self._aioipfs
+
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._client.close()
+        if self._aioipfs is not None:
+            with contextlib.suppress(Exception):
+                await self._aioipfs.close()
+            self._aioipfs = None
 
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _call(self, io_timeout: float | None = None) -> Call:
+        return Call(self._host, self._port, io_timeout or self.timeout)
+
+    async def _run(
+        self,
+        what: str,
+        work: Callable[[Call], T],
+        *,
+        timeout: float | None = None,
+        too_slow: str | None = None,
+    ) -> T:
+        """Run ``work`` on a fresh call within ``timeout``; kubo's errors become StorageError
+        (``too_slow``: the message when the deadline passes)."""
+        deadline = timeout if timeout is not None else self.timeout
+        call = self._call(deadline)
+        try:
+            async with asyncio.timeout(deadline):
+                return await run_call(call, lambda: work(call))
+        except TimeoutError:
+            raise StorageError(too_slow or f"{what} took longer than {deadline:g}s") from None
+        except KuboError as exc:
+            raise StorageError(f"{what} failed: {exc.message}") from None
+        except OSError as exc:
+            raise StorageError(
+                f"{what} failed: cannot talk to kubo at {self.maddr} ({exc})"
+            ) from None
+
+    async def _json(
+        self,
+        endpoint: str,
+        params: list[tuple[str, str]],
+        what: str,
+        *,
+        timeout: float | None = None,
+        limit: int = 1 << 20,
+    ) -> Any:
+        def work(call: Call) -> Any:
+            response = call.post(endpoint, params, limit=limit)
+            response.raise_for_status(what)
+            return response.json()
+
+        return await self._run(what, work, timeout=timeout)
+
+    # -- small calls ------------------------------------------------------------------------------
     async def node_id(self) -> dict[str, Any]:
-        async with asyncio.timeout(self.timeout):
-            result: dict[str, Any] = await self._client.core.id()
-            return result
+        info: dict[str, Any] = await self._json("id", [], "asking kubo for its id")
+        return info
 
+    async def version(self) -> dict[str, Any]:
+        info: dict[str, Any] = await self._json("version", [], "asking kubo for its version")
+        return info
+
+    async def pin(self, cid: str) -> None:
+        await self._json("pin/add", [("arg", cid)], f"pinning {cid}")
+
+    async def stat(self, cid: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """kubo's ``files/stat`` of ``/ipfs/CID``: Type (file, directory, symlink), Size, ..."""
+        info: dict[str, Any] = await self._json(
+            "files/stat", [("arg", f"/ipfs/{cid}")], f"kubo cannot stat {cid}", timeout=timeout
+        )
+        return info
+
+    async def has_block(self, cid: str) -> bool:
+        """Whether the node holds the block ``cid`` itself (asks nobody else: ``offline``)."""
+
+        def work(call: Call) -> bool:
+            response = call.post("block/stat", [("arg", cid), ("offline", "true")])
+            if response.status != 200:
+                return False
+            response.read_all()
+            return True
+
+        return await self._run(f"looking for block {cid}", work)
+
+    async def read_tail(self, path: str, *, limit: int = 64 * 1024) -> bytes:
+        """The last ``limit`` bytes of the file at ``path`` (``CID/stdout``), for a quick look."""
+        info = await self._json(
+            "files/stat", [("arg", f"/ipfs/{path}")], f"kubo cannot stat {path}"
+        )
+        size = int(info.get("Size", 0)) if isinstance(info, dict) else 0
+        params = [("arg", path), ("offset", str(max(0, size - limit))), ("length", str(limit))]
+
+        def work(call: Call) -> bytes:
+            response = call.post("cat", params, limit=limit)
+            response.raise_for_status(f"kubo cannot read {path}")
+            return response.read_all()
+
+        return await self._run(f"reading {path} from IPFS", work)
+
+    # -- add --------------------------------------------------------------------------------------
     async def add(self, path: Path, *, pin: bool = True, only_hash: bool = False) -> str:
         """Add a file or a folder (recursively, dotfiles included) and return its CIDv1.
 
         ``only_hash``: compute the very CID a normal add gives, without storing or pinning a
-        block (kubo's ``add --only-hash``), e.g. to commit to a result before revealing it.
+        block (kubo's ``add --only-hash``). Symlinks and special files in a folder are left out.
         """
         path = Path(path)
         if not path.exists():
-            # aioipfs skips missing paths without a word; say it instead
             raise StorageError(f"cannot add {path}: no such file or directory")
-        root_name = path.name
-        root: str | None = None
-        try:
-            async with asyncio.timeout(self.timeout):
-                async for entry in self._add_entries(path, pin and not only_hash, only_hash):
-                    if entry.get("Name") == root_name:
-                        root = entry["Hash"]
-        except TimeoutError:
-            raise StorageError(f"adding {path} to IPFS took longer than {self.timeout}s") from None
-        except _api_errors() as exc:
-            raise StorageError(f"adding {path} to IPFS failed: {_api_message(exc)}") from None
-        if root is None:
+        form = await asyncio.to_thread(_AddForm.build, path)
+        params = [("cid-version", "1"), ("recursive", "true")]
+        if only_hash:
+            params += [("only-hash", "true"), ("pin", "false")]
+        else:
+            params += [("pin", "true" if pin else "false")]
+        what = f"{'hashing' if only_hash else 'adding'} {path} {'' if only_hash else 'to IPFS'}"
+
+        def work(call: Call) -> str:
+            return form.send(call, params, f"kubo refused to add {path}")
+
+        root = await self._run(what.strip(), work)
+        if not root:
             raise StorageError(f"kubo did not return a CID for {path}")
         return root
 
-    async def _add_entries(
-        self, path: Path, pin: bool, only_hash: bool
-    ) -> AsyncIterator[dict[str, Any]]:
-        # the multipart form is built here, not by aioipfs's add(): with aiohttp >= 3.12 its
-        # payloads for a lone file fail, and a folder holding an empty file and a subfolder makes
-        # kubo wait forever for the rest of the form
-        params = {"cid-version": "1", "pin": "true" if pin else "false", "recursive": "true"}
-        if only_hash:
-            params["only-hash"] = "true"
-        writer = await asyncio.to_thread(_add_form, path)
-        async for entry in self._client.core.add_generic(writer, params=params):
-            yield entry
-
-    async def has_block(self, cid: str) -> bool:
-        """Whether the node holds the block ``cid`` itself (asks nobody else: ``offline``)."""
+    # -- fetch ------------------------------------------------------------------------------------
+    async def measure(
+        self,
+        cid: str,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        timeout: float | None = None,
+    ) -> TreeSize:
+        """Walk ``cid``'s DAG (folders and each entry's first block, not the data) and return its
+        size; StorageError as soon as it holds more than ``max_entries`` entries or ``max_bytes``.
+        """
+        deadline = timeout if timeout is not None else self.timeout
         try:
-            async with asyncio.timeout(self.timeout):
-                async with self._client.session.post(
-                    self._client.core.url("block/stat"), params={"arg": cid, "offline": "true"}
-                ) as response:
-                    await response.read()
-                    return bool(response.status == 200)
+            async with asyncio.timeout(deadline):
+                return await self._measure(cid, max_bytes, max_entries, deadline)
         except TimeoutError:
-            raise StorageError(f"looking for block {cid} took over {self.timeout:g}s") from None
-        except Exception as exc:  # aiohttp errors: connection refused, reset, payload errors
-            raise StorageError(f"looking for block {cid} at {self.maddr} failed: {exc}") from None
+            raise StorageError(f"measuring {cid} took longer than {deadline:g}s") from None
 
-    async def pin(self, cid: str) -> None:
-        try:
-            async with asyncio.timeout(self.timeout):
-                async for _ in self._client.pin.add(cid):
-                    pass
-        except TimeoutError:
-            raise StorageError(f"pinning {cid} took longer than {self.timeout}s") from None
-        except _api_errors() as exc:
-            raise StorageError(f"pinning {cid} failed: {_api_message(exc)}") from None
+    async def _measure(
+        self, cid: str, max_bytes: int, max_entries: int, timeout: float
+    ) -> TreeSize:
+        info = await self.stat(cid, timeout=timeout)
+        kind = info.get("Type")
+        size = TreeSize(entries=1)
+        if kind == "file":
+            size.bytes = _nonneg(info.get("Size"), cid)
+            _check_limits(cid, size, max_bytes, max_entries)
+            return size
+        if kind != "directory":
+            raise StorageError(f"{cid} is a {kind}, not a file or a folder; nothing to fetch")
+        pending = [cid]
+        while pending:
+            batch, pending = pending[:_LS_BATCH], pending[_LS_BATCH:]
+            for entry in await self._ls(batch, cid, timeout):
+                size.entries += 1
+                name, kind_code = entry.get("Name", ""), entry.get("Type")
+                _check_name(cid, name)
+                if kind_code == _UNIXFS_DIR:
+                    pending.append(str(entry.get("Hash", "")))
+                elif kind_code == _UNIXFS_FILE:
+                    size.bytes += _nonneg(entry.get("Size"), cid)
+                elif kind_code != _UNIXFS_SYMLINK:
+                    raise StorageError(
+                        f"{cid} holds {name!r}, which is not a UnixFS file, folder or symlink"
+                    )
+                _check_limits(cid, size, max_bytes, max_entries)
+        return size
 
-    async def fetch(self, cid: str, target: Path, *, timeout: float | None = None) -> Path:
+    async def _ls(self, folders: list[str], root: str, timeout: float) -> list[dict[str, Any]]:
+        params = [("arg", f"/ipfs/{folder}") for folder in folders]
+        params += [("resolve-type", "true"), ("size", "true"), ("stream", "true")]
+
+        def work(call: Call) -> list[dict[str, Any]]:
+            response = call.post("ls", params, limit=1 << 40)
+            response.raise_for_status(f"kubo cannot list {root}")
+            links: list[dict[str, Any]] = []
+            for line in response.lines():
+                try:
+                    for obj in json.loads(line).get("Objects") or []:
+                        links.extend(obj.get("Links") or [])
+                except (ValueError, AttributeError, TypeError):
+                    raise KuboError(f"a listing of {root} is not JSON: {line[:80]!r}") from None
+                if len(links) > DEFAULT_MAX_ENTRIES * 10:
+                    raise KuboError(f"a listing of {root} is too long")
+            return links
+
+        return await self._run(f"listing {root}", work, timeout=timeout)
+
+    async def fetch(
+        self,
+        cid: str,
+        target: Path,
+        *,
+        timeout: float | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> Path:
         """Materialise ``cid`` at ``target`` (a file or a folder), safely. Returns ``target``.
 
-        ``target`` must not exist yet, or be an empty folder.
+        ``target`` must not exist yet, or be an empty folder. The DAG is measured first and
+        refused (StorageError naming the CID, what it holds and the limit) when it holds more than
+        ``max_entries`` entries or ``max_bytes`` bytes; the download stops at the same limits
+        should kubo's archive hold more than the walk found. ``timeout`` covers it all.
         """
         target = Path(target)
         if target.exists() and not (target.is_dir() and not any(target.iterdir())):
             raise StorageError(f"{target} already exists and is not empty; choose another path")
         target.parent.mkdir(parents=True, exist_ok=True)
         deadline = timeout if timeout is not None else self.timeout
-        with tempfile.TemporaryDirectory(prefix=".bacq-fetch-", dir=target.parent) as tmp:
-            archive = Path(tmp) / "archive.tar"
-            try:
-                async with asyncio.timeout(deadline):
-                    await self._download_tar(cid, archive)
-            except TimeoutError:
-                raise StorageError(
-                    f"could not fetch {cid} from IPFS within {deadline:g}s: no reachable node "
-                    "has it (add it with `bacq ipfs add` on a node of this network)"
-                ) from None
-            staging = Path(tmp) / "out"
-            staging.mkdir()
-            await asyncio.to_thread(safe_extract, archive, staging)
-            produced = staging / cid
-            if not (produced.exists() or produced.is_symlink()):
-                raise StorageError(f"the archive kubo returned for {cid} has no entry {cid}")
-            if target.exists():
-                target.rmdir()
-            os.replace(produced, target)
+        try:
+            async with asyncio.timeout(deadline):
+                await self._fetch(cid, target, deadline, max_bytes, max_entries)
+        except TimeoutError:
+            raise StorageError(
+                f"could not fetch {cid} from IPFS within {deadline:g}s: no reachable node has it "
+                "(add it with `bacq ipfs add` on a node of this network)"
+            ) from None
         return target
 
-    async def read_tail(self, path: str, *, limit: int = 64 * 1024) -> bytes:
-        """The last ``limit`` bytes of the file at ``path`` (``CID/stdout``), for a quick look."""
-        try:
-            async with asyncio.timeout(self.timeout):
-                stat_url = self._client.core.url("files/stat")
-                async with self._client.session.post(
-                    stat_url, params={"arg": f"/ipfs/{path}"}
-                ) as response:
-                    body = await response.text()
-                    if response.status != 200:
-                        raise StorageError(f"kubo cannot stat {path}: {_kubo_message(body)}")
-                    size = int(json.loads(body).get("Size", 0))
-                params = {"arg": path, "offset": str(max(0, size - limit)), "length": str(limit)}
-                async with self._client.session.post(
-                    self._client.core.url("cat"), params=params
-                ) as response:
-                    if response.status != 200:
-                        raise StorageError(
-                            f"kubo cannot read {path}: {_kubo_message(await response.text())}"
-                        )
-                    data: bytes = await response.read()
-                    return data
-        except StorageError:
-            raise
-        except TimeoutError:
-            raise StorageError(f"reading {path} from IPFS took over {self.timeout:g}s") from None
-        except Exception as exc:  # aiohttp errors: connection refused, reset, payload errors
-            raise StorageError(f"reading {path} from {self.maddr} failed: {exc}") from None
+    async def _fetch(
+        self, cid: str, target: Path, timeout: float, max_bytes: int, max_entries: int
+    ) -> None:
+        # the calls inside get the whole deadline: the one of fetch() ends them first
+        expected = await self._measure(cid, max_bytes, max_entries, timeout)
+        with tempfile.TemporaryDirectory(prefix=".bacq-fetch-", dir=target.parent) as tmp:
+            staging = Path(tmp)
+            limits = _Limits(cid, max_bytes, max_entries, root=cid)
+            raw_limit = max_bytes + (max_entries + 2) * _HEADER_ALLOWANCE
 
-    async def _download_tar(self, cid: str, archive: Path) -> None:
-        url = self._client.core.url("get")
-        params = {"arg": cid, "archive": "true"}
-        try:
-            async with self._client.session.post(url, params=params) as response:
-                if response.status != 200:
-                    body = await response.text()
-                    raise StorageError(f"kubo refused to get {cid}: {_kubo_message(body)}")
-                with archive.open("wb") as out:
-                    async for chunk in response.content.iter_chunked(256 * 1024):
-                        out.write(chunk)
-        except StorageError:
-            raise
-        except TimeoutError:
-            raise
-        except Exception as exc:  # aiohttp errors: connection refused, reset, payload errors
-            raise StorageError(f"fetching {cid} from {self.maddr} failed: {exc}") from None
+            def work(call: Call) -> TreeSize:
+                response = call.post("get", [("arg", cid), ("archive", "true")], limit=raw_limit)
+                response.raise_for_status(f"kubo refused to get {cid}")
+                got = _extract_stream(response, staging, limits)
+                while response.read():  # the end of the archive, and kubo's error trailer if any
+                    pass
+                return got
+
+            got = await self._run(f"fetching {cid}", work, timeout=timeout)
+            if got != expected:
+                raise StorageError(
+                    f"the archive kubo sent for {cid} ({got.entries} entries, {got.bytes} bytes) "
+                    f"does not match its DAG ({expected.entries} entries, {expected.bytes} "
+                    "bytes); refused"
+                )
+            await asyncio.to_thread(_move_into_place, staging / cid, target)
 
 
-def _add_form(root: Path) -> aiohttp.MultipartWriter:
-    """The multipart form of kubo's add for ``root``: folders first, then their entries, sorted.
-
-    File contents stream from async generators: aiohttp's own file payloads (>= 3.12) leave kubo
-    waiting for the end of the form when it holds several files.
-    """
-    writer = aiohttp.MultipartWriter("form-data")
-
-    def part(name: str, payload: aiohttp.payload.Payload) -> None:
-        payload.set_content_disposition("form-data", name="file", filename=name)
-        writer.append_payload(payload)
-
-    def add_file(name: str, full: Path) -> None:
-        if full.stat().st_size == 0:
-            part(name, aiohttp.payload.BytesPayload(b"", content_type="application/octet-stream"))
-        else:
-            part(
-                name,
-                aiohttp.payload.AsyncIterablePayload(
-                    _read_chunks(full), content_type="application/octet-stream"
-                ),
-            )
-
-    if not root.is_dir():
-        add_file(root.name, root)
-        return writer
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        here = Path(dirpath)
-        name = root.name if here == root else f"{root.name}/{here.relative_to(root).as_posix()}"
-        part(name, aiohttp.payload.BytesPayload(b"", content_type="application/x-directory"))
-        for filename in sorted(filenames):
-            full = here / filename
-            if full.is_file() and not full.is_symlink():
-                add_file(f"{name}/{filename}", full)
-    return writer
-
-
-async def _read_chunks(path: Path, size: int = 1024 * 1024) -> AsyncIterator[bytes]:
-    with path.open("rb") as handle:
-        while chunk := await asyncio.to_thread(handle.read, size):
-            yield chunk
-
-
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract ``archive`` into ``dest``; refuse (StorageError) any entry that would escape it."""
+# -- limits ---------------------------------------------------------------------------------------
+def _nonneg(value: Any, cid: str) -> int:
     try:
-        with tarfile.open(archive, mode="r:") as tar:
-            tar.extractall(dest, filter="data")
-    except tarfile.FilterError as exc:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise StorageError(f"kubo gave no size for an entry of {cid}") from None
+    if number < 0:
+        raise StorageError(f"an entry of {cid} claims a negative size")
+    return number
+
+
+def _check_name(cid: str, name: Any) -> None:
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\x00" in name:
         raise StorageError(
-            f"refused an unsafe archive entry: {exc}; nothing outside {dest} was written"
-        ) from None
-    except tarfile.TarError as exc:
-        raise StorageError(f"the archive is corrupt: {exc}") from None
+            f"refused an unsafe archive entry: {cid} holds an entry named {str(name)[:80]!r}"
+        )
 
 
-def sanitize_tree(root: Path) -> list[str]:
-    """Remove everything under ``root`` that is not a regular file or a folder; return their names.
+def _check_limits(cid: str, size: TreeSize, max_bytes: int, max_entries: int) -> None:
+    if size.entries > max_entries:
+        raise StorageError(
+            f"{cid} holds more than {max_entries} entries (files, folders and links), the limit; "
+            "nothing was downloaded"
+        )
+    if size.bytes > max_bytes:
+        raise StorageError(
+            f"{cid} holds at least {_human(size.bytes)} ({size.bytes} bytes), more than the limit "
+            f"of {_human(max_bytes)} ({max_bytes} bytes); nothing was downloaded"
+        )
 
-    Run on a container's output before adding it to IPFS: a symlink written by the job could
-    otherwise make the worker read a host file, and a FIFO would block the add forever.
-    """
-    removed: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for name in list(dirnames) + filenames:
-            full = Path(dirpath) / name
-            mode = full.lstat().st_mode
-            if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+
+def _human(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{count} B"
+        value /= 1024
+    return f"{count} B"  # not reached
+
+
+# -- the add form ---------------------------------------------------------------------------------
+@dataclass
+class _Part:
+    head: bytes
+    path: Path | None = None
+    size: int = 0
+
+
+class _AddForm:
+    """kubo's add form for a file or a folder, as the Go client writes it: depth first, entries
+    sorted by name, names query-escaped; file contents go out with sendfile(2)."""
+
+    def __init__(self, parts: list[_Part], boundary: str, root_name: str) -> None:
+        self.parts = parts
+        self.boundary = boundary
+        self.root_name = root_name
+        self.tail = f"--{boundary}--\r\n".encode()
+        self.length = sum(len(p.head) + p.size + 2 for p in parts) + len(self.tail)
+
+    @classmethod
+    def build(cls, root: Path) -> _AddForm:
+        boundary = secrets.token_hex(16)
+        parts: list[_Part] = []
+
+        def head(name: str, content_type: str) -> bytes:
+            return (
+                f"--{boundary}\r\n"
+                f'Content-Disposition: form-data; name="file"; filename="{quote_plus(name)}"\r\n'
+                f"Content-Type: {content_type}\r\n\r\n"
+            ).encode()
+
+        try:
+            st = root.lstat()
+        except OSError as exc:
+            raise StorageError(f"cannot add {root}: {exc}") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise StorageError(f"cannot add {root}: not a regular file or a folder")
+        # depth first, as a stack of (full path, form name, mode, size); symlinks and special
+        # files are left out
+        root_name = root.name or root.resolve().name or "root"  # "." or "/"
+        stack: list[tuple[Path, str, int, int]] = [(root, root_name, st.st_mode, st.st_size)]
+        while stack:
+            full, name, mode, size = stack.pop()
+            if stat.S_ISREG(mode):
+                parts.append(_Part(head(name, "application/octet-stream"), full, size))
                 continue
-            removed.append(str(full.relative_to(root)))
-            if name in dirnames:
-                dirnames.remove(name)
-            full.unlink()
+            if not stat.S_ISDIR(mode):
+                continue
+            parts.append(_Part(head(name, "application/x-directory")))
+            try:
+                with os.scandir(full) as listing:
+                    found = sorted(listing, key=lambda e: e.name)
+                children = [(e, e.stat(follow_symlinks=False)) for e in found]
+            except OSError as exc:
+                raise StorageError(f"cannot add {full}: {exc}") from None
+            for entry, info in reversed(children):
+                stack.append((Path(entry.path), f"{name}/{entry.name}", info.st_mode, info.st_size))
+        return cls(parts, boundary, root_name)
+
+    def send(self, call: Call, params: list[tuple[str, str]], what: str) -> str:
+        """Post the form on ``call`` and return the root's CID (from kubo's streamed answer)."""
+        sock = call.connect()
+        sock.sendall(
+            call.request_head(
+                "add",
+                params,
+                content_type=f"multipart/form-data; boundary={self.boundary}",
+                content_length=self.length,
+            )
+        )
+        failure: list[BaseException] = []
+
+        def body() -> None:  # a thread of its own: kubo answers while it reads the form
+            try:
+                for part in self.parts:
+                    sock.sendall(part.head)
+                    if part.path is not None and part.size:
+                        try:
+                            handle = part.path.open("rb")
+                        except OSError as exc:
+                            raise StorageError(f"cannot read {part.path}: {exc}") from None
+                        with handle:
+                            sent = sock.sendfile(handle, 0, part.size)
+                        if sent != part.size:
+                            raise StorageError(f"{part.path} changed while it was being added")
+                    sock.sendall(b"\r\n")
+                sock.sendall(self.tail)
+            except BaseException as exc:
+                failure.append(exc)
+                call.abort()
+
+        sender = threading.Thread(target=body, name="bacq-kubo-add", daemon=True)
+        sender.start()
+        root = ""
+        try:
+            response = Response(call, limit=1 << 40)
+            response.raise_for_status(what)
+            for line in response.lines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    raise KuboError(f"kubo's answer is not JSON: {line[:80]!r}") from None
+                if isinstance(entry, dict) and entry.get("Name") == self.root_name:
+                    root = str(entry.get("Hash", ""))
+        except BaseException:
+            call.abort()
+            sender.join()
+            if failure and isinstance(failure[0], StorageError):
+                raise failure[0] from None  # the cause (a file that changed), not its effect
+            raise
+        sender.join()
+        if failure:
+            raise failure[0]
+        return root
+
+
+# -- extraction -----------------------------------------------------------------------------------
+@dataclass
+class _Limits:
+    what: str
+    max_bytes: int
+    max_entries: int
+    root: str | None = None  # every entry must be this name or under it
+
+
+def _refuse(reason: str, dest: Path) -> StorageError:
+    return StorageError(
+        f"refused an unsafe archive entry: {reason}; nothing outside {dest} was written"
+    )
+
+
+def _extract_stream(fileobj: Any, dest: Path, limits: _Limits) -> TreeSize:
+    """Extract the tar stream ``fileobj`` into the existing, empty folder ``dest``.
+
+    Only folders, regular files and symlinks are written. A name must be relative, without
+    ``.``/``..``/empty parts; its parents are folders this extraction made (so nothing is
+    written through a link); nothing is written over an existing entry. A symlink may only climb
+    (leading ``..``) within the tree, then descend: it cannot point out, whatever other links do.
+    """
+    kinds: dict[str, str] = {}
+    size = TreeSize()
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|", bufsize=_COPY) as tar:
+            for member in tar:
+                size.entries += 1
+                if size.entries > limits.max_entries:
+                    raise StorageError(
+                        f"{limits.what} holds more than {limits.max_entries} entries (files, "
+                        "folders and links), the limit; the download was stopped"
+                    )
+                name = member.name.rstrip("/") if member.isdir() else member.name
+                parts = _member_parts(name, limits, dest)
+                if name in kinds:
+                    raise _refuse(f"{name!r} appears twice", dest)
+                parent_depth = _ensure_parents(parts, kinds, dest)
+                full = os.path.join(dest, *parts)
+                if member.type == tarfile.DIRTYPE:
+                    _write(os.mkdir, full, 0o755)
+                    kinds[name] = "dir"
+                elif member.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                    size.bytes += member.size
+                    if size.bytes > limits.max_bytes:
+                        raise StorageError(
+                            f"{limits.what} holds more than {_human(limits.max_bytes)} "
+                            f"({limits.max_bytes} bytes), the limit; the download was stopped"
+                        )
+                    _write_file(tar, member, full, dest)
+                    kinds[name] = "file"
+                elif member.type == tarfile.SYMTYPE:
+                    depth = parent_depth - (1 if limits.root is not None else 0)
+                    if limits.root is not None and len(parts) == 1:
+                        raise _refuse(f"{name!r} is a symlink, not a file or a folder", dest)
+                    _check_link(name, member.linkname, depth, dest)
+                    _write(_symlinker(member.linkname), full, 0)
+                    kinds[name] = "link"
+                else:
+                    raise _refuse(f"{name!r} is a {_kind(member)}", dest)
+    except tarfile.TarError as exc:
+        raise StorageError(f"the archive of {limits.what} is corrupt: {exc}") from None
+    if limits.root is not None and limits.root not in kinds:
+        raise StorageError(
+            f"the archive kubo returned for {limits.what} has no entry {limits.root}"
+        )
+    return size
+
+
+def _move_into_place(produced: Path, target: Path) -> None:
+    if target.exists():  # an empty folder (checked by fetch)
+        target.rmdir()
+    os.replace(produced, target)
+
+
+def _member_parts(name: str, limits: _Limits, dest: Path) -> list[str]:
+    if not name or name.startswith("/") or "\x00" in name:
+        raise _refuse(f"{name!r} is an absolute or empty path", dest)
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise _refuse(f"{name!r} has an empty, '.' or '..' part", dest)
+    if limits.root is not None and parts[0] != limits.root:
+        raise _refuse(f"{name!r} is not under {limits.root}", dest)
+    return parts
+
+
+def _ensure_parents(parts: list[str], kinds: dict[str, str], dest: Path) -> int:
+    """Make the member's missing parent folders; refuse a parent that is a file or a link.
+    Returns the member's depth (number of parent folders below ``dest``)."""
+    for depth in range(1, len(parts)):
+        parent = "/".join(parts[:depth])
+        kind = kinds.get(parent)
+        if kind is None:
+            _write(os.mkdir, os.path.join(dest, *parts[:depth]), 0o755)
+            kinds[parent] = "dir"
+        elif kind != "dir":
+            raise _refuse(f"{'/'.join(parts)!r} lies under {parent!r}, which is a {kind}", dest)
+    return len(parts) - 1
+
+
+def _check_link(name: str, target: str, depth: int, dest: Path) -> None:
+    if not target or target.startswith("/") or "\x00" in target:
+        raise _refuse(f"symlink {name!r} points to {target!r}, an absolute or empty path", dest)
+    climbing, ups = True, 0
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not climbing:
+                raise _refuse(f"symlink {name!r} points to {target!r} ('..' after a name)", dest)
+            ups += 1
+        else:
+            climbing = False
+    if ups > depth:
+        raise _refuse(f"symlink {name!r} points to {target!r}, out of the tree", dest)
+
+
+def _symlinker(target: str) -> Callable[[str, int], None]:
+    def make(full: str, _mode: int) -> None:
+        os.symlink(target, full)
+
+    return make
+
+
+def _write(make: Callable[[str, int], Any], full: str, mode: int) -> None:
+    try:
+        make(full, mode)
+    except FileExistsError:
+        raise StorageError(f"refused an unsafe archive entry: {full} exists already") from None
+    except OSError as exc:
+        raise StorageError(f"cannot write {full}: {exc}") from None
+
+
+def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, full: str, dest: Path) -> None:
+    mode = 0o755 if member.mode & 0o100 else 0o644
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(full, flags, mode)
+    except FileExistsError:
+        raise _refuse(f"{member.name!r} exists already", dest) from None
+    except OSError as exc:
+        raise StorageError(f"cannot write {full}: {exc}") from None
+    source = tar.extractfile(member)
+    if source is None:  # not reached: only regular files come here
+        raise StorageError(f"cannot read {member.name!r} from the archive")
+    left = member.size
+    with open(fd, "wb", buffering=0, closefd=True) as out:
+        while left:
+            data = source.read(min(left, _COPY))
+            if not data:
+                raise StorageError(f"the archive ends in the middle of {member.name!r}")
+            out.write(data)
+            left -= len(data)
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    if member.islnk():
+        return "hard link"
+    if member.ischr() or member.isblk():
+        return "device file"
+    if member.isfifo():
+        return "FIFO"
+    return f"entry of tar type {member.type!r}"
+
+
+def safe_extract(
+    archive: Path,
+    dest: Path,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+) -> TreeSize:
+    """Extract the tar file ``archive`` into the folder ``dest`` with the rules of a fetch:
+    StorageError for any entry that could land outside it or is not a file, folder or symlink."""
+    with Path(archive).open("rb") as handle:
+        return _extract_stream(handle, Path(dest), _Limits(str(archive), max_bytes, max_entries))
+
+
+# -- results --------------------------------------------------------------------------------------
+def sanitize_tree(
+    root: Path, *, max_entries: int = DEFAULT_MAX_ENTRIES, max_bytes: int = DEFAULT_MAX_BYTES
+) -> list[str]:
+    """Check a job's output folder before it is added to IPFS; return what was removed.
+
+    Regular files and folders stay; anything else (a symlink written by the job could make the
+    worker read a host file, a FIFO would block the add forever) is removed and named in the
+    returned list. Fails closed: an entry that cannot be listed, stat'ed or removed raises
+    StorageError; more than ``max_entries`` entries or ``max_bytes`` bytes in regular files (the
+    stdout and stderr files count) raises ResultsTooLarge.
+    """
+    root = Path(root)
+    removed: list[str] = []
+    entries = total = 0
+    pending = [root]
+    while pending:
+        here = pending.pop()
+        try:
+            listing = os.scandir(here)
+        except OSError as exc:
+            raise StorageError(f"cannot list {_rel(here, root)} in the results: {exc}") from None
+        with listing:
+            while True:
+                try:
+                    entry = next(listing, None)
+                except OSError as exc:
+                    raise StorageError(
+                        f"cannot list {_rel(here, root)} in the results: {exc}"
+                    ) from None
+                if entry is None:
+                    break
+                entries += 1
+                if entries > max_entries:
+                    raise ResultsTooLarge(
+                        f"the results hold more than {max_entries} entries (files and folders), "
+                        "the worker's limit; write fewer, larger files"
+                    )
+                full = Path(entry.path)
+                try:
+                    mode = entry.stat(follow_symlinks=False)
+                except OSError as exc:
+                    raise StorageError(
+                        f"cannot stat {_rel(full, root)} in the results: {exc}"
+                    ) from None
+                if stat.S_ISDIR(mode.st_mode):
+                    pending.append(full)
+                elif stat.S_ISREG(mode.st_mode):
+                    total += mode.st_size
+                    if total > max_bytes:
+                        raise ResultsTooLarge(
+                            f"the results (output folders, stdout and stderr) hold more than "
+                            f"{_human(max_bytes)} ({max_bytes} bytes), the worker's limit"
+                        )
+                else:
+                    try:
+                        full.unlink()
+                    except OSError as exc:
+                        raise StorageError(
+                            f"cannot remove {_rel(full, root)} (not a regular file or folder) "
+                            f"from the results: {exc}"
+                        ) from None
+                    removed.append(_rel(full, root))
     return removed
+
+
+def _rel(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path != root else "."
 
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _api_message(exc: Exception) -> str:
-    return str(getattr(exc, "message", None) or exc)
-
-
-def _kubo_message(body: str) -> str:
-    try:
-        return str(json.loads(body).get("Message", body)).strip()
-    except ValueError:
-        return body.strip()[:200]
