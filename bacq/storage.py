@@ -34,7 +34,6 @@ from urllib.parse import quote_plus
 
 from bacq.errors import IpfsUnavailable, ResultsTooLarge, StorageError
 from bacq.kubo_rpc import Call, KuboError, Response, parse_maddr, run_call
-from bacq.log import get_logger
 
 __all__ = [
     "DEFAULT_IPFS_API",
@@ -53,7 +52,6 @@ DEFAULT_MAX_ENTRIES = 100_000  # ... and at most this many files, folders and li
 _COPY = 1024 * 1024  # bytes per read when extracting a file
 _LS_BATCH = 128  # folders listed per ls call during the pre-download walk
 _HEADER_ALLOWANCE = 64 * 1024  # tar stream bytes allowed per entry beyond its data
-log = get_logger("bacq.storage")
 T = TypeVar("T")
 
 _UNIXFS_DIR, _UNIXFS_FILE, _UNIXFS_SYMLINK = 1, 2, 4  # kubo's ls types
@@ -90,14 +88,24 @@ class Storage:
                 "write it like /ip4/127.0.0.1/tcp/5001"
             ) from None
         storage = cls(maddr, timeout, host, port)
+        call = storage._call(10.0)
+
+        def ask_id() -> Any:
+            response = call.post("id")
+            response.raise_for_status("asking kubo for its id")
+            return response.json()
+
         try:
             async with asyncio.timeout(10):
-                info = await storage._json("id", [], "asking kubo for its id")
+                info = await run_call(call, ask_id)
             if not isinstance(info, dict) or "ID" not in info:
-                raise OSError("the answer has no ID")
-        except (TimeoutError, OSError, KuboError, StorageError) as exc:
+                raise KuboError("its answer to id has no ID")
+        except (TimeoutError, OSError, KuboError) as exc:
+            reason = (
+                exc.message if isinstance(exc, KuboError) else exc.strerror or type(exc).__name__
+            )
             raise IpfsUnavailable(
-                f"no kubo RPC API answers at {maddr} ({type(exc).__name__}); start one with "
+                f"no kubo RPC API answers at {maddr} ({reason}); start one with "
                 "`bacq devstack` or set BACQ_IPFS_API / --ipfs to a running node"
             ) from None
         return storage
@@ -127,17 +135,15 @@ class Storage:
         work: Callable[[Call], T],
         *,
         timeout: float | None = None,
-        too_slow: str | None = None,
     ) -> T:
-        """Run ``work`` on a fresh call within ``timeout``; kubo's errors become StorageError
-        (``too_slow``: the message when the deadline passes)."""
+        """Run ``work`` on a fresh call within ``timeout``; kubo's errors become StorageError."""
         deadline = timeout if timeout is not None else self.timeout
         call = self._call(deadline)
         try:
             async with asyncio.timeout(deadline):
                 return await run_call(call, lambda: work(call))
         except TimeoutError:
-            raise StorageError(too_slow or f"{what} took longer than {deadline:g}s") from None
+            raise StorageError(f"{what} took longer than {deadline:g}s") from None
         except KuboError as exc:
             raise StorageError(f"{what} failed: {exc.message}") from None
         except OSError as exc:
@@ -340,7 +346,7 @@ class Storage:
         expected = await self._measure(cid, max_bytes, max_entries, timeout)
         with tempfile.TemporaryDirectory(prefix=".bacq-fetch-", dir=target.parent) as tmp:
             staging = Path(tmp)
-            limits = _Limits(cid, max_bytes, max_entries, root=cid)
+            limits = _Limits(cid, max_bytes, max_entries, root=cid, shown=str(target))
             raw_limit = max_bytes + (max_entries + 2) * _HEADER_ALLOWANCE
 
             def work(call: Call) -> TreeSize:
@@ -524,11 +530,12 @@ class _Limits:
     max_bytes: int
     max_entries: int
     root: str | None = None  # every entry must be this name or under it
+    shown: str = ""  # the destination named in messages (the extraction folder by default)
 
 
-def _refuse(reason: str, dest: Path) -> StorageError:
+def _refuse(reason: str, shown: str) -> StorageError:
     return StorageError(
-        f"refused an unsafe archive entry: {reason}; nothing outside {dest} was written"
+        f"refused an unsafe archive entry: {reason}; nothing outside {shown} was written"
     )
 
 
@@ -542,6 +549,7 @@ def _extract_stream(fileobj: Any, dest: Path, limits: _Limits) -> TreeSize:
     """
     kinds: dict[str, str] = {}
     size = TreeSize()
+    shown = limits.shown or str(dest)  # the folder named in messages
     try:
         with tarfile.open(fileobj=fileobj, mode="r|", bufsize=_COPY) as tar:
             for member in tar:
@@ -552,10 +560,10 @@ def _extract_stream(fileobj: Any, dest: Path, limits: _Limits) -> TreeSize:
                         "folders and links), the limit; the download was stopped"
                     )
                 name = member.name.rstrip("/") if member.isdir() else member.name
-                parts = _member_parts(name, limits, dest)
+                parts = _member_parts(name, limits, shown)
                 if name in kinds:
-                    raise _refuse(f"{name!r} appears twice", dest)
-                parent_depth = _ensure_parents(parts, kinds, dest)
+                    raise _refuse(f"{name!r} appears twice", shown)
+                parent_depth = _ensure_parents(parts, kinds, dest, shown)
                 full = os.path.join(dest, *parts)
                 if member.type == tarfile.DIRTYPE:
                     _write(os.mkdir, full, 0o755)
@@ -567,17 +575,17 @@ def _extract_stream(fileobj: Any, dest: Path, limits: _Limits) -> TreeSize:
                             f"{limits.what} holds more than {_human(limits.max_bytes)} "
                             f"({limits.max_bytes} bytes), the limit; the download was stopped"
                         )
-                    _write_file(tar, member, full, dest)
+                    _write_file(tar, member, full, shown)
                     kinds[name] = "file"
                 elif member.type == tarfile.SYMTYPE:
                     depth = parent_depth - (1 if limits.root is not None else 0)
                     if limits.root is not None and len(parts) == 1:
-                        raise _refuse(f"{name!r} is a symlink, not a file or a folder", dest)
-                    _check_link(name, member.linkname, depth, dest)
+                        raise _refuse(f"{name!r} is a symlink, not a file or a folder", shown)
+                    _check_link(name, member.linkname, depth, shown)
                     _write(_symlinker(member.linkname), full, 0)
                     kinds[name] = "link"
                 else:
-                    raise _refuse(f"{name!r} is a {_kind(member)}", dest)
+                    raise _refuse(f"{name!r} is a {_kind(member)}", shown)
     except tarfile.TarError as exc:
         raise StorageError(f"the archive of {limits.what} is corrupt: {exc}") from None
     if limits.root is not None and limits.root not in kinds:
@@ -593,18 +601,18 @@ def _move_into_place(produced: Path, target: Path) -> None:
     os.replace(produced, target)
 
 
-def _member_parts(name: str, limits: _Limits, dest: Path) -> list[str]:
+def _member_parts(name: str, limits: _Limits, shown: str) -> list[str]:
     if not name or name.startswith("/") or "\x00" in name:
-        raise _refuse(f"{name!r} is an absolute or empty path", dest)
+        raise _refuse(f"{name!r} is an absolute or empty path", shown)
     parts = name.split("/")
     if any(part in ("", ".", "..") for part in parts):
-        raise _refuse(f"{name!r} has an empty, '.' or '..' part", dest)
+        raise _refuse(f"{name!r} has an empty, '.' or '..' part", shown)
     if limits.root is not None and parts[0] != limits.root:
-        raise _refuse(f"{name!r} is not under {limits.root}", dest)
+        raise _refuse(f"{name!r} is not under {limits.root}", shown)
     return parts
 
 
-def _ensure_parents(parts: list[str], kinds: dict[str, str], dest: Path) -> int:
+def _ensure_parents(parts: list[str], kinds: dict[str, str], dest: Path, shown: str) -> int:
     """Make the member's missing parent folders; refuse a parent that is a file or a link.
     Returns the member's depth (number of parent folders below ``dest``)."""
     for depth in range(1, len(parts)):
@@ -614,25 +622,25 @@ def _ensure_parents(parts: list[str], kinds: dict[str, str], dest: Path) -> int:
             _write(os.mkdir, os.path.join(dest, *parts[:depth]), 0o755)
             kinds[parent] = "dir"
         elif kind != "dir":
-            raise _refuse(f"{'/'.join(parts)!r} lies under {parent!r}, which is a {kind}", dest)
+            raise _refuse(f"{'/'.join(parts)!r} lies under {parent!r}, which is a {kind}", shown)
     return len(parts) - 1
 
 
-def _check_link(name: str, target: str, depth: int, dest: Path) -> None:
+def _check_link(name: str, target: str, depth: int, shown: str) -> None:
     if not target or target.startswith("/") or "\x00" in target:
-        raise _refuse(f"symlink {name!r} points to {target!r}, an absolute or empty path", dest)
+        raise _refuse(f"symlink {name!r} points to {target!r}, an absolute or empty path", shown)
     climbing, ups = True, 0
     for part in target.split("/"):
         if part in ("", "."):
             continue
         if part == "..":
             if not climbing:
-                raise _refuse(f"symlink {name!r} points to {target!r} ('..' after a name)", dest)
+                raise _refuse(f"symlink {name!r} points to {target!r} ('..' after a name)", shown)
             ups += 1
         else:
             climbing = False
     if ups > depth:
-        raise _refuse(f"symlink {name!r} points to {target!r}, out of the tree", dest)
+        raise _refuse(f"symlink {name!r} points to {target!r}, out of the tree", shown)
 
 
 def _symlinker(target: str) -> Callable[[str, int], None]:
@@ -651,13 +659,13 @@ def _write(make: Callable[[str, int], Any], full: str, mode: int) -> None:
         raise StorageError(f"cannot write {full}: {exc}") from None
 
 
-def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, full: str, dest: Path) -> None:
+def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, full: str, shown: str) -> None:
     mode = 0o755 if member.mode & 0o100 else 0o644
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(full, flags, mode)
     except FileExistsError:
-        raise _refuse(f"{member.name!r} exists already", dest) from None
+        raise _refuse(f"{member.name!r} exists already", shown) from None
     except OSError as exc:
         raise StorageError(f"cannot write {full}: {exc}") from None
     source = tar.extractfile(member)
@@ -768,5 +776,3 @@ def _rel(path: Path, root: Path) -> str:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
-
-

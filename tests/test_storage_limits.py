@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import subprocess
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -201,3 +202,21 @@ async def test_entry_names_with_slashes_or_dotdot_are_refused_before_download(
             await remote.fetch(root, tmp_path / "got", timeout=30)
         assert not (tmp_path / "got").exists()
     assert not (tmp_path.parent / "escape").exists()
+
+
+async def test_a_fetch_that_no_node_can_serve_ends_at_its_deadline_and_lets_go(
+    remote: Storage, tmp_path: Path
+) -> None:
+    # a CID of content that exists nowhere: kubo would look for it for ever
+    missing = await remote.add(_write(tmp_path / "nowhere.bin", os.urandom(64)), only_hash=True)
+    with pytest.raises(StorageError, match=f"could not fetch {missing} from IPFS within 2s"):
+        await remote.fetch(missing, tmp_path / "got", timeout=2)
+    assert not (tmp_path / "got").exists()
+    _no_leftovers(tmp_path)
+    # the call's thread was told to stop (its socket shut down) and has ended
+    assert [t for t in threading.enumerate() if t.name.startswith("bacq-kubo")] == []
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
