@@ -18,7 +18,7 @@ import json
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 __all__ = ["Call", "KuboError", "Response", "parse_maddr", "run_call"]
@@ -26,6 +26,7 @@ __all__ = ["Call", "KuboError", "Response", "parse_maddr", "run_call"]
 T = TypeVar("T")
 _HEADER_LIMIT = 64 * 1024  # a longer status line, header or chunk-size line is refused
 _HEADERS_MAX = 100
+_RECEIVE = 1024 * 1024  # bytes per receive at most
 
 
 class KuboError(Exception):
@@ -61,7 +62,6 @@ class Call:
     def __init__(self, host: str, port: int, io_timeout: float) -> None:
         self.host, self.port, self.io_timeout = host, port, io_timeout
         self.sock: socket.socket | None = None
-        self.files: list[BinaryIO] = []  # the socket's file objects, closed with it
         self.aborted = False
 
     def connect(self) -> socket.socket:
@@ -87,10 +87,6 @@ class Call:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        for file in self.files:
-            with contextlib.suppress(OSError):
-                file.close()
-        self.files.clear()
         sock, self.sock = self.sock, None
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -132,19 +128,22 @@ class Response:
 
     ``read`` returns decoded body bytes; at the end, an ``X-Stream-Error`` trailer raises
     KuboError. At most ``limit`` body bytes are read: past it the call fails (a caller that
-    expects a big body passes its own bound).
+    expects a big body passes its own bound). kubo streams in chunks of 4 KiB, so the chunked
+    framing is decoded from a large receive buffer, many chunks per ``read``.
     """
 
     def __init__(self, call: Call, *, limit: int) -> None:
         if call.sock is None:
             raise KuboError("the call is not connected")
-        self._call = call
-        self._file: BinaryIO = call.sock.makefile("rb", buffering=1 << 20)  # type: ignore[assignment]
-        call.files.append(self._file)
+        self._sock = call.sock
+        self._space = bytearray(_RECEIVE)
+        self._buf = b""  # received and not consumed yet, from self._pos
+        self._pos = 0
         self.limit = limit
         self.received = 0
         self.trailers: dict[str, str] = {}
         self._chunk_left = 0
+        self._crlf_due = False  # the CRLF that ends a chunk's data
         self._done = False
         status_line = self._line()
         try:
@@ -163,13 +162,27 @@ class Response:
             except ValueError:
                 raise KuboError(f"bad Content-Length {length!r}") from None
 
+    def _more(self) -> bool:
+        """Receive what the socket has (at least a byte); False at the end of the connection."""
+        count = self._sock.recv_into(self._space)
+        if not count:
+            return False
+        data = bytes(memoryview(self._space)[:count])
+        self._buf = self._buf[self._pos :] + data if self._pos < len(self._buf) else data
+        self._pos = 0
+        return True
+
     def _line(self) -> str:
-        line = self._file.readline(_HEADER_LIMIT)
-        if not line:
-            raise KuboError("kubo closed the connection")
-        if not line.endswith(b"\n"):
-            raise KuboError("an HTTP line from kubo is too long")
-        return line.decode("latin-1").rstrip("\r\n")
+        while True:
+            end = self._buf.find(b"\n", self._pos)
+            if end >= 0:
+                line = self._buf[self._pos : end]
+                self._pos = end + 1
+                return line.decode("latin-1").rstrip("\r")
+            if len(self._buf) - self._pos > _HEADER_LIMIT:
+                raise KuboError("an HTTP line from kubo is too long")
+            if not self._more():
+                raise KuboError("kubo closed the connection")
 
     def _header_block(self) -> dict[str, str]:
         headers: dict[str, str] = {}
@@ -182,44 +195,77 @@ class Response:
         raise KuboError("too many HTTP headers from kubo")
 
     def read(self, size: int = 1 << 20) -> bytes:
-        """Up to ``size`` body bytes (fewer at a chunk's end); b"" at the end of the body."""
+        """Up to ``size`` body bytes (what has arrived, at least one); b"" at the end."""
         if self._done:
             return b""
-        if self._chunked:
+        data = self._read_chunked(size) if self._chunked else self._read_plain(size)
+        self.received += len(data)
+        if self.received > self.limit:
+            raise KuboError(f"kubo's answer is larger than the {self.limit} bytes expected")
+        return data
+
+    def _read_plain(self, size: int) -> bytes:
+        if self._left is not None:
+            if self._left == 0:
+                return self._finish()
+            size = min(size, self._left)
+        if self._pos >= len(self._buf) and not self._more():
+            if self._left is not None:
+                raise KuboError("kubo closed the connection in the middle of its answer")
+            return self._finish()
+        data = self._buf[self._pos : self._pos + size]
+        self._pos += len(data)
+        if self._left is not None:
+            self._left -= len(data)
+        return data
+
+    def _read_chunked(self, size: int) -> bytes:
+        pieces: list[memoryview] = []
+        got = 0
+        while got < size:
+            buffered = len(self._buf) - self._pos
+            if self._crlf_due:
+                if buffered < 2:
+                    if pieces:
+                        break  # hand over what we have rather than wait
+                    if not self._more():
+                        raise KuboError("kubo closed the connection in the middle of its answer")
+                    continue
+                if self._buf[self._pos : self._pos + 2] != b"\r\n":
+                    raise KuboError("bad chunk framing in kubo's answer")
+                self._pos += 2
+                self._crlf_due = False
+                continue
             if self._chunk_left == 0:
+                if pieces and self._buf.find(b"\n", self._pos) < 0:
+                    break
                 size_line = self._line()
                 try:
                     chunk = int(size_line.split(";", 1)[0].strip(), 16)
                 except ValueError:
                     raise KuboError(f"bad chunk size {size_line[:40]!r}") from None
+                if chunk < 0:
+                    raise KuboError(f"bad chunk size {size_line[:40]!r}")
                 if chunk == 0:
                     self.trailers = self._header_block()
-                    return self._finish()
+                    self._finish()  # raises kubo's stream error, if any
+                    break
                 self._chunk_left = chunk
-            want = min(size, self._chunk_left)
-        elif self._left is not None:
-            if self._left == 0:
-                return self._finish()
-            want = min(size, self._left)
-        else:
-            want = size
-        data = self._file.read(want)
-        if not data:
-            if self._chunked or self._left is not None:
-                raise KuboError("kubo closed the connection in the middle of its answer")
-            return self._finish()
-        if len(data) < want and (self._chunked or self._left is not None):
-            raise KuboError("kubo closed the connection in the middle of its answer")
-        self.received += len(data)
-        if self.received > self.limit:
-            raise KuboError(f"kubo's answer is larger than the {self.limit} bytes expected")
-        if self._chunked:
-            self._chunk_left -= len(data)
-            if self._chunk_left == 0 and self._file.read(2) != b"\r\n":
-                raise KuboError("bad chunk framing in kubo's answer")
-        elif self._left is not None:
-            self._left -= len(data)
-        return data
+                continue
+            if buffered == 0:
+                if pieces:
+                    break
+                if not self._more():
+                    raise KuboError("kubo closed the connection in the middle of its answer")
+                continue
+            take = min(self._chunk_left, size - got, buffered)
+            pieces.append(memoryview(self._buf)[self._pos : self._pos + take])
+            self._pos += take
+            self._chunk_left -= take
+            got += take
+            if self._chunk_left == 0:
+                self._crlf_due = True
+        return b"".join(pieces)
 
     def _finish(self) -> bytes:
         self._done = True

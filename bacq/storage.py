@@ -550,42 +550,42 @@ def _extract_stream(fileobj: Any, dest: Path, limits: _Limits) -> TreeSize:
     kinds: dict[str, str] = {}
     size = TreeSize()
     shown = limits.shown or str(dest)  # the folder named in messages
+    reader = _TarReader(fileobj)
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|", bufsize=_COPY) as tar:
-            for member in tar:
-                size.entries += 1
-                if size.entries > limits.max_entries:
+        for member in reader.members():
+            size.entries += 1
+            if size.entries > limits.max_entries:
+                raise StorageError(
+                    f"{limits.what} holds more than {limits.max_entries} entries (files, "
+                    "folders and links), the limit; the download was stopped"
+                )
+            name = member.name.rstrip("/") if member.isdir() else member.name
+            parts = _member_parts(name, limits, shown)
+            if name in kinds:
+                raise _refuse(f"{name!r} appears twice", shown)
+            parent_depth = _ensure_parents(parts, kinds, dest, shown)
+            full = os.path.join(dest, *parts)
+            if member.type == tarfile.DIRTYPE:
+                _write(os.mkdir, full, 0o755)
+                kinds[name] = "dir"
+            elif member.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                size.bytes += member.size
+                if size.bytes > limits.max_bytes:
                     raise StorageError(
-                        f"{limits.what} holds more than {limits.max_entries} entries (files, "
-                        "folders and links), the limit; the download was stopped"
+                        f"{limits.what} holds more than {_human(limits.max_bytes)} "
+                        f"({limits.max_bytes} bytes), the limit; the download was stopped"
                     )
-                name = member.name.rstrip("/") if member.isdir() else member.name
-                parts = _member_parts(name, limits, shown)
-                if name in kinds:
-                    raise _refuse(f"{name!r} appears twice", shown)
-                parent_depth = _ensure_parents(parts, kinds, dest, shown)
-                full = os.path.join(dest, *parts)
-                if member.type == tarfile.DIRTYPE:
-                    _write(os.mkdir, full, 0o755)
-                    kinds[name] = "dir"
-                elif member.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
-                    size.bytes += member.size
-                    if size.bytes > limits.max_bytes:
-                        raise StorageError(
-                            f"{limits.what} holds more than {_human(limits.max_bytes)} "
-                            f"({limits.max_bytes} bytes), the limit; the download was stopped"
-                        )
-                    _write_file(tar, member, full, shown)
-                    kinds[name] = "file"
-                elif member.type == tarfile.SYMTYPE:
-                    depth = parent_depth - (1 if limits.root is not None else 0)
-                    if limits.root is not None and len(parts) == 1:
-                        raise _refuse(f"{name!r} is a symlink, not a file or a folder", shown)
-                    _check_link(name, member.linkname, depth, shown)
-                    _write(_symlinker(member.linkname), full, 0)
-                    kinds[name] = "link"
-                else:
-                    raise _refuse(f"{name!r} is a {_kind(member)}", shown)
+                _write_file(reader, member, full, shown)
+                kinds[name] = "file"
+            elif member.type == tarfile.SYMTYPE:
+                depth = parent_depth - (1 if limits.root is not None else 0)
+                if limits.root is not None and len(parts) == 1:
+                    raise _refuse(f"{name!r} is a symlink, not a file or a folder", shown)
+                _check_link(name, member.linkname, depth, shown)
+                _write(_symlinker(member.linkname), full, 0)
+                kinds[name] = "link"
+            else:
+                raise _refuse(f"{name!r} is a {_kind(member)}", shown)
     except tarfile.TarError as exc:
         raise StorageError(f"the archive of {limits.what} is corrupt: {exc}") from None
     if limits.root is not None and limits.root not in kinds:
@@ -659,7 +659,7 @@ def _write(make: Callable[[str, int], Any], full: str, mode: int) -> None:
         raise StorageError(f"cannot write {full}: {exc}") from None
 
 
-def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, full: str, shown: str) -> None:
+def _write_file(reader: _TarReader, member: tarfile.TarInfo, full: str, shown: str) -> None:
     mode = 0o755 if member.mode & 0o100 else 0o644
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
@@ -668,17 +668,151 @@ def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, full: str, shown:
         raise _refuse(f"{member.name!r} exists already", shown) from None
     except OSError as exc:
         raise StorageError(f"cannot write {full}: {exc}") from None
-    source = tar.extractfile(member)
-    if source is None:  # not reached: only regular files come here
-        raise StorageError(f"cannot read {member.name!r} from the archive")
-    left = member.size
-    with open(fd, "wb", buffering=0, closefd=True) as out:
+    try:
+        for piece in reader.data(member.size):
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view) :]
+    except OSError as exc:
+        raise StorageError(f"cannot write {full}: {exc}") from None
+    finally:
+        os.close(fd)
+
+
+class _TarReader:
+    """Reads a tar stream from anything with ``read(n)`` (at most n bytes, b"" at its end):
+    ustar headers parsed by tarfile.TarInfo.frombuf, pax and GNU long names applied, data handed
+    over as it arrives (no copy through tarfile's stream buffer)."""
+
+    _MAX_META = 1024 * 1024  # a pax header or a GNU long name larger than this is refused
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self._buf = b""
+        self._pos = 0
+        self._owed = 0  # bytes of the current member (data and padding) not consumed yet
+
+    def _fill(self) -> bool:
+        data = self._source.read(_COPY)
+        if not data:
+            return False
+        rest = self._buf[self._pos :]
+        self._buf = rest + data if rest else data
+        self._pos = 0
+        return True
+
+    def _take(self, count: int) -> bytes:
+        while len(self._buf) - self._pos < count:
+            if not self._fill():
+                raise tarfile.ReadError("unexpected end of the archive")
+        data = self._buf[self._pos : self._pos + count]
+        self._pos += count
+        return data
+
+    def data(self, size: int) -> Any:
+        """The next ``size`` bytes of data, in pieces (an iterator); then the padding is skipped."""
+        left = size
         while left:
-            data = source.read(min(left, _COPY))
-            if not data:
-                raise StorageError(f"the archive ends in the middle of {member.name!r}")
-            out.write(data)
-            left -= len(data)
+            if self._pos >= len(self._buf) and not self._fill():
+                raise tarfile.ReadError("the archive ends in the middle of a file")
+            piece = memoryview(self._buf)[self._pos : self._pos + left]
+            self._pos += len(piece)
+            left -= len(piece)
+            self._owed -= len(piece)
+            yield piece
+
+    def _skip_owed(self) -> None:
+        while self._owed:
+            if self._pos >= len(self._buf) and not self._fill():
+                raise tarfile.ReadError("unexpected end of the archive")
+            step = min(self._owed, len(self._buf) - self._pos)
+            self._pos += step
+            self._owed -= step
+
+    def members(self) -> Any:
+        """The archive's entries, one TarInfo each; the data of each must be read (``data``) or
+        is skipped before the next header is read."""
+        pax: dict[str, str] = {}
+        long_name: str | None = None
+        long_link: str | None = None
+        while True:
+            self._skip_owed()
+            block = self._take(tarfile.BLOCKSIZE)
+            if block == tarfile.NUL * tarfile.BLOCKSIZE:
+                return  # the end-of-archive marker (what follows is drained by the caller)
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            padded = -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            meta = (
+                tarfile.XHDTYPE,
+                tarfile.XGLTYPE,
+                tarfile.GNUTYPE_LONGNAME,
+                tarfile.GNUTYPE_LONGLINK,
+            )
+            if info.type in meta:
+                if info.size > self._MAX_META:
+                    raise tarfile.HeaderError(f"a header of {info.size} bytes")
+                payload = self._take(padded)[: info.size]
+                if info.type == tarfile.XHDTYPE:
+                    pax.update(_pax_records(payload))
+                elif info.type == tarfile.GNUTYPE_LONGNAME:
+                    long_name = _nul_terminated(payload)
+                elif info.type == tarfile.GNUTYPE_LONGLINK:
+                    long_link = _nul_terminated(payload)
+                continue  # a global pax header (XGLTYPE) holds nothing bacq uses
+            if long_name is not None:
+                info.name = long_name
+            if long_link is not None:
+                info.linkname = long_link
+            if "path" in pax:
+                info.name = pax["path"]
+            if "linkpath" in pax:
+                info.linkname = pax["linkpath"]
+            if "size" in pax:
+                try:
+                    info.size = int(pax["size"])
+                except ValueError:
+                    raise tarfile.HeaderError(f"pax size {pax['size'][:20]!r}") from None
+                padded = -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            if info.size < 0:
+                raise tarfile.HeaderError("a negative size")
+            if info.type in _NO_DATA:  # as tarfile does: their size field means nothing
+                padded = 0
+            pax, long_name, long_link = {}, None, None
+            self._owed = padded
+            yield info
+
+
+_NO_DATA = (
+    tarfile.DIRTYPE,
+    tarfile.SYMTYPE,
+    tarfile.LNKTYPE,
+    tarfile.CHRTYPE,
+    tarfile.BLKTYPE,
+    tarfile.FIFOTYPE,
+)
+
+
+def _nul_terminated(payload: bytes) -> str:
+    return payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _pax_records(payload: bytes) -> dict[str, str]:
+    """``LENGTH KEY=VALUE\\n`` records (POSIX pax extended header)."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(payload):
+        space = payload.find(b" ", pos)
+        try:
+            length = int(payload[pos:space])
+        except ValueError:
+            raise tarfile.HeaderError("a malformed pax record") from None
+        record = payload[space + 1 : pos + length]
+        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
+            raise tarfile.HeaderError("a malformed pax record")
+        key, value = record[:-1].split(b"=", 1)
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
 
 
 def _kind(member: tarfile.TarInfo) -> str:

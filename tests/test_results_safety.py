@@ -168,6 +168,25 @@ def test_extract_stops_at_the_byte_and_entry_limits(tmp_path: Path) -> None:
     assert safe_extract(archive, tmp_path / "d3", max_bytes=100, max_entries=10).entries == 10
 
 
+@pytest.mark.parametrize("form", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_extract_reads_long_names_in_pax_and_gnu_headers(tmp_path: Path, form: int) -> None:
+    archive, dest = tmp_path / "a.tar", tmp_path / "dest"
+    dest.mkdir()
+    deep = "root/" + "/".join(["d" * 60] * 4) + "/" + "é" * 100  # a path over 255 bytes, not ASCII
+    with tarfile.open(archive, "w", format=form) as tar:
+        for depth in range(5):
+            tar.addfile(_entry("/".join(deep.split("/")[: depth + 1]), tarfile.DIRTYPE))
+        data = os.urandom(3000)
+        info = _entry(deep + "/f")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        tar.addfile(_entry("root/link", tarfile.SYMTYPE, deep[5:] + "/f"))
+    size = safe_extract(archive, dest)
+    assert (dest / deep / "f").read_bytes() == data
+    assert (dest / "root" / "link").read_bytes() == data
+    assert (size.entries, size.bytes) == (7, 3000)
+
+
 def _results(tmp_path: Path) -> Path:
     root = tmp_path / "results"
     (root / "out" / "sub").mkdir(parents=True)

@@ -133,3 +133,23 @@ async def test_only_hash_gives_the_cid_of_a_real_add_without_storing_a_block(
     assert await storage.has_block(committed)
     assert await storage.has_block(big_cid)  # the same file inside the folder: the same DAG
     assert len(_local_blocks(stack) - before) >= 21 + 4  # chunks, file root, folders
+
+
+async def test_long_and_unusual_names_come_back_as_they_went_in(
+    storage: Storage, tmp_path: Path
+) -> None:
+    source = tmp_path / "names"
+    deep = source / ("a" * 100) / ("b" * 100) / ("ü" * 60)
+    deep.mkdir(parents=True)
+    (deep / ("c" * 200)).write_bytes(os.urandom(1000))
+    for name in ("sp ace", "plus+sign", "per%cent", 'quo"te', "new\nline", "é"):
+        (source / name).write_text(name)
+    cid = await storage.add(source)
+    got = await storage.fetch(cid, tmp_path / "back")
+    assert sorted(p.relative_to(got) for p in got.rglob("*")) == sorted(
+        p.relative_to(source) for p in source.rglob("*")
+    )
+    assert (got / deep.relative_to(source) / ("c" * 200)).read_bytes() == (
+        deep / ("c" * 200)
+    ).read_bytes()
+    assert (got / "new\nline").read_text() == "new\nline"
