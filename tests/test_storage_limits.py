@@ -4,6 +4,7 @@ content is added on one and fetched through the other, whose blocks show what wa
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -220,3 +221,25 @@ async def test_a_fetch_that_no_node_can_serve_ends_at_its_deadline_and_lets_go(
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+async def test_a_fetch_cancelled_mid_download_stops_writing_and_leaves_nothing(
+    storage: Storage, remote: Storage, tmp_path: Path
+) -> None:
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(64 * 1024 * 1024))
+    cid = await storage.add(source)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    task = asyncio.create_task(remote.fetch(cid, dest / "got", timeout=120))
+    partial = None
+    async with asyncio.timeout(60):  # until the file being extracted has its first bytes
+        while partial is None and not task.done():
+            partial = next((p for p in dest.glob(".bacq-fetch-*/*") if p.stat().st_size), None)
+            await asyncio.sleep(0.01)
+    assert partial is not None, "the fetch ended before it could be cancelled"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert list(dest.iterdir()) == []  # the partial download is gone
+    assert [t for t in threading.enumerate() if t.name.startswith("bacq-kubo")] == []
