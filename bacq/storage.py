@@ -7,10 +7,11 @@ only_hash=True)`` computes that CID without storing a block (commit before revea
 
 Whatever a fetch brings in is bounded and checked: before the download, the DAG is walked (``ls``,
 which reads folder blocks and each entry's first block only) and its entry count and total size are
-held against the caller's limits; during the download, kubo's tar stream is extracted here, entry by
-entry, by our own strict extractor (no absolute paths, no ``..``, no entry written through a link or
-over another, no hard links, devices or FIFOs, symlinks that stay inside, sizes counted as they are
-written) and must match the walk. ``sanitize_tree`` checks a job's output folder before it is added:
+held against the caller's limits; during the download, kubo's tar stream is read as it arrives (our
+reader; headers parsed by tarfile.TarInfo.frombuf) and extracted entry by entry by our own strict
+extractor (no absolute paths, no ``..``, no entry written through a link or over another, no hard
+links, devices or FIFOs, symlinks that stay inside, sizes counted as they are written), and what it
+wrote must match the walk. ``sanitize_tree`` checks a job's output folder before it is added:
 it fails closed and bounds the entry count and the bytes.
 """
 
