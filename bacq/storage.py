@@ -1,9 +1,10 @@
-"""IPFS storage through a kubo node's RPC API: add a folder, fetch a CID safely, pin, bound sizes.
+"""IPFS storage through a kubo node's RPC API (aioipfs): add a folder, fetch a CID safely, pin.
 
-Touches the kubo node at the given multiaddr (bacq.kubo_rpc: one HTTP connection per call) and the
-local paths it is handed, nothing else. Every call has a deadline. CIDs are v1 with raw leaves and
-no file metadata, so identical content gives an identical CID on every worker; ``add(...,
-only_hash=True)`` computes that CID without storing a block (commit before reveal).
+Touches the kubo node at the given multiaddr (through aioipfs's client and its aiohttp session)
+and the local paths it is handed, nothing else. Every call has a deadline of ours (aioipfs's own
+are an hour). CIDs are v1 with raw leaves and no file metadata, so identical content gives an
+identical CID on every worker; ``add(..., only_hash=True)`` computes that CID without storing a
+block (commit before reveal).
 
 Whatever a fetch brings in is bounded and checked: before the download, the DAG is walked (``ls``,
 which reads folder blocks and each entry's first block only) and its entry count and total size are
@@ -18,7 +19,9 @@ it fails closed and bounds the entry count and the bytes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -27,14 +30,16 @@ import stat
 import tarfile
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote_plus
 
 from bacq.errors import IpfsUnavailable, ResultsTooLarge, StorageError
-from bacq.kubo_rpc import Call, KuboError, Response, parse_maddr, run_call
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = [
     "DEFAULT_IPFS_API",
@@ -50,16 +55,34 @@ __all__ = [
 DEFAULT_IPFS_API = "/ip4/127.0.0.1/tcp/5001"
 DEFAULT_MAX_BYTES = 10 * 1024**3  # a fetch, or a results folder, holds at most this many bytes
 DEFAULT_MAX_ENTRIES = 100_000  # ... and at most this many files, folders and links
-_COPY = 1024 * 1024  # bytes per read when extracting a file
+_COPY = 1024 * 1024  # bytes per read: of kubo's answers, and of a file being added
 _LS_BATCH = 128  # folders listed per ls call during the pre-download walk
 _HEADER_ALLOWANCE = 64 * 1024  # tar stream bytes allowed per entry beyond its data
+_ERROR_BODY = 64 * 1024  # bytes of an error answer read for kubo's message
+_GRACE = 30.0  # seconds a cancelled fetch waits for its extraction thread to let go
 T = TypeVar("T")
 
 _UNIXFS_DIR, _UNIXFS_FILE, _UNIXFS_SYMLINK = 1, 2, 4  # kubo's ls types
 
 
+def _aioipfs() -> Any:
+    import aioipfs  # imported on first use: with aiohttp, it is a large part of the CLI's start-up
+
+    return aioipfs
+
+
 async def preload() -> None:
-    """Kept for callers that warmed the IPFS client up: it imports in a millisecond now."""
+    """Import the IPFS client in a thread, e.g. while a job runs, so that ``connect`` is quick."""
+    await asyncio.to_thread(_aioipfs)
+
+
+@functools.cache
+def _no_client_timeout() -> aiohttp.ClientTimeout:
+    """aioipfs's session ends any request after 30 minutes (10 without a byte): every call of
+    ours runs within its own deadline instead, which may be longer for a large fetch."""
+    import aiohttp
+
+    return aiohttp.ClientTimeout(total=None, sock_read=None)
 
 
 @dataclass
@@ -73,83 +96,76 @@ class TreeSize:
 class Storage:
     """A kubo node. Build it with ``await Storage.connect(maddr)`` inside a running loop."""
 
-    def __init__(self, maddr: str, timeout: float, host: str, port: int) -> None:
+    def __init__(self, client: Any, maddr: str, timeout: float) -> None:
+        self._client = client  # an aioipfs.AsyncIPFS
         self.maddr = maddr
         self.timeout = timeout
-        self._host, self._port = host, port
-        self._aioipfs: Any = None
 
     @classmethod
     async def connect(cls, maddr: str, *, timeout: float = 60.0) -> Storage:
+        aioipfs = await asyncio.to_thread(_aioipfs)
         try:
-            host, port = parse_maddr(maddr)
-        except ValueError as exc:
+            client = aioipfs.AsyncIPFS(maddr=maddr)
+        except aioipfs.InvalidNodeAddressError as exc:
             raise IpfsUnavailable(
                 f"BACQ_IPFS_API {maddr!r} is not a kubo RPC multiaddr ({exc}); "
                 "write it like /ip4/127.0.0.1/tcp/5001"
             ) from None
-        storage = cls(maddr, timeout, host, port)
-        call = storage._call(10.0)
-
-        def ask_id() -> Any:
-            response = call.post("id")
-            response.raise_for_status("asking kubo for its id")
-            return response.json()
-
+        storage = cls(client, maddr, timeout)
         try:
-            async with asyncio.timeout(10):
-                info = await run_call(call, ask_id)
+            # not aioipfs's core.id(): it answers None for a refused connection, without the cause
+            info = await storage._json("id", [], "asking kubo for its id", timeout=10)
             if not isinstance(info, dict) or "ID" not in info:
-                raise KuboError("its answer to id has no ID")
-        except (TimeoutError, OSError, KuboError) as exc:
-            reason = (
-                exc.message if isinstance(exc, KuboError) else exc.strerror or type(exc).__name__
-            )
+                raise StorageError("its answer to id has no ID")
+        except StorageError as exc:
+            await storage.close()
             raise IpfsUnavailable(
-                f"no kubo RPC API answers at {maddr} ({reason}); start one with "
+                f"no kubo RPC API answers at {maddr} ({exc}); start one with "
                 "`bacq devstack` or set BACQ_IPFS_API / --ipfs to a running node"
             ) from None
         return storage
 
-    @property
-    def _client(self) -> Any:
-        """An aioipfs client on the same node, built on first use (bacq itself does not use it)."""
-        if self._aioipfs is None:
-            import aioipfs
-
-            self._aioipfs = aioipfs.AsyncIPFS(maddr=self.maddr)
-        return self._aioipfs
-
     async def close(self) -> None:
-        if self._aioipfs is not None:
-            with contextlib.suppress(Exception):
-                await self._aioipfs.close()
-            self._aioipfs = None
+        with contextlib.suppress(Exception):
+            await self._client.close()
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def _call(self, io_timeout: float | None = None) -> Call:
-        return Call(self._host, self._port, io_timeout or self.timeout)
-
-    async def _run(
-        self,
-        what: str,
-        work: Callable[[Call], T],
-        *,
-        timeout: float | None = None,
-    ) -> T:
-        """Run ``work`` on a fresh call within ``timeout``; kubo's errors become StorageError."""
-        deadline = timeout if timeout is not None else self.timeout
-        call = self._call(deadline)
+    async def _within(self, what: str, deadline: float | None, work: Any) -> Any:
+        """Await ``work`` within ``deadline`` (the storage's timeout by default)."""
+        limit = deadline if deadline is not None else self.timeout
         try:
-            async with asyncio.timeout(deadline):
-                return await run_call(call, lambda: work(call))
+            async with asyncio.timeout(limit):
+                return await work
         except TimeoutError:
-            raise StorageError(f"{what} took longer than {deadline:g}s") from None
-        except KuboError as exc:
-            raise StorageError(f"{what} failed: {exc.message}") from None
-        except OSError as exc:
+            raise StorageError(f"{what} took longer than {limit:g}s") from None
+
+    @contextlib.asynccontextmanager
+    async def _post(
+        self,
+        endpoint: str,
+        params: list[tuple[str, str]],
+        what: str,
+        *,
+        ok_only: bool = True,
+        **kwargs: Any,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST to kubo's RPC ``endpoint`` on aioipfs's session; a non-200 answer raises
+        StorageError with kubo's message (unless ``ok_only`` is False), and so do aiohttp's
+        errors, from the request or from reading the answer inside the block."""
+        import aiohttp
+
+        url = self._client.core.url(endpoint)
+        try:
+            async with self._client.session.post(
+                url, params=params, auth=self._client.auth, timeout=_no_client_timeout(), **kwargs
+            ) as response:
+                if ok_only and response.status != 200:
+                    body = await response.content.read(_ERROR_BODY)
+                    raise StorageError(f"{what}: {_kubo_message(body, response.status)}")
+                yield response
+        except aiohttp.ClientError as exc:
             raise StorageError(
-                f"{what} failed: cannot talk to kubo at {self.maddr} ({exc})"
+                f"{what} failed: cannot talk to kubo at {self.maddr} ({_client_error(exc)})"
             ) from None
 
     async def _json(
@@ -161,43 +177,74 @@ class Storage:
         timeout: float | None = None,
         limit: int = 1 << 20,
     ) -> Any:
-        def work(call: Call) -> Any:
-            response = call.post(endpoint, params, limit=limit)
-            response.raise_for_status(what)
-            return response.json()
+        async def work() -> Any:
+            async with self._post(endpoint, params, what) as response:
+                body = await _read_at_most(response, limit, what)
+            try:
+                return json.loads(body)
+            except ValueError:
+                raise StorageError(f"{what}: kubo's answer is not JSON: {body[:80]!r}") from None
 
-        return await self._run(what, work, timeout=timeout)
+        return await self._within(what, timeout, work())
+
+    async def _api(self, what: str, call: Any, *, timeout: float | None = None) -> Any:
+        """Await a call of aioipfs's own API within the deadline; its errors become StorageError.
+        (aioipfs answers None when the connection fails: that is an error too.)"""
+        import aiohttp
+
+        aioipfs = _aioipfs()
+        try:
+            result = await self._within(what, timeout, call)
+        except aioipfs.APIError as exc:
+            raise StorageError(f"{what}: {exc.message or f'HTTP {exc.http_status}'}") from None
+        except (aioipfs.UnknownAPIError, aioipfs.IPFSConnectionError, aiohttp.ClientError) as exc:
+            raise StorageError(
+                f"{what} failed: cannot talk to kubo at {self.maddr} ({exc or type(exc).__name__})"
+            ) from None
+        if result is None:
+            raise StorageError(f"{what} failed: no answer from kubo at {self.maddr}")
+        return result
 
     # -- small calls ------------------------------------------------------------------------------
     async def node_id(self) -> dict[str, Any]:
-        info: dict[str, Any] = await self._json("id", [], "asking kubo for its id")
+        info: dict[str, Any] = await self._api("asking kubo for its id", self._client.core.id())
         return info
 
     async def version(self) -> dict[str, Any]:
-        info: dict[str, Any] = await self._json("version", [], "asking kubo for its version")
+        info: dict[str, Any] = await self._api(
+            "asking kubo for its version", self._client.core.version()
+        )
         return info
 
     async def pin(self, cid: str) -> None:
-        await self._json("pin/add", [("arg", cid)], f"pinning {cid}")
+        async def work() -> bool:
+            async for _ in self._client.pin.add(cid):
+                pass
+            return True
+
+        await self._api(f"pinning {cid}", work())
 
     async def stat(self, cid: str, *, timeout: float | None = None) -> dict[str, Any]:
         """kubo's ``files/stat`` of ``/ipfs/CID``: Type (file, directory, symlink), Size, ..."""
-        info: dict[str, Any] = await self._json(
-            "files/stat", [("arg", f"/ipfs/{cid}")], f"kubo cannot stat {cid}", timeout=timeout
+        info = await self._api(
+            f"kubo cannot stat {cid}", self._client.files.stat(f"/ipfs/{cid}"), timeout=timeout
         )
+        if not isinstance(info, dict):
+            raise StorageError(f"kubo cannot stat {cid}: its answer is not a JSON object")
         return info
 
     async def has_block(self, cid: str) -> bool:
         """Whether the node holds the block ``cid`` itself (asks nobody else: ``offline``)."""
+        what = f"looking for block {cid}"
 
-        def work(call: Call) -> bool:
-            response = call.post("block/stat", [("arg", cid), ("offline", "true")])
-            if response.status != 200:
-                return False
-            response.read_all()
-            return True
+        async def work() -> bool:
+            params = [("arg", cid), ("offline", "true")]
+            async with self._post("block/stat", params, what, ok_only=False) as response:
+                await _read_at_most(response, _ERROR_BODY, what)
+                return response.status == 200
 
-        return await self._run(f"looking for block {cid}", work)
+        found: bool = await self._within(what, None, work())
+        return found
 
     async def read_tail(self, path: str, *, limit: int = 64 * 1024) -> bytes:
         """The last ``limit`` bytes of the file at ``path`` (``CID/stdout``), for a quick look."""
@@ -206,13 +253,14 @@ class Storage:
         )
         size = int(info.get("Size", 0)) if isinstance(info, dict) else 0
         params = [("arg", path), ("offset", str(max(0, size - limit))), ("length", str(limit))]
+        what = f"reading {path} from IPFS"
 
-        def work(call: Call) -> bytes:
-            response = call.post("cat", params, limit=limit)
-            response.raise_for_status(f"kubo cannot read {path}")
-            return response.read_all()
+        async def work() -> bytes:
+            async with self._post("cat", params, f"kubo cannot read {path}") as response:
+                return await _read_at_most(response, limit, what)
 
-        return await self._run(f"reading {path} from IPFS", work)
+        data: bytes = await self._within(what, None, work())
+        return data
 
     # -- add --------------------------------------------------------------------------------------
     async def add(self, path: Path, *, pin: bool = True, only_hash: bool = False) -> str:
@@ -223,19 +271,32 @@ class Storage:
         """
         path = Path(path)
         if not path.exists():
+            # aioipfs skips missing paths without a word; say it instead
             raise StorageError(f"cannot add {path}: no such file or directory")
         form = await asyncio.to_thread(_AddForm.build, path)
-        params = [("cid-version", "1"), ("recursive", "true")]
+        params = {"cid-version": "1", "recursive": "true"}
         if only_hash:
-            params += [("only-hash", "true"), ("pin", "false")]
+            params.update({"only-hash": "true", "pin": "false"})
         else:
-            params += [("pin", "true" if pin else "false")]
-        what = f"{'hashing' if only_hash else 'adding'} {path} {'' if only_hash else 'to IPFS'}"
+            params["pin"] = "true" if pin else "false"
+        what = f"hashing {path}" if only_hash else f"adding {path} to IPFS"
 
-        def work(call: Call) -> str:
-            return form.send(call, params, f"kubo refused to add {path}")
+        async def work() -> str:
+            root = ""
+            # the form is ours, not aioipfs's add(): with aiohttp >= 3.12 its payloads for a lone
+            # file fail, and a folder holding an empty file and a subfolder makes kubo wait
+            # forever for the rest of the form
+            async for entry in self._client.core.add_generic(form.payload(), params=params):
+                if isinstance(entry, dict) and entry.get("Name") == form.root_name:
+                    root = str(entry.get("Hash", ""))
+            return root
 
-        root = await self._run(what.strip(), work)
+        try:
+            root: str = await self._api(what, work())
+        except StorageError:
+            if form.failure is not None:
+                raise form.failure from None  # the cause (a file that changed), not its effect
+            raise
         if not root:
             raise StorageError(f"kubo did not return a CID for {path}")
         return root
@@ -253,11 +314,10 @@ class Storage:
         size; StorageError as soon as it holds more than ``max_entries`` entries or ``max_bytes``.
         """
         deadline = timeout if timeout is not None else self.timeout
-        try:
-            async with asyncio.timeout(deadline):
-                return await self._measure(cid, max_bytes, max_entries, deadline)
-        except TimeoutError:
-            raise StorageError(f"measuring {cid} took longer than {deadline:g}s") from None
+        size: TreeSize = await self._within(
+            f"measuring {cid}", deadline, self._measure(cid, max_bytes, max_entries, deadline)
+        )
+        return size
 
     async def _measure(
         self, cid: str, max_bytes: int, max_entries: int, timeout: float
@@ -290,24 +350,28 @@ class Storage:
         return size
 
     async def _ls(self, folders: list[str], root: str, timeout: float) -> list[dict[str, Any]]:
+        """The links of ``folders`` (one ls call; aioipfs's core.ls takes one path, no options)."""
         params = [("arg", f"/ipfs/{folder}") for folder in folders]
         params += [("resolve-type", "true"), ("size", "true"), ("stream", "true")]
+        what = f"kubo cannot list {root}"
 
-        def work(call: Call) -> list[dict[str, Any]]:
-            response = call.post("ls", params, limit=1 << 40)
-            response.raise_for_status(f"kubo cannot list {root}")
+        async def work() -> list[dict[str, Any]]:
             links: list[dict[str, Any]] = []
-            for line in response.lines():
-                try:
-                    for obj in json.loads(line).get("Objects") or []:
-                        links.extend(obj.get("Links") or [])
-                except (ValueError, AttributeError, TypeError):
-                    raise KuboError(f"a listing of {root} is not JSON: {line[:80]!r}") from None
-                if len(links) > DEFAULT_MAX_ENTRIES * 10:
-                    raise KuboError(f"a listing of {root} is too long")
+            async with self._post("ls", params, what) as response:
+                async for line in _lines(response, what):
+                    try:
+                        for obj in json.loads(line).get("Objects") or []:
+                            links.extend(obj.get("Links") or [])
+                    except (ValueError, AttributeError, TypeError):
+                        raise StorageError(
+                            f"a listing of {root} is not JSON: {line[:80]!r}"
+                        ) from None
+                    if len(links) > DEFAULT_MAX_ENTRIES * 10:
+                        raise StorageError(f"a listing of {root} is too long")
             return links
 
-        return await self._run(f"listing {root}", work, timeout=timeout)
+        listed: list[dict[str, Any]] = await self._within(f"listing {root}", timeout, work())
+        return listed
 
     async def fetch(
         self,
@@ -349,16 +413,24 @@ class Storage:
             staging = Path(tmp)
             limits = _Limits(cid, max_bytes, max_entries, root=cid, shown=str(target))
             raw_limit = max_bytes + (max_entries + 2) * _HEADER_ALLOWANCE
-
-            def work(call: Call) -> TreeSize:
-                response = call.post("get", [("arg", cid), ("archive", "true")], limit=raw_limit)
-                response.raise_for_status(f"kubo refused to get {cid}")
-                got = _extract_stream(response, staging, limits)
-                while response.read():  # the end of the archive, and kubo's error trailer if any
-                    pass
-                return got
-
-            got = await self._run(f"fetching {cid}", work, timeout=timeout)
+            params = [("arg", cid), ("archive", "true")]
+            async with self._post(
+                "get", params, f"kubo refused to get {cid}", read_bufsize=2 * _COPY
+            ) as response:
+                if early_error := response.headers.get("X-Stream-Error"):
+                    raise StorageError(f"kubo cannot get {cid}: {early_error}")
+                # aiohttp reads the answer on the loop; a thread of ours extracts it (blocking
+                # file I/O off the loop), pulling it in pieces of up to _COPY bytes
+                source = _LoopReader(response.content, asyncio.get_running_loop(), raw_limit, cid)
+                got = await _in_thread(
+                    "bacq-kubo-extract",
+                    lambda: _extract_and_drain(source, staging, limits),
+                    source.abort,
+                )
+            # kubo reports an error met while it writes the archive (a block it cannot read, a
+            # file whose data is longer or shorter than it claims) in the X-Stream-Error trailer,
+            # which aiohttp does not expose: such an archive stops early, which the reader refuses
+            # ("ends early"), and one that lacks entries or bytes cannot match the walk
             if got != expected:
                 raise StorageError(
                     f"the archive kubo sent for {cid} ({got.entries} entries, {got.bytes} bytes) "
@@ -366,6 +438,135 @@ class Storage:
                     "bytes); refused"
                 )
             await asyncio.to_thread(_move_into_place, staging / cid, target)
+
+
+# -- kubo's answers -------------------------------------------------------------------------------
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    parts: list[bytes] = []
+    got = 0
+    while data := await response.content.read(_COPY):
+        got += len(data)
+        if got > limit:
+            raise StorageError(f"{what}: kubo's answer is larger than the {limit} bytes expected")
+        parts.append(data)
+    return b"".join(parts)
+
+
+async def _lines(
+    response: aiohttp.ClientResponse, what: str, max_line: int = 1 << 20
+) -> AsyncIterator[bytes]:
+    """The body split at newlines (kubo's streamed JSON); a longer line fails the call."""
+    pending = b""
+    while data := await response.content.read(_COPY):
+        pending += data
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            if line.strip():
+                yield line
+        if len(pending) > max_line:
+            raise StorageError(f"{what}: a line of kubo's answer is over {max_line} bytes")
+    if pending.strip():
+        yield pending
+
+
+def _kubo_message(body: bytes, status: int) -> str:
+    message = body.decode("utf-8", "replace").strip()
+    with contextlib.suppress(ValueError, AttributeError):
+        message = str(json.loads(body).get("Message", message)).strip()
+    return message[:500] or f"HTTP {status}"
+
+
+def _client_error(exc: BaseException) -> str:
+    """aiohttp's error, shortly: the OS's reason for a refused connection, else its text."""
+    os_error = getattr(exc, "os_error", None)
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return os_error.strerror
+    return str(exc) or type(exc).__name__
+
+
+class _LoopReader:
+    """``read(n)`` for the extraction thread: the next piece of an aiohttp answer, read by the
+    event loop (at most ``limit`` bytes in all). ``abort`` (on the loop) makes a waiting or a
+    later read fail at once."""
+
+    def __init__(
+        self, content: aiohttp.StreamReader, loop: asyncio.AbstractEventLoop, limit: int, cid: str
+    ) -> None:
+        self._content = content
+        self._loop = loop
+        self._limit = limit
+        self._cid = cid
+        self._received = 0
+        self._lock = threading.Lock()
+        self._pending: concurrent.futures.Future[bytes] | None = None
+        self._aborted = False
+
+    def read(self, size: int) -> bytes:
+        with self._lock:
+            if self._aborted:
+                raise _Aborted
+            pending = asyncio.run_coroutine_threadsafe(self._content.read(size), self._loop)
+            self._pending = pending
+        try:
+            data = pending.result()
+        except concurrent.futures.CancelledError:
+            raise _Aborted from None
+        self._received += len(data)
+        if self._received > self._limit:
+            raise StorageError(
+                f"kubo's archive of {self._cid} is larger than its DAG allows; the download was "
+                "stopped"
+            )
+        return data
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            if self._pending is not None:
+                self._pending.cancel()
+
+
+class _Aborted(Exception):
+    """The fetch was cancelled while its extraction thread waited for data."""
+
+
+def _extract_and_drain(source: _LoopReader, staging: Path, limits: _Limits) -> TreeSize:
+    got = _extract_stream(source, staging, limits)
+    while source.read(_COPY):  # what follows the end-of-archive marker, up to the answer's end
+        pass
+    return got
+
+
+async def _in_thread(name: str, work: Callable[[], T], abort: Callable[[], None]) -> T:
+    """Run ``work`` in a thread of its own and return its result. If the awaiting task is
+    cancelled (or its deadline passes), ``abort`` is called and the cancellation goes on once the
+    thread has stopped (at most _GRACE seconds): nothing is written after this returns."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def target() -> None:
+        try:
+            outcome: tuple[bool, Any] = (True, work())
+        except BaseException as exc:
+            outcome = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        abort()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(asyncio.shield(future), timeout=_GRACE)
+        raise
 
 
 # -- limits ---------------------------------------------------------------------------------------
@@ -418,7 +619,7 @@ class _Part:
 
 class _AddForm:
     """kubo's add form for a file or a folder, as the Go client writes it: depth first, entries
-    sorted by name, names query-escaped; file contents go out with sendfile(2)."""
+    sorted by name, names query-escaped; file contents are streamed from their files."""
 
     def __init__(self, parts: list[_Part], boundary: str, root_name: str) -> None:
         self.parts = parts
@@ -426,6 +627,7 @@ class _AddForm:
         self.root_name = root_name
         self.tail = f"--{boundary}--\r\n".encode()
         self.length = sum(len(p.head) + p.size + 2 for p in parts) + len(self.tail)
+        self.failure: StorageError | None = None  # why the form could not be sent, if it failed
 
     @classmethod
     def build(cls, root: Path) -> _AddForm:
@@ -467,61 +669,66 @@ class _AddForm:
                 stack.append((Path(entry.path), f"{name}/{entry.name}", info.st_mode, info.st_size))
         return cls(parts, boundary, root_name)
 
-    def send(self, call: Call, params: list[tuple[str, str]], what: str) -> str:
-        """Post the form on ``call`` and return the root's CID (from kubo's streamed answer)."""
-        sock = call.connect()
-        sock.sendall(
-            call.request_head(
-                "add",
-                params,
-                content_type=f"multipart/form-data; boundary={self.boundary}",
-                content_length=self.length,
-            )
-        )
-        failure: list[BaseException] = []
+    def payload(self) -> Any:
+        """The form as an aiohttp payload of known length (sent with a Content-Length)."""
+        return _form_payload_class()(self)
 
-        def body() -> None:  # a thread of its own: kubo answers while it reads the form
-            try:
-                for part in self.parts:
-                    sock.sendall(part.head)
-                    if part.path is not None and part.size:
-                        try:
-                            handle = part.path.open("rb")
-                        except OSError as exc:
-                            raise StorageError(f"cannot read {part.path}: {exc}") from None
-                        with handle:
-                            sent = sock.sendfile(handle, 0, part.size)
-                        if sent != part.size:
-                            raise StorageError(f"{part.path} changed while it was being added")
-                    sock.sendall(b"\r\n")
-                sock.sendall(self.tail)
-            except BaseException as exc:
-                failure.append(exc)
-                call.abort()
-
-        sender = threading.Thread(target=body, name="bacq-kubo-add", daemon=True)
-        sender.start()
-        root = ""
+    async def write(self, writer: Any) -> None:
+        """Send the form on aiohttp's ``writer``; file contents are read in a thread, _COPY
+        bytes at a time (aiohttp offers no sendfile(2) for a request body)."""
         try:
-            response = Response(call, limit=1 << 40)
-            response.raise_for_status(what)
-            for line in response.lines():
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    raise KuboError(f"kubo's answer is not JSON: {line[:80]!r}") from None
-                if isinstance(entry, dict) and entry.get("Name") == self.root_name:
-                    root = str(entry.get("Hash", ""))
-        except BaseException:
-            call.abort()
-            sender.join()
-            if failure and isinstance(failure[0], StorageError):
-                raise failure[0] from None  # the cause (a file that changed), not its effect
+            for part in self.parts:
+                await writer.write(part.head)
+                if part.path is not None and part.size:
+                    await self._write_file(writer, part.path, part.size)
+                await writer.write(b"\r\n")
+            await writer.write(self.tail)
+        except StorageError as exc:
+            self.failure = exc
             raise
-        sender.join()
-        if failure:
-            raise failure[0]
-        return root
+
+    @staticmethod
+    async def _write_file(writer: Any, path: Path, size: int) -> None:
+        try:
+            handle = await asyncio.to_thread(path.open, "rb")
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc}") from None
+        try:
+            left = size
+            while left:
+                try:
+                    data = await asyncio.to_thread(handle.read, min(left, _COPY))
+                except OSError as exc:
+                    raise StorageError(f"cannot read {path}: {exc}") from None
+                if not data:
+                    raise StorageError(f"{path} changed while it was being added")
+                left -= len(data)
+                await writer.write(data)
+        finally:
+            handle.close()
+
+
+@functools.cache
+def _form_payload_class() -> type[Any]:
+    """aiohttp's Payload for an _AddForm (made on first use: aiohttp is imported late)."""
+    from aiohttp.payload import Payload
+
+    class FormPayload(Payload):
+        def __init__(self, form: _AddForm) -> None:
+            super().__init__(form, content_type=f"multipart/form-data; boundary={form.boundary}")
+            self._form = form
+            self._size = form.length
+
+        def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+            raise TypeError("an add form is streamed, not decoded")
+
+        async def write(self, writer: Any) -> None:
+            await self._form.write(writer)
+
+        async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+            await self._form.write(writer)  # the length is the form's own
+
+    return FormPayload
 
 
 # -- extraction -----------------------------------------------------------------------------------
@@ -587,6 +794,11 @@ def _extract_stream(fileobj: Any, dest: Path, limits: _Limits) -> TreeSize:
                 kinds[name] = "link"
             else:
                 raise _refuse(f"{name!r} is a {_kind(member)}", shown)
+    except _Truncated as exc:
+        raise StorageError(
+            f"the archive of {limits.what} ends early ({exc}): its sender stopped (kubo stops when "
+            "a block cannot be read or a file's data does not match the size it claims); refused"
+        ) from None
     except tarfile.TarError as exc:
         raise StorageError(f"the archive of {limits.what} is corrupt: {exc}") from None
     if limits.root is not None and limits.root not in kinds:
@@ -680,6 +892,10 @@ def _write_file(reader: _TarReader, member: tarfile.TarInfo, full: str, shown: s
         os.close(fd)
 
 
+class _Truncated(tarfile.ReadError):
+    """The tar stream ended before the archive did."""
+
+
 class _TarReader:
     """Reads a tar stream from anything with ``read(n)`` (at most n bytes, b"" at its end):
     ustar headers parsed by tarfile.TarInfo.frombuf, pax and GNU long names applied, data handed
@@ -705,7 +921,7 @@ class _TarReader:
     def _take(self, count: int) -> bytes:
         while len(self._buf) - self._pos < count:
             if not self._fill():
-                raise tarfile.ReadError("unexpected end of the archive")
+                raise _Truncated("unexpected end of the archive")
         data = self._buf[self._pos : self._pos + count]
         self._pos += count
         return data
@@ -715,7 +931,7 @@ class _TarReader:
         left = size
         while left:
             if self._pos >= len(self._buf) and not self._fill():
-                raise tarfile.ReadError("the archive ends in the middle of a file")
+                raise _Truncated("the archive ends in the middle of a file")
             piece = memoryview(self._buf)[self._pos : self._pos + left]
             self._pos += len(piece)
             left -= len(piece)
@@ -725,7 +941,7 @@ class _TarReader:
     def _skip_owed(self) -> None:
         while self._owed:
             if self._pos >= len(self._buf) and not self._fill():
-                raise tarfile.ReadError("unexpected end of the archive")
+                raise _Truncated("unexpected end of the archive")
             step = min(self._owed, len(self._buf) - self._pos)
             self._pos += step
             self._owed -= step
