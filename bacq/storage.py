@@ -76,15 +76,6 @@ async def preload() -> None:
     await asyncio.to_thread(_aioipfs)
 
 
-@functools.cache
-def _no_client_timeout() -> aiohttp.ClientTimeout:
-    """aioipfs's session ends any request after 30 minutes (10 without a byte): every call of
-    ours runs within its own deadline instead, which may be longer for a large fetch."""
-    import aiohttp
-
-    return aiohttp.ClientTimeout(total=None, sock_read=None)
-
-
 @dataclass
 class TreeSize:
     """What a CID holds: ``entries`` (files, folders and links, the root included) and ``bytes``."""
@@ -111,6 +102,10 @@ class Storage:
                 f"BACQ_IPFS_API {maddr!r} is not a kubo RPC multiaddr ({exc}); "
                 "write it like /ip4/127.0.0.1/tcp/5001"
             ) from None
+        # aioipfs's session ends any request after 30 minutes (10 without a byte): ours has no
+        # such limit, every call of ours runs within its own deadline (a large fetch may be long)
+        first, client.session = client.session, client.get_session(None, None)
+        await first.close()
         storage = cls(client, maddr, timeout)
         try:
             # not aioipfs's core.id(): it answers None for a refused connection, without the cause
@@ -119,8 +114,9 @@ class Storage:
                 raise StorageError("its answer to id has no ID")
         except StorageError as exc:
             await storage.close()
+            reason = exc.cause if isinstance(exc, _Unreachable) else str(exc)
             raise IpfsUnavailable(
-                f"no kubo RPC API answers at {maddr} ({exc}); start one with "
+                f"no kubo RPC API answers at {maddr} ({reason}); start one with "
                 "`bacq devstack` or set BACQ_IPFS_API / --ipfs to a running node"
             ) from None
         return storage
@@ -157,16 +153,14 @@ class Storage:
         url = self._client.core.url(endpoint)
         try:
             async with self._client.session.post(
-                url, params=params, auth=self._client.auth, timeout=_no_client_timeout(), **kwargs
+                url, params=params, auth=self._client.auth, **kwargs
             ) as response:
                 if ok_only and response.status != 200:
                     body = await response.content.read(_ERROR_BODY)
                     raise StorageError(f"{what}: {_kubo_message(body, response.status)}")
                 yield response
         except aiohttp.ClientError as exc:
-            raise StorageError(
-                f"{what} failed: cannot talk to kubo at {self.maddr} ({_client_error(exc)})"
-            ) from None
+            raise _Unreachable(what, self.maddr, _client_error(exc)) from None
 
     async def _json(
         self,
@@ -469,6 +463,14 @@ async def _lines(
         yield pending
 
 
+class _Unreachable(StorageError):
+    """The HTTP exchange with kubo failed (refused, reset, cut short)."""
+
+    def __init__(self, what: str, maddr: str, cause: str) -> None:
+        self.cause = cause
+        super().__init__(f"{what} failed: cannot talk to kubo at {maddr} ({cause})")
+
+
 def _kubo_message(body: bytes, status: int) -> str:
     message = body.decode("utf-8", "replace").strip()
     with contextlib.suppress(ValueError, AttributeError):
@@ -479,8 +481,8 @@ def _kubo_message(body: bytes, status: int) -> str:
 def _client_error(exc: BaseException) -> str:
     """aiohttp's error, shortly: the OS's reason for a refused connection, else its text."""
     os_error = getattr(exc, "os_error", None)
-    if isinstance(os_error, OSError) and os_error.strerror:
-        return os_error.strerror
+    if isinstance(os_error, OSError) and os_error.errno:
+        return os.strerror(os_error.errno)  # "Connection refused", not asyncio's wording
     return str(exc) or type(exc).__name__
 
 
