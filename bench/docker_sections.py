@@ -210,6 +210,27 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+async def _api_add_get(api: str, file: Path, result_cid: str, out: Path) -> tuple[float, float]:
+    """``Storage.add`` of ``file`` and ``Storage.fetch`` of ``result_cid``, each timed with its
+    connection to kubo (what a program using bacq's API pays)."""
+    from bacq.storage import Storage
+
+    start = time.perf_counter()
+    storage = await Storage.connect(api)
+    try:
+        await storage.add(file)
+    finally:
+        await storage.close()
+    added = time.perf_counter() - start
+    start = time.perf_counter()
+    storage = await Storage.connect(api)
+    try:
+        await storage.fetch(result_cid, out)
+    finally:
+        await storage.close()
+    return added, time.perf_counter() - start
+
+
 def data(stack: Devstack, megabytes: int, runs: int) -> dict[str, Any]:
     """A file of ``megabytes`` MiB into a job and back out, against ``ipfs add`` + ``ipfs get``."""
     size = megabytes * 1024 * 1024
@@ -229,6 +250,8 @@ def data(stack: Devstack, megabytes: int, runs: int) -> dict[str, Any]:
             "bacq_run",
             "bacq_get",
             "bacq_total",
+            "api_add",
+            "api_get",
         )
     }
     ran_on: list[str] = []
@@ -291,13 +314,27 @@ def data(stack: Devstack, megabytes: int, runs: int) -> dict[str, Any]:
             )
             if _sha256(got / "out" / "data.bin") != bacq_sum:
                 raise RuntimeError("bacq get returned different bytes than were added")
+
+            # the same data path through the Python API: no CLI start-up, no NATS
+            api_file, api_got = scratch / f"api{run}.bin", scratch / f"api{run}-get"
+            _random_file(api_file, size)
+            a_add, a_get = asyncio.run(
+                _api_add_get(stack.ipfs_api, api_file, job["result_cid"], api_got)
+            )
+            if _sha256(api_got / "out" / "data.bin") != bacq_sum:
+                raise RuntimeError("Storage.fetch returned different bytes than were added")
+            samples["api_add"].append(a_add)
+            samples["api_get"].append(a_get)
+            api_file.unlink()
+            shutil.rmtree(api_got, ignore_errors=True)
             samples["bacq_add"].append(b_add)
             samples["bacq_run"].append(b_run)
             samples["bacq_get"].append(b_get)
             samples["bacq_total"].append(b_add + b_run + b_get)
             say(
                 f"  ipfs add {t_add:.2f}s + get {t_get:.2f}s (other node {t_other:.2f}s); "
-                f"bacq add {b_add:.2f}s + run {b_run:.2f}s + get {b_get:.2f}s"
+                f"bacq add {b_add:.2f}s + run {b_run:.2f}s + get {b_get:.2f}s; "
+                f"API add {a_add:.2f}s + get {a_get:.2f}s"
             )
             for path in (base_file, bacq_file, out, out_other):
                 path.unlink(missing_ok=True)

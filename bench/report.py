@@ -173,19 +173,26 @@ def rows(results: dict[str, Any]) -> list[Row]:
     data = results.get("data") or {}
     if "bacq_total" in data:
         mb = data["megabytes"]
-        for bacq_key, base_key, what in (
-            ("bacq_add", "ipfs_add", "add"),
-            ("bacq_run", None, "job (fetch input, cp, publish output)"),
-            ("bacq_get", "ipfs_get", "get"),
+        for bacq_key, base_key, what, goal in (
+            ("bacq_add", "ipfs_add", "`bacq ipfs add` vs `ipfs add`", 1.3),
+            ("api_add", "ipfs_add", "Storage.add (API, no CLI start-up) vs `ipfs add`", None),
+            ("bacq_run", None, "job (fetch input, cp, publish output)", None),
+            ("bacq_get", "ipfs_get", "`bacq get` vs `ipfs get`", 1.3),
+            ("api_get", "ipfs_get", "Storage.fetch (API, no CLI start-up) vs `ipfs get`", None),
         ):
+            if bacq_key not in data:
+                continue
             base = data[base_key]["p50"] if base_key else None
+            share = _ratio(data[bacq_key]["p50"], base)
             out.append(
                 _row(
                     f"data {mb} MiB: {what}, p50",
                     data[bacq_key]["p50"],
                     base,
                     unit="s",
-                    ratio=_ratio(data[bacq_key]["p50"], base),
+                    ratio=share,
+                    target=f"≤ {goal:.2f}x" if goal else "",
+                    met=_le(share, goal) if goal else None,
                 )
             )
         out.append(

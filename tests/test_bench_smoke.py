@@ -70,7 +70,16 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert run["memory"]["worker_max"] > 0
 
     data = results["data"]
-    for key in ("ipfs_add", "ipfs_get", "bacq_add", "bacq_run", "bacq_get", "bacq_total"):
+    for key in (
+        "ipfs_add",
+        "ipfs_get",
+        "bacq_add",
+        "bacq_run",
+        "bacq_get",
+        "bacq_total",
+        "api_add",
+        "api_get",
+    ):
         assert _number(data[key]["p50"])
         assert data[key]["p50"] > 0
     assert _number(data["ratio_total_p50"])

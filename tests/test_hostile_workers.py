@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from bacq.devstack import Devstack
 from bacq.models import Reputation, decode
 from bacq.reputation import reputation_bucket
 from bacq.states import ExecState, JobState
+from bacq.storage import Storage
 from tests.conftest import run_cli
 from tests.scenarios import BUSYBOX
 
@@ -359,3 +361,25 @@ async def test_a_reveal_that_does_not_match_its_commitment_is_rejected_and_count
         assert "did not match its commitment" in (job.executions["w3"].error or "")
         assert {job.executions[n].state for n in ("w1", "w2")} == {ExecState.VERIFIED}
         await _eventually_reputation(client, "w3", lambda r: r.bad_reveals >= 1)
+
+
+async def test_an_input_over_the_workers_limit_is_refused_before_it_is_downloaded(
+    make_stack: Callable[..., Devstack], tmp_path: Path
+) -> None:
+    stack = make_stack(workers=1, worker_args=["--max-input-size", "1m"])
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(2 * 1024**2))
+    async with await Client.connect(stack.nats.url) as client:
+        storage = await Storage.connect(stack.ipfs_api)
+        try:
+            cid = await storage.add(big)
+        finally:
+            await storage.close()
+        job = await client.wait(
+            await client.submit({**HELLO, "inputs": [{"cid": cid, "path": "/in/big.bin"}]}),
+            timeout=120,
+        )
+    assert job.state == JobState.FAILED
+    error = job.executions["w1"].error or job.reason
+    assert cid in error, error
+    assert "nothing was downloaded" in error, error

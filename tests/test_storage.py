@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -96,3 +97,59 @@ async def test_unreachable_kubo_is_a_clear_error() -> None:
         IpfsUnavailable, match=re.escape("no kubo RPC API answers at /ip4/127.0.0.1/tcp/1")
     ):
         await Storage.connect("/ip4/127.0.0.1/tcp/1")
+
+
+def _local_blocks(stack: Devstack) -> set[str]:
+    done = subprocess.run(
+        [find_ipfs(), "--api", stack.ipfs_api, "refs", "local"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(done.stdout.split())
+
+
+async def test_only_hash_gives_the_cid_of_a_real_add_without_storing_a_block(
+    stack: Devstack, storage: Storage, tmp_path: Path
+) -> None:
+    folder = tmp_path / "commit"
+    (folder / "nested" / "deeper" / "deepest").mkdir(parents=True)
+    (folder / "empty").write_bytes(b"")
+    (folder / "nested" / "also-empty").write_bytes(b"")
+    (folder / "nested" / "deeper" / "deepest" / "note.txt").write_bytes(os.urandom(100))
+    (folder / "big.bin").write_bytes(os.urandom(5 * 1024 * 1024 + 17))  # 21 chunks
+    big_alone = tmp_path / "big.bin"
+    big_alone.write_bytes((folder / "big.bin").read_bytes())
+
+    before = _local_blocks(stack)
+    committed = await storage.add(folder, only_hash=True)
+    big_cid = await storage.add(big_alone, only_hash=True)
+    assert _local_blocks(stack) == before  # not one block written
+    assert not await storage.has_block(committed)
+    assert not await storage.has_block(big_cid)
+
+    revealed = await storage.add(folder)
+    assert revealed == committed
+    assert await storage.has_block(committed)
+    assert await storage.has_block(big_cid)  # the same file inside the folder: the same DAG
+    assert len(_local_blocks(stack) - before) >= 21 + 4  # chunks, file root, folders
+
+
+async def test_long_and_unusual_names_come_back_as_they_went_in(
+    storage: Storage, tmp_path: Path
+) -> None:
+    source = tmp_path / "names"
+    deep = source / ("a" * 100) / ("b" * 100) / ("ü" * 60)
+    deep.mkdir(parents=True)
+    (deep / ("c" * 200)).write_bytes(os.urandom(1000))
+    for name in ("sp ace", "plus+sign", "per%cent", 'quo"te', "new\nline", "é"):
+        (source / name).write_text(name)
+    cid = await storage.add(source)
+    got = await storage.fetch(cid, tmp_path / "back")
+    assert sorted(p.relative_to(got) for p in got.rglob("*")) == sorted(
+        p.relative_to(source) for p in source.rglob("*")
+    )
+    assert (got / deep.relative_to(source) / ("c" * 200)).read_bytes() == (
+        deep / ("c" * 200)
+    ).read_bytes()
+    assert (got / "new\nline").read_text() == "new\nline"

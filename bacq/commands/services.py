@@ -181,6 +181,26 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="where compiled wasm modules are kept (~/.cache/bacq/wasm-compiled)",
     )
+    worker.add_argument(
+        "--max-input-size",
+        default="10g",
+        metavar="SIZE",
+        help="a job's inputs together, checked from their DAGs before any download (10g)",
+    )
+    worker.add_argument(
+        "--max-input-entries",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="files, folders and links in a job's inputs together (100000)",
+    )
+    worker.add_argument(
+        "--max-result-entries",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="files and folders a job may leave in its results (100000)",
+    )
     worker.add_argument("--tamper", action="store_true", help=argparse.SUPPRESS)
     _metrics_flag(worker)
     connection_flags(worker, ipfs=True)
@@ -237,6 +257,15 @@ async def serve(
         notifier.status(f"stopped: {status_line()}")
         notifier.close()
     return EXIT_OK
+
+
+def _size(value: str, flag: str) -> int:
+    from bacq.spec import parse_memory
+
+    try:
+        return parse_memory(value)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def _metrics_flag(parser: argparse.ArgumentParser) -> None:
@@ -316,6 +345,10 @@ async def cmd_worker(args: argparse.Namespace) -> int:
             heartbeat_interval=args.heartbeat_interval,
             drain_timeout=args.drain_timeout,
             tamper=args.tamper,
+            max_input_bytes=_size(args.max_input_size, "--max-input-size"),
+            max_input_entries=args.max_input_entries,
+            max_result_entries=args.max_result_entries,
+            results_limit=_size(args.results_limit, "--results-limit"),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

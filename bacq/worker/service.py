@@ -44,7 +44,13 @@ from bacq.models import (
 from bacq.nodes import NodeRegistry
 from bacq.spec import JobSpec
 from bacq.states import ExecState
-from bacq.storage import Storage, remove_tree, sanitize_tree
+from bacq.storage import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ENTRIES,
+    Storage,
+    remove_tree,
+    sanitize_tree,
+)
 from bacq.worker.executor import Executor, JobContext, WorkerContext
 
 __all__ = ["Worker", "WorkerConfig"]
@@ -80,6 +86,12 @@ class WorkerConfig:
     fetch_timeout: float = 120.0
     heartbeat_interval: float = 2.0
     drain_timeout: float = 60.0  # on SIGTERM: seconds running jobs get to finish
+    # a job's inputs together, checked from their DAGs before any byte is downloaded
+    max_input_bytes: int = DEFAULT_MAX_BYTES
+    max_input_entries: int = DEFAULT_MAX_ENTRIES
+    # a job's results folder (outputs, stdout, stderr): entries and bytes, checked before adding
+    max_result_entries: int = DEFAULT_MAX_ENTRIES
+    results_limit: int = DEFAULT_MAX_BYTES
     tamper: bool = False  # a bad worker, for demonstrations and tests of the verifier
     # a lazy worker: runs no container and builds its result from whatever it can read of the
     # others' (job record, live output, IPFS), to show that it cannot; BACQ_WORKER_LAZY=1
@@ -425,8 +437,20 @@ class Worker:
                 streamer.start()
             return streamer.feed
 
+        budget = [self.config.max_input_bytes, self.config.max_input_entries]
+
         async def fetch(cid: str, target: Path) -> Path:
-            return await self.storage.fetch(cid, target, timeout=self.config.fetch_timeout)
+            """One input (or a wasm module) within what is left of the job's input budget: its
+            DAG is measured first, so nothing over the limit is downloaded."""
+            timeout = self.config.fetch_timeout
+            size = await self.storage.measure(
+                cid, max_bytes=budget[0], max_entries=budget[1], timeout=timeout
+            )
+            budget[0] -= size.bytes
+            budget[1] -= size.entries
+            return await self.storage.fetch(
+                cid, target, timeout=timeout, max_bytes=size.bytes, max_entries=size.entries
+            )
 
         async def report(state: ExecState, detail: str) -> None:
             await self._update(job_id, state, detail=detail)
@@ -459,7 +483,12 @@ class Worker:
             with (results_dir / "stdout").open("ab") as stdout:
                 stdout.write(f"\n(tampered by {self.config.node_id})\n".encode())
         (results_dir / "exitCode").write_text(str(result.exit_code))
-        skipped = await asyncio.to_thread(sanitize_tree, results_dir)
+        skipped = await asyncio.to_thread(
+            sanitize_tree,
+            results_dir,
+            max_entries=self.config.max_result_entries,
+            max_bytes=self.config.results_limit,
+        )
         if skipped:
             self.log.warning("results.skipped_entries", job=job_id, entries=skipped[:20])
         # the CID only: no block is published until the verifier asks for the reveal
