@@ -443,14 +443,16 @@ class Worker:
             """One input (or a wasm module) within what is left of the job's input budget: its
             DAG is measured first, so nothing over the limit is downloaded."""
             timeout = self.config.fetch_timeout
+            local = await self.storage.fetch(
+                cid, target, timeout=timeout, max_bytes=budget[0], max_entries=budget[1]
+            )
+            # what it took of the budget (its blocks are on this node now: a quick walk)
             size = await self.storage.measure(
                 cid, max_bytes=budget[0], max_entries=budget[1], timeout=timeout
             )
             budget[0] -= size.bytes
             budget[1] -= size.entries
-            return await self.storage.fetch(
-                cid, target, timeout=timeout, max_bytes=size.bytes, max_entries=size.entries
-            )
+            return local
 
         async def report(state: ExecState, detail: str) -> None:
             await self._update(job_id, state, detail=detail)
