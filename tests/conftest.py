@@ -52,7 +52,7 @@ def make_stack() -> Iterator[Callable[..., Devstack]]:
 
 @pytest.fixture
 async def client(stack: Devstack) -> AsyncIterator[Client]:
-    c = await Client.connect(stack.nats.url)
+    c = await Client.connect(stack.nats.url, options=stack.client_options())
     try:
         yield c
     finally:

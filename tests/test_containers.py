@@ -187,7 +187,7 @@ async def test_a_worker_started_with_a_results_limit_fails_the_job_with_the_reas
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=1, kubo_nodes=1, worker_args=["--results-limit", "100k"])
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit(
             {
                 "image": "bacq-test/busybox",

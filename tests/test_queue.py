@@ -23,7 +23,7 @@ async def test_jobs_beyond_the_free_slots_wait_in_the_queue_and_all_complete(
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=1, kubo_nodes=1, max_jobs=1)
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         ids = [await client.submit(sleeper(3)) for _ in range(4)]
         async with asyncio.timeout(60):  # the oldest goes first
             while True:
@@ -46,7 +46,7 @@ async def test_a_thousand_noop_jobs_on_few_slots_are_none_lost(
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=2, kubo_nodes=1, max_jobs=3, worker_args=NOOP)
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         spec = {"image": "none", "verifier": "noop"}
         slots = asyncio.Semaphore(100)
 
@@ -64,7 +64,7 @@ async def test_queued_jobs_survive_a_requester_restart(
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=1, kubo_nodes=1, max_jobs=1)
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         ids = [await client.submit(sleeper(1)) for _ in range(4)]
         await asyncio.sleep(4)
         await asyncio.to_thread(stack.kill, "requester")
@@ -77,7 +77,7 @@ async def test_a_job_that_waits_past_its_queue_timeout_fails_with_the_reason(
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=1, kubo_nodes=1, max_jobs=1)
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         blocker = await client.submit(sleeper(20))
         await asyncio.sleep(4)
         late = await client.submit(sleeper(1, queue_timeout=2))

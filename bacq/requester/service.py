@@ -30,7 +30,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
-from bacq import subjects
+from bacq import sdnotify, subjects
 from bacq.bus import Bus, ensure_bucket
 from bacq.errors import SpecError
 from bacq.events import Event, decode_events, diff, fold, seal
@@ -868,6 +868,7 @@ class Requester:
         ]
         await self.bus.nc.flush()
         self.log.info("service.ready", service="requester")
+        sdnotify.ready()
         try:
             await stop.wait()
         finally:

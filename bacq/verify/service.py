@@ -15,7 +15,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
-from bacq import subjects
+from bacq import sdnotify, subjects
 from bacq.bus import Bus, ensure_bucket
 from bacq.log import get_logger
 from bacq.models import ResultMessage, decode, encode
@@ -170,6 +170,7 @@ class Verifier:
         task = asyncio.create_task(loop())
         await self.bus.nc.flush()
         self.log.info("service.ready", service="verifier")
+        sdnotify.ready()
         try:
             await stop.wait()
         finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
-from bacq import subjects
+from bacq import sdnotify, subjects
 from bacq.bus import Bus
 from bacq.errors import BacqError, StorageError
 from bacq.log import get_logger
@@ -396,6 +396,7 @@ class Worker:
         await self.bus.nc.flush()
         await self._heartbeat()
         self.log.info("service.ready", service="worker", labels=self.config.labels)
+        sdnotify.ready()
         try:
             while not stop.is_set():
                 self._expire_reservations()
