@@ -1,0 +1,175 @@
+"""Every JetStream stream and key-value bucket bacq uses, declared in one table.
+
+Touches NATS (the JetStream API) only when ``ensure_*`` is called; the table itself is data. Names
+come from ``bacq.subjects``. Every role declares through here (the requester and the verifier
+declare them all when they connect, see ``bacq.bus.Bus.connect``), so that one setting, e.g. the
+number of copies in a cluster (``$BACQ_JS_REPLICAS``), applies to every stream and bucket alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
+from nats.js.kv import KeyValue
+
+from bacq import subjects
+from bacq.errors import ConfigError
+
+__all__ = [
+    "BUCKETS",
+    "REPLICAS_ENV",
+    "STREAMS",
+    "BucketDecl",
+    "StreamDecl",
+    "bucket_config",
+    "ensure_all",
+    "ensure_bucket",
+    "ensure_stream",
+    "replicas",
+    "stream_config",
+]
+
+# copies of every stream and bucket in a JetStream cluster (3 for the documented 3-server cluster)
+REPLICAS_ENV = "BACQ_JS_REPLICAS"
+DUPLICATE_WINDOW = 120.0  # seconds within which a repeated Nats-Msg-Id is dropped
+DAY = 24 * 3600.0
+LOGS_CHUNK_BYTES = 16 * 1024  # bacq.logs.CHUNK_BYTES: at most this much output per message
+
+
+def replicas() -> int:
+    """JetStream replicas for streams and buckets: ``$BACQ_JS_REPLICAS`` (1 to 5), else 1."""
+    value = os.environ.get(REPLICAS_ENV, "1")
+    if not value.isdigit() or not 1 <= int(value) <= 5:
+        raise ConfigError(f"{REPLICAS_ENV} must be a number from 1 to 5, not {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class StreamDecl:
+    """A stream. ``update``: an existing stream is brought to this config (e.g. new replicas);
+    otherwise it is only created when missing (its retention is someone else's setting)."""
+
+    name: str
+    subjects: tuple[str, ...]
+    max_age: float
+    max_bytes: int = -1
+    max_msg_size: int = -1
+    discard: DiscardPolicy = DiscardPolicy.OLD
+    update: bool = True
+
+
+@dataclass(frozen=True)
+class BucketDecl:
+    """A key-value bucket (file storage); ``ttl`` 0 keeps keys until they are overwritten."""
+
+    name: str
+    history: int = 5
+    ttl: float = 0.0
+
+
+STREAMS: dict[str, StreamDecl] = {
+    decl.name: decl
+    for decl in (
+        # progress, results, verdicts: nothing here may be lost
+        StreamDecl(subjects.STREAM, tuple(subjects.STREAM_SUBJECTS), max_age=30 * DAY),
+        # job histories; the requester sets the retention from its flags (set_events_retention)
+        StreamDecl(
+            subjects.EVENTS_STREAM,
+            (subjects.EVENTS_ALL,),
+            max_age=365 * DAY,
+            max_bytes=10 * 1024**3,
+            update=False,
+        ),
+        # live output of running jobs: a window, bounded in size and age
+        StreamDecl(
+            subjects.LOGS_STREAM,
+            (subjects.LOGS_ALL,),
+            max_age=DAY,
+            max_bytes=256 * 1024**2,
+            max_msg_size=8 * LOGS_CHUNK_BYTES,  # JSON escapes may grow a chunk up to 6 times
+        ),
+    )
+}
+
+BUCKETS: dict[str, BucketDecl] = {
+    decl.name: decl
+    for decl in (
+        BucketDecl(subjects.JOBS_BUCKET),  # job records: the requester writes them
+        BucketDecl(subjects.RESULTS_BUCKET),  # what the verifier has collected per job
+        BucketDecl(subjects.IDEMPOTENCY_BUCKET),  # client idempotency key → job id
+        BucketDecl(subjects.NODES_BUCKET, history=1, ttl=7 * DAY),  # latest heartbeat per node
+    )
+}
+
+
+def stream_config(name: str) -> StreamConfig:
+    """The config of stream ``name`` from the table, with the current replicas."""
+    try:
+        decl = STREAMS[name]
+    except KeyError:
+        raise ValueError(f"{name!r} is not a stream of bacq.streams.STREAMS") from None
+    return StreamConfig(
+        name=decl.name,
+        subjects=list(decl.subjects),
+        storage=StorageType.FILE,
+        max_age=decl.max_age,
+        max_bytes=decl.max_bytes,
+        max_msg_size=decl.max_msg_size,
+        discard=decl.discard,
+        duplicate_window=DUPLICATE_WINDOW,
+        num_replicas=replicas(),
+    )
+
+
+def bucket_config(name: str) -> KeyValueConfig:
+    """The config of bucket ``name`` from the table, with the current replicas."""
+    try:
+        decl = BUCKETS[name]
+    except KeyError:
+        raise ValueError(f"{name!r} is not a bucket of bacq.streams.BUCKETS") from None
+    return KeyValueConfig(
+        bucket=decl.name,
+        history=decl.history,
+        ttl=decl.ttl or None,
+        storage=StorageType.FILE,
+        replicas=replicas(),
+    )
+
+
+async def ensure_stream(js: JetStreamContext, name: str, *, update: bool = False) -> None:
+    """Create stream ``name`` when missing. With ``update`` (the declaring roles, through
+    ``ensure_all``), an existing stream whose table entry says so is brought to its config (e.g.
+    new replicas); readers never update (a client may not)."""
+    config = stream_config(name)
+    try:
+        await js.stream_info(name)
+    except nats.js.errors.NotFoundError:
+        with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
+            await js.add_stream(config)
+        return
+    if update and STREAMS[name].update:
+        await js.update_stream(config)
+
+
+async def ensure_bucket(js: JetStreamContext, name: str) -> KeyValue:
+    """The key-value bucket ``name``, created from the table when missing."""
+    config = bucket_config(name)
+    try:
+        return await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
+            await js.create_key_value(config)
+        return await js.key_value(name)
+
+
+async def ensure_all(js: JetStreamContext) -> None:
+    """Declare every stream and bucket of the table (the requester and the verifier do)."""
+    for name in STREAMS:
+        await ensure_stream(js, name, update=True)
+    for name in BUCKETS:
+        await ensure_bucket(js, name)
