@@ -39,6 +39,8 @@ echo "tmp_mount=$(grep ' /tmp ' /proc/mounts)"
 if echo out > /out/file; then echo out_write=yes; else echo out_write=no; fi
 """
 
+pytestmark = pytest.mark.devstack  # every test here runs real containers
+
 
 @pytest.fixture(scope="module")
 def executor() -> Iterator[DockerExecutor]:

@@ -97,6 +97,7 @@ def test_services_started_with_log_level_warning_report_ready(
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.devstack
 def test_stop_removes_the_state_dir_and_the_containers_of_a_killed_worker() -> None:
     stack = Devstack(workers=1, kubo_nodes=1)
     state_dir = stack.state_dir
@@ -117,6 +118,7 @@ def test_stop_removes_the_state_dir_and_the_containers_of_a_killed_worker() -> N
     assert not state_dir.exists()
 
 
+@pytest.mark.devstack
 def test_ctrl_c_on_bacq_devstack_leaves_no_state_dir() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bacq", "devstack", "--workers", "1", "--kubo-nodes", "1"],

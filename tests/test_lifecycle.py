@@ -129,7 +129,17 @@ async def test_verifier_killed_between_results_still_gives_one_verdict(
         job_id = await client.submit(sleeper(3, concurrency=2))
         await running_on(client, job_id)
         stack.kill("verifier")  # results arrive while no verifier runs
-        await asyncio.sleep(5)
+        async with asyncio.timeout(120):  # both workers sent their result (then say completed)
+            while True:
+                down = await client.job(job_id)
+                if [e.state for e in down.executions.values()] == [ExecState.COMPLETED] * 2:
+                    break
+                assert not down.final, f"{down.state}: {down.reason}"
+                await asyncio.sleep(0.2)
+        assert down.state in (JobState.RUNNING, JobState.VERIFYING)  # no verdict without it
+        assert not any(
+            e.kind == "job" and e.state == "accepted" for e in await client.history(job_id)
+        )
         await asyncio.to_thread(stack.restart, "verifier")
         job = await client.wait(job_id, timeout=120)
         history = await client.history(job_id)
@@ -208,10 +218,12 @@ async def test_history_verify_names_an_event_altered_in_the_stream(stack: Devsta
     async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit({"image": BUSYBOX, "command": ["true"]})
         await client.wait(job_id, timeout=60)
-        assert run_cli(stack, "history", job_id, "--verify").returncode == 0
+    assert run_cli(stack, "history", job_id, "--verify").returncode == 0
 
-        # an insider rewrites event 3: deletes the message that holds it (one commit's events)
-        # and publishes an edited copy of that message
+    # an insider (the requester's credentials) rewrites event 3: deletes the message that holds
+    # it (one commit's events) and publishes an edited copy of that message
+    insider = stack.nats_options("requester")
+    async with await Client.connect(stack.nats.url, options=insider) as client:
         js = client.bus.js
         messages: dict[int, list[Event]] = {}
         async for stream_seq, event in client.bus.replay_events(f"bacq.events.{job_id}"):
@@ -250,11 +262,23 @@ async def test_a_record_behind_its_events_is_rolled_forward_on_restart(
     async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit({"image": BUSYBOX, "command": ["true"]})
         final = await client.wait(job_id, timeout=60)
-        # the requester died after publishing the last events but before saving the record
-        stale = final.model_copy(
-            update={"state": JobState.RUNNING, "event_seq": 9, "result_cid": None}
-        )
+        history = await client.history(job_id)
+    # the requester died after publishing the last events but before saving the record: the
+    # record stops at the job's last "running" event, whatever its number
+    (running,) = [e for e in history if e.kind == "job" and e.state == "running"][-1:]
+    assert running.seq < final.event_seq  # later events exist to roll forward to
+    stale = final.model_copy(
+        update={
+            "state": JobState.RUNNING,
+            "event_seq": running.seq,
+            "last_hash": running.hash,
+            "result_cid": None,
+        }
+    )
+    insider = stack.nats_options("requester")  # only the requester may write job records
+    async with await Client.connect(stack.nats.url, options=insider) as client:
         await client.bus.save_job(stale)
+        assert (await client.job(job_id)).event_seq == running.seq
         await asyncio.to_thread(stack.restart, "requester")
         entry = await client.bus.jobs.get(job_id)
         rebuilt = decode(JobRecord, entry.value or b"")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import pytest
+
 from bacq.client import Client
 from bacq.devstack import Devstack
 from bacq.states import JobState
@@ -42,6 +44,7 @@ async def test_jobs_beyond_the_free_slots_wait_in_the_queue_and_all_complete(
     assert started == sorted(started), "the queue is first in, first out"
 
 
+@pytest.mark.timeout(900)  # waits up to 600 s for the jobs, plus the devstack
 async def test_a_thousand_noop_jobs_on_few_slots_are_none_lost(
     make_stack: Callable[..., Devstack],
 ) -> None:
@@ -65,9 +68,16 @@ async def test_queued_jobs_survive_a_requester_restart(
 ) -> None:
     stack = make_stack(workers=1, kubo_nodes=1, max_jobs=1)
     async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
-        ids = [await client.submit(sleeper(1)) for _ in range(4)]
-        await asyncio.sleep(4)
+        ids = [await client.submit(sleeper(3)) for _ in range(4)]
+        async with asyncio.timeout(60):  # the oldest runs, the others wait their turn
+            while True:
+                if (await client.job(ids[0])).state == JobState.RUNNING:
+                    break
+                await asyncio.sleep(0.2)
         await asyncio.to_thread(stack.kill, "requester")
+        # with the requester dead, the records hold still: some jobs were queued when it died
+        queued = [i for i in ids if (await client.job(i)).state == JobState.PENDING]
+        assert queued, [(await client.job(i)).state for i in ids]
         await asyncio.to_thread(stack.restart, "requester")
         jobs = [await client.wait(i, timeout=180) for i in ids]
     assert [j.state for j in jobs] == [JobState.ACCEPTED] * 4, [(j.state, j.reason) for j in jobs]
