@@ -8,10 +8,14 @@ number of copies in a cluster (``$BACQ_JS_REPLICAS``), applies to every stream a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
@@ -38,6 +42,15 @@ __all__ = [
 REPLICAS_ENV = "BACQ_JS_REPLICAS"
 DUPLICATE_WINDOW = 120.0  # seconds within which a repeated Nats-Msg-Id is dropped
 DAY = 24 * 3600.0
+DECLARE_RETRY_FOR = 60.0  # seconds a declaration is retried while the cluster is not ready yet
+# a JetStream that is starting, electing a leader or placing replicas answers late or not at all
+_NOT_READY = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+)
+T = TypeVar("T")
 LOGS_CHUNK_BYTES = 16 * 1024  # bacq.logs.CHUNK_BYTES: at most this much output per message
 
 
@@ -141,30 +154,53 @@ def bucket_config(name: str) -> KeyValueConfig:
     )
 
 
+async def _retry(call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, again while JetStream is not ready (a cluster placing three replicas on a
+    busy machine can take longer than one request's timeout)."""
+    deadline = asyncio.get_running_loop().time() + DECLARE_RETRY_FOR
+    delay = 0.5
+    while True:
+        try:
+            return await call()
+        except _NOT_READY:
+            if asyncio.get_running_loop().time() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 async def ensure_stream(js: JetStreamContext, name: str, *, update: bool = False) -> None:
     """Create stream ``name`` when missing. With ``update`` (the declaring roles, through
     ``ensure_all``), an existing stream whose table entry says so is brought to its config (e.g.
     new replicas); readers never update (a client may not)."""
     config = stream_config(name)
-    try:
-        await js.stream_info(name)
-    except nats.js.errors.NotFoundError:
-        with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
-            await js.add_stream(config)
-        return
-    if update and STREAMS[name].update:
-        await js.update_stream(config)
+
+    async def declare() -> None:
+        try:
+            await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
+                await js.add_stream(config)
+            return
+        if update and STREAMS[name].update:
+            await js.update_stream(config)
+
+    await _retry(declare)
 
 
 async def ensure_bucket(js: JetStreamContext, name: str) -> KeyValue:
     """The key-value bucket ``name``, created from the table when missing."""
     config = bucket_config(name)
-    try:
-        return await js.key_value(name)
-    except nats.js.errors.BucketNotFoundError:
-        with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
-            await js.create_key_value(config)
-        return await js.key_value(name)
+
+    async def declare() -> KeyValue:
+        try:
+            return await js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
+                await js.create_key_value(config)
+            return await js.key_value(name)
+
+    return await _retry(declare)
 
 
 async def ensure_all(js: JetStreamContext) -> None:
