@@ -8,15 +8,25 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import re
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from bacq import subjects
 from bacq.client import Client
 from bacq.errors import ConfigError
-from bacq.events import Event, verify_chain
+from bacq.events import Event, HistoryCheck, verify_history
+from bacq.signing import (
+    KEYS_BUCKET,
+    KEYS_ENTRY,
+    REQUESTER_KEY_ENV,
+    fetch_requester_keys,
+    parse_public_keys,
+)
 
 __all__ = ["add_parsers", "parse_since"]
 
@@ -65,9 +75,43 @@ def _event_json(event: Event, stream_seq: int | None = None) -> dict[str, Any]:
     return data
 
 
+async def _trusted_keys(args: argparse.Namespace, client: Client) -> tuple[list[str], str]:
+    """The requester keys to trust, and where they came from: the pinned ones (flag, then env)
+    win over the ones the requester published."""
+    if args.requester_key:
+        return parse_public_keys(args.requester_key, source="--requester-key"), "--requester-key"
+    pinned = os.environ.get(REQUESTER_KEY_ENV, "")
+    if pinned.strip():
+        return parse_public_keys(pinned, source=REQUESTER_KEY_ENV), f"pinned by {REQUESTER_KEY_ENV}"
+    published = await fetch_requester_keys(client.bus.js)
+    if published is None:
+        return [], ""
+    return published.keys, f"published by the requester in bucket {KEYS_BUCKET}/{KEYS_ENTRY}"
+
+
+async def _verify(
+    args: argparse.Namespace, client: Client
+) -> tuple[list[Event], HistoryCheck, str]:
+    record = await client.job(args.job_id)
+    trusted, source = await _trusted_keys(args, client)
+    # in stream order, as stored: verify_history reports events stored out of order
+    events = [e async for _, e in client.bus.replay_events(subjects.events(record.id))]
+    check = verify_history(events, record, trusted, require_signatures=bool(trusted))
+    if trusted:
+        keys = f"trusted key{'s' if len(trusted) > 1 else ''} {', '.join(trusted)} ({source})"
+    else:
+        keys = (
+            f"no trusted requester key: none pinned ({REQUESTER_KEY_ENV}, --requester-key) and"
+            f" none published in bucket {KEYS_BUCKET}"
+        )
+    return sorted(events, key=lambda e: e.seq), check, keys
+
+
 async def cmd_history(args: argparse.Namespace, client: Client, out: Console) -> int:
-    events = await client.history(args.job_id)
-    flaw = verify_chain(events) if args.verify else None
+    if args.verify:
+        events, check, keys = await _verify(args, client)
+    else:
+        events = await client.history(args.job_id)
     if args.output == "json":
         print(json.dumps([_event_json(e) for e in events], indent=2))
     else:
@@ -83,12 +127,20 @@ async def cmd_history(args: argparse.Namespace, client: Client, out: Console) ->
                 _why(event),
             )
         out.print(table)
-    if args.verify:
-        if flaw is not None:
-            out.print(f"[red]history of {args.job_id} does not verify:[/] {flaw}")
-            return 1
+    if not args.verify:
+        return 0
+    out.print(f"verified with {escape(keys)}", soft_wrap=True)
+    if not check.ok:
+        out.print(f"[red]history of {escape(check.job_id)} does not verify:[/]", soft_wrap=True)
+        for problem in check.problems:
+            out.print(f"  - {escape(problem)}", soft_wrap=True)
+        return 1
+    out.print(f"[green]history verified:[/] {escape(check.summary())}", soft_wrap=True)
+    if check.unsigned:
         out.print(
-            f"[green]history verified:[/] {len(events)} events, each chained to the one before it"
+            f"[yellow]warning:[/] the events are NOT signed, so this proves only that the chain is"
+            f" intact; {escape(keys)}",
+            soft_wrap=True,
         )
     return 0
 
@@ -123,7 +175,14 @@ def add_parsers(sub: Any, connection_flags: Any) -> None:
     history.add_argument(
         "--verify",
         action="store_true",
-        help="check the hash chain; names the first broken link (exit 1)",
+        help="check the hash chain, every event's signature and that the history ends at the"
+        " job record's last event; names each problem (exit 1)",
+    )
+    history.add_argument(
+        "--requester-key",
+        metavar="KEY[,KEY]",
+        help="the requester's public signing key(s) to trust with --verify, instead of those it"
+        f" publishes in bucket {KEYS_BUCKET} (env {REQUESTER_KEY_ENV})",
     )
     history.add_argument("--output", choices=["table", "json"], default="table")
     connection_flags(history)

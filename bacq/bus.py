@@ -11,8 +11,10 @@ deploy/nats/auth.conf).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -34,12 +36,20 @@ from pydantic import BaseModel
 
 from bacq import streams, subjects
 from bacq.auth import NatsOptions
-from bacq.errors import NatsUnavailable
+from bacq.errors import Fenced, NatsUnavailable
 from bacq.events import Event, decode_events, encode_events
 from bacq.log import get_logger
 from bacq.models import JobRecord, decode, encode
 
-__all__ = ["DEFAULT_NATS_URL", "TRANSIENT", "Bus", "again", "ensure_bucket"]
+__all__ = [
+    "DEFAULT_NATS_URL",
+    "TRANSIENT",
+    "Bus",
+    "again",
+    "ensure_bucket",
+    "last_delivery",
+    "new_nonce",
+]
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 # the retention of the streams is in the table of bacq.streams; these names are kept for readers
@@ -49,6 +59,9 @@ EVENTS_MAX_BYTES = streams.STREAMS[subjects.EVENTS_STREAM].max_bytes  # … or 1
 REPLICAS_ENV = streams.REPLICAS_ENV
 DECLARING_ROLES = ("requester", "verifier")
 DUPLICATE_WINDOW = streams.DUPLICATE_WINDOW
+DEAD_KEEP = 64 * 1024  # bytes of a dead-lettered message kept
+DEAD_MAX_AGE = streams.STREAMS[subjects.DEAD_STREAM].max_age  # dead letters: 30 days …
+DEAD_MAX_BYTES = streams.STREAMS[subjects.DEAD_STREAM].max_bytes  # … or 256 MiB
 
 JS_RETRY_FOR = 30.0  # seconds a job-record read/write retries while JetStream is away (failover)
 # the server or the stream's leader is away (restart, network, a cluster electing a new leader)
@@ -75,6 +88,8 @@ class Bus:
         self.nc = nc
         self.js = js
         self.jobs = jobs
+        self.reconnects = 0  # since the process started (bacq.metrics reads them)
+        self.dead_letters: collections.Counter[str] = collections.Counter()  # per consumer
 
     @classmethod
     async def connect(
@@ -112,6 +127,7 @@ class Bus:
         async def on_reconnect() -> None:
             if bus is not None:
                 bus.reconnected_at = time.monotonic()
+                bus.reconnects += 1
             log.info("nats.reconnected")
 
         try:
@@ -189,26 +205,60 @@ class Bus:
     # -- JetStream --------------------------------------------------------------------------------
     async def publish_durable(
         self, subject: str, message: BaseModel | bytes, *, msg_id: str
-    ) -> None:
-        """Publish into a stream; a retry with the same ``msg_id`` is stored once."""
+    ) -> bool:
+        """Publish into a stream; a retry with the same ``msg_id`` is stored once.
+
+        Returns False when the stream already held ``msg_id``. After a retry of ours that is
+        expected; on the first attempt it means someone else used the id (ids must be
+        unguessable: see ``new_nonce``), and it is logged as an error."""
         data = message if isinstance(message, bytes) else encode(message)
         delay = 0.2
+        first = True
         while True:
             try:
-                await self.js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
-                return
+                ack = await self.js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
             except TRANSIENT as exc:
                 # the server is away (restart, network): keep the message and try again
                 log.warning("bus.publish_retry", subject=subject, error=type(exc).__name__)
+                first = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+                continue
+            if ack.duplicate:
+                (log.error if first else log.debug)(
+                    "bus.duplicate_msg_id", subject=subject, msg_id=msg_id, first_attempt=first
+                )
+            return not ack.duplicate
+
+    async def dead_letter(self, msg: Msg, consumer: str, reason: str) -> None:
+        """Give up on ``msg``: keep a copy (at most ``DEAD_KEEP`` bytes of it) with the reason in
+        the BACQ_DEAD stream for ``bacq events --dead-letters``, and terminate its delivery."""
+        self.dead_letters[consumer] += 1
+        log.warning(
+            "message.dead_letter", consumer=consumer, subject=msg.subject, reason=reason[:200]
+        )
+        headers = {
+            "Bacq-Reason": reason[:1000].replace("\r", " ").replace("\n", " "),
+            "Bacq-Subject": msg.subject,
+            "Bacq-Consumer": consumer,
+        }
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self.js.publish(subjects.dead(consumer), msg.data[:DEAD_KEEP], headers=headers)
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await msg.term()
 
     async def consume(
-        self, filter_subject: str, durable: str, *, batch: int = 64, ack_wait: float = 30.0
+        self,
+        filter_subject: str,
+        durable: str,
+        *,
+        stream: str = subjects.STREAM,
+        batch: int = 64,
+        ack_wait: float = 30.0,
     ) -> AsyncIterator[Msg]:
         """Yield messages of a durable pull consumer forever; the caller acks each one."""
         async for msgs in self.consume_batches(
-            filter_subject, durable, batch=batch, ack_wait=ack_wait
+            filter_subject, durable, stream=stream, batch=batch, ack_wait=ack_wait
         ):
             for msg in msgs:
                 yield msg
@@ -218,6 +268,7 @@ class Bus:
         filter_subject: str | list[str],
         durable: str,
         *,
+        stream: str = subjects.STREAM,
         batch: int = 64,
         ack_wait: float = 30.0,
     ) -> AsyncIterator[list[Msg]]:
@@ -226,17 +277,20 @@ class Bus:
         consumer over all of them (their messages interleaved in stream order)."""
         filters = [filter_subject] if isinstance(filter_subject, str) else filter_subject
         config = ConsumerConfig(
+            name=durable,
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=ack_wait,
-            max_deliver=-1,
+            # a message that keeps failing stops being delivered (the consumer dead-letters it
+            # on its last delivery, see ``last_delivery``): none can block the others forever
+            max_deliver=subjects.MAX_DELIVER,
             filter_subject=filters[0] if len(filters) == 1 else None,
             filter_subjects=filters if len(filters) > 1 else None,
         )
-        sub = await self.js.pull_subscribe(
-            filters[0], durable=durable, stream=subjects.STREAM, config=config
-        )
+        # created, or updated to this config: a durable's changed config is otherwise ignored
+        await again(lambda: self.js.add_consumer(stream, config))
+        sub = await self.js.pull_subscribe_bind(durable, stream=stream)
         while True:
             try:
                 msgs = await sub.fetch(batch, timeout=1.0)
@@ -337,11 +391,49 @@ class Bus:
         value = await again(get)
         return None if value is None else decode(JobRecord, value)
 
-    async def save_job(self, job: JobRecord) -> None:
-        async def put() -> None:
-            await self.jobs.put(job.id, encode(job))
+    async def load_job_entry(self, job_id: str) -> tuple[JobRecord, int] | None:
+        """A job record and its revision (for ``save_job``'s compare-and-set)."""
 
-        await again(put)
+        async def get() -> tuple[bytes | None, int] | None:
+            try:
+                entry = await self.jobs.get(job_id)
+            except nats.js.errors.KeyNotFoundError:
+                return None
+            return entry.value, entry.revision or 0
+
+        found = await again(get)
+        if found is None or found[0] is None:
+            return None
+        return decode(JobRecord, found[0]), found[1]
+
+    async def save_job(self, job: JobRecord, *, revision: int | None = None) -> int:
+        """Write a job record; returns its new revision. With ``revision`` (0: the record must
+        not exist yet) the write is a compare-and-set: if someone else wrote the record since,
+        ``Fenced`` is raised and nothing is written (a deposed requester cannot overwrite the
+        decisions of the one that replaced it)."""
+        data = encode(job)
+
+        async def put() -> int:
+            if revision is None:
+                return int(await self.jobs.put(job.id, data))
+            try:
+                if revision == 0:
+                    return int(await self.jobs.create(job.id, data))
+                return int(await self.jobs.update(job.id, data, last=revision))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                # our own write whose acknowledgement was lost (then retried) is no conflict
+                try:
+                    entry = await self.jobs.get(job.id)
+                except nats.js.errors.KeyNotFoundError:
+                    entry = None
+                if entry is not None and entry.value == data:
+                    return int(entry.revision or 0)
+                raise Fenced(
+                    f"job {job.id} was written by someone else since revision {revision}: "
+                    "another requester is active"
+                ) from None
+
+        return await again(put)
 
     async def job_ids(self) -> list[str]:
         async def keys() -> list[str]:
@@ -351,6 +443,20 @@ class Bus:
                 return []
 
         return await again(keys)
+
+
+def new_nonce() -> str:
+    """An id part nobody else can guess (128 random bits): message ids built from it cannot be
+    taken first by someone else to make JetStream drop the real message as a duplicate."""
+    return secrets.token_hex(16)
+
+
+def last_delivery(msg: Msg) -> bool:
+    """True when ``msg`` will not be delivered again if it is not acked now."""
+    try:
+        return msg.metadata.num_delivered >= subjects.MAX_DELIVER
+    except (AttributeError, ValueError, nats.errors.Error):
+        return True
 
 
 def _role(name: str) -> str:

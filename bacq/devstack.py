@@ -510,6 +510,11 @@ class Devstack:
                 self.nats.reload()
         return env
 
+    def worker_env(self, name: str) -> dict[str, str]:
+        """The NATS user of worker ``name`` as environment (empty with ``auth`` off): what that
+        worker's operator holds, for tests that play a hostile worker."""
+        return self._user(name) if name in self._worker_users else {}
+
     def client_options(self) -> NatsOptions:
         """How a client (a test, a script) connects to this devstack's NATS."""
         return self.nats_options("client")
@@ -591,11 +596,16 @@ class Devstack:
                 ("requester", ("requester", "--result-grace", str(self.result_grace))),
                 ("verifier", ("verifier",)),
             ]:
+                own = (
+                    {"BACQ_SIGNING_KEY": str(self.state_dir / "requester-signing.nk")}
+                    if name == "requester"
+                    else {}
+                )
                 service = _Service(
                     name,
                     self._argv(*args, "--nats", self.nats.url),
                     self.logs / f"{name}.log",
-                    env={**self._user(name), **self.role_env.get(name, {})},
+                    env={**own, **self._user(name), **self.role_env.get(name, {})},
                     ready_file=self.state_dir / "run" / f"{name}.ready",
                 )
                 self.services[name] = service
@@ -642,6 +652,21 @@ class Devstack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def add_instance(self, role: str) -> str:
+        """Start one more ``requester`` or ``verifier`` (named ``requester2``, ...): it waits as
+        a standby while the first holds the role's lease, and takes over when it goes."""
+        if role not in ("requester", "verifier"):
+            raise ValueError("only a requester or a verifier can have standby instances")
+        first = self.services[role]
+        n = 2
+        while f"{role}{n}" in self.services:
+            n += 1
+        name = f"{role}{n}"
+        service = _Service(name, list(first.argv), self.logs / f"{name}.log", env=dict(first.env))
+        self.services[name] = service
+        service.start()
+        return name
 
     # -- failures, for tests and demonstrations ---------------------------------------------------
     def kill(self, name: str) -> None:

@@ -14,6 +14,8 @@
     │   ├── CommandNotFound        the entrypoint/command does not exist in the image
     │   └── JobTimeout             the container outlived the job's timeout and was killed
     ├── RequestRejected            the requester answered a request with an error
+    ├── Fenced                     another instance of this service took over (its lease, or a
+    │                              job record changed under it): this one must stop
     └── ComponentError             a local component (nats-server, kubo) failed to start
 
 Every message is one line a person can act on: what went wrong, and what to do about it.
@@ -29,6 +31,7 @@ __all__ = [
     "ConnectError",
     "DockerUnavailable",
     "ExecutionError",
+    "Fenced",
     "ImageUnavailable",
     "IpfsUnavailable",
     "JobNotFound",
@@ -112,3 +115,8 @@ class RequestRejected(BacqError):
 
 class ComponentError(BacqError):
     """A local component (nats-server, kubo, a bacq service) failed to start or stopped."""
+
+
+class Fenced(BacqError):
+    """Another instance of this service is active now (it took the lease, or wrote a job record
+    this one was about to overwrite). The service stops; its supervisor restarts it as a standby."""

@@ -1,9 +1,13 @@
 """Job events: every state change as a hash-chained record, and the job record folded from them.
 
 Pure logic; touches nothing. The requester turns each change of a job record into events
-(``diff``), chains them (each carries the hash of the job's previous event), publishes them to the
-``BACQ_EVENTS`` stream before it saves the record, and can rebuild a record from its events
-(``fold``). ``verify_chain`` checks a job's history and names the first broken link.
+(``diff``), chains them (each carries the hash of the job's previous event) and signs them with its
+key (``seal``, see ``bacq.signing``), publishes them to the ``BACQ_EVENTS`` stream before it saves
+the record, and can rebuild a record from its events (``fold``). ``verify_chain`` checks a job's
+chain and names the first broken link; ``verify_history`` checks everything a reader can: the
+chain, every signature against the trusted requester keys, the stream order, and that the history
+ends where the job record says it does (``event_seq``, ``last_hash``), so that events removed from
+the end, reordered, or forged by someone without the requester's key are all reported.
 """
 
 from __future__ import annotations
@@ -11,23 +15,28 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from bacq.models import GENESIS, Execution, JobRecord, now
+from bacq.signing import Signer, signature_valid
 from bacq.spec import JobSpec
 from bacq.states import ExecState, JobState
 
 __all__ = [
     "GENESIS",
     "Event",
+    "HistoryCheck",
     "decode_events",
     "diff",
     "encode_events",
     "fold",
     "seal",
     "verify_chain",
+    "verify_history",
 ]
 
 
@@ -50,9 +59,14 @@ class Event(BaseModel):
     spec: JobSpec | None = None  # on "submitted" only
     prev_hash: str = GENESIS
     hash: str = ""
+    key: str | None = None  # the public nkey that signed it (part of the hash); None: unsigned
+    sig: str | None = None  # that key's ed25519 signature of ``hash`` (base64); not hashed
 
     def digest(self) -> str:
-        body = self.model_dump(mode="json", exclude={"hash"})
+        # an unsigned event hashes as before signing existed, so older histories still verify
+        body = self.model_dump(
+            mode="json", exclude={"hash", "sig"} if self.key else {"hash", "sig", "key"}
+        )
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -75,11 +89,17 @@ def decode_events(data: bytes) -> list[Event]:
     return [Event.model_validate_json(data)]
 
 
-def seal(events: list[Event], prev_hash: str) -> list[Event]:
-    """Chain ``events`` after ``prev_hash``: set each one's prev_hash and hash, in order."""
+def seal(events: list[Event], prev_hash: str, signer: Signer | None = None) -> list[Event]:
+    """Chain ``events`` after ``prev_hash``: set each one's prev_hash and hash, in order, and with
+    a ``signer`` its key and signature (without one the events are unsigned, and ``verify_history``
+    says so)."""
     for event in events:
         event.prev_hash = prev_hash
+        event.key = signer.key_id if signer is not None else None
+        event.sig = None
         event.hash = event.digest()
+        if signer is not None:
+            event.sig = signer.sign_hash(event.hash)
         prev_hash = event.hash
     return events
 
@@ -203,3 +223,167 @@ def verify_chain(events: list[Event]) -> str | None:
             return f"event {event.seq} was altered: its content does not match its hash"
         prev_hash, expected = event.hash, expected + 1
     return None
+
+
+@dataclass
+class HistoryCheck:
+    """What ``verify_history`` found in one job's history: ``problems`` (empty: it verifies),
+    each one sentence naming the events and what is wrong with them."""
+
+    job_id: str
+    events: int  # events read
+    problems: list[str] = field(default_factory=list)
+    signers: list[str] = field(default_factory=list)  # keys that signed, in order of first use
+    unsigned: int = 0  # events without a signature
+    newer: int = 0  # signed events after the record's last one (the record is being saved)
+    anchor: int = 0  # the record's last event (event_seq): where the history must pass through
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        """One line for a history that verifies."""
+        text = f"{self.events} events, each chained to the one before it"
+        if self.anchor:
+            text += f"; event {self.anchor} is the job record's last"
+        if self.newer:
+            text += f" ({self.newer} newer, not yet in the record)"
+        if self.signers:
+            text += "; signed by " + ", ".join(self.signers)
+        if self.unsigned:
+            text += f"; {self.unsigned} NOT signed"
+        return text
+
+
+_MAX_RANGES = 8  # seq ranges named in one problem
+
+
+def _seqs(seqs: Iterable[int]) -> str:
+    """``[1, 2, 3, 5]`` → ``events 1-3, 5``; ``[4]`` → ``event 4``."""
+    ordered = sorted(set(seqs))
+    ranges: list[str] = []
+    start = prev = ordered[0]
+    for seq in [*ordered[1:], None]:
+        if seq is not None and seq == prev + 1:
+            prev = seq
+            continue
+        ranges.append(str(start) if start == prev else f"{start}-{prev}")
+        if seq is not None:
+            start = prev = seq
+    more = f" and {len(ranges) - _MAX_RANGES} more ranges" if len(ranges) > _MAX_RANGES else ""
+    word = "event" if len(ordered) == 1 else "events"
+    return f"{word} {', '.join(ranges[:_MAX_RANGES])}{more}"
+
+
+def verify_history(
+    events: list[Event],
+    record: JobRecord,
+    trusted_keys: Collection[str],
+    *,
+    require_signatures: bool = True,
+) -> HistoryCheck:
+    """Check one job's history as read from the stream (``events`` in stream order) against its
+    job ``record`` and the requester keys a reader trusts.
+
+    Reported: an event stored out of order (reordered), a duplicate seq, a gap, a broken link or
+    an event whose content does not match its hash (the chain); an event signed by a key that is
+    not trusted, or whose signature does not match (forged: a valid chain is not enough); an
+    unsigned event (when ``require_signatures``, and always after a signed one: nobody but the
+    requester writes after it has begun signing); a history that does not reach the record's last
+    event or passes through another one there (truncated, rewritten). Events after the record's
+    last one are fine when they chain and verify: the requester publishes events before it saves
+    the record, so a record may lag its history for a moment.
+    """
+    check = HistoryCheck(job_id=record.id, events=len(events), anchor=record.event_seq)
+    problems = check.problems
+    trusted = set(trusted_keys)
+
+    strangers = [e.seq for e in events if e.job_id != record.id]
+    if strangers:
+        problems.append(f"{_seqs(strangers)} belong to another job: the history was altered")
+    highest, late = 0, []
+    for event in events:
+        if event.seq < highest:
+            late.append(event.seq)
+        highest = max(highest, event.seq)
+    if late:
+        problems.append(f"{_seqs(late)} stored after later ones: the history was reordered")
+
+    # the chain, by seq
+    chain: dict[int, Event] = {}
+    prev: Event | None = None
+    for event in sorted(events, key=lambda e: e.seq):
+        if event.seq in chain:
+            problems.append(f"event {event.seq} appears more than once: the history was altered")
+            continue
+        chain[event.seq] = event
+        expected = prev.seq + 1 if prev is not None else 1
+        if event.seq != expected:
+            missing = range(expected, event.seq) if event.seq > expected else [event.seq]
+            problems.append(f"{_seqs(missing)} missing (next is {event.seq})")
+        elif event.prev_hash != (prev.hash if prev is not None else GENESIS):
+            problems.append(
+                f"event {event.seq} does not follow event {event.seq - 1}: the chain is broken"
+            )
+        if event.digest() != event.hash:
+            problems.append(f"event {event.seq} was altered: its content does not match its hash")
+        prev = event
+
+    # the signatures
+    unsigned: list[int] = []
+    late_unsigned: list[int] = []
+    untrusted: dict[str, list[int]] = {}
+    forged: list[int] = []
+    for seq, event in sorted(chain.items()):
+        if event.key is None and event.sig is None:
+            (late_unsigned if check.signers else unsigned).append(seq)
+            continue
+        if event.key is None or event.sig is None:
+            forged.append(seq)
+        elif event.key not in trusted:
+            untrusted.setdefault(event.key, []).append(seq)
+        elif not signature_valid(event.key, event.hash, event.sig):
+            forged.append(seq)
+        if event.key is not None and event.key not in check.signers:
+            check.signers.append(event.key)
+    check.unsigned = len(unsigned) + len(late_unsigned)
+    if unsigned and require_signatures:
+        problems.append(f"{_seqs(unsigned)} not signed: the requester signs every event it writes")
+    if late_unsigned:
+        problems.append(
+            f"{_seqs(late_unsigned)} not signed, though earlier events are: written by someone"
+            " without the requester's key"
+        )
+    for key, seqs in untrusted.items():
+        known = ", ".join(sorted(trusted)) if trusted else "none is known"
+        problems.append(
+            f"{_seqs(seqs)} signed by {key}, which is not a trusted requester key"
+            f" (trusted: {known}): forged, or signed by a key the requester no longer lists"
+        )
+    if forged:
+        problems.append(
+            f"{_seqs(forged)}: the signature does not match the event: forged or altered"
+        )
+
+    # the anchor: the history must pass through the record's last event
+    last = record.event_seq
+    if last > 0:
+        highest = max(chain, default=0)
+        anchor = chain.get(last)
+        if not chain:
+            problems.append(
+                f"the history is empty but the job record's last event is {last}: it was removed"
+            )
+        elif anchor is None and highest < last:
+            problems.append(
+                f"the history ends at event {highest} but the job record's last event is {last}:"
+                f" {_seqs(range(highest + 1, last + 1))} removed from the end (truncated)"
+            )
+        elif anchor is not None and anchor.hash != record.last_hash:
+            problems.append(
+                f"event {last} is not the one the job record names (hash {anchor.hash[:12]}…,"
+                f" the record has {record.last_hash[:12]}…): the history was rewritten"
+            )
+        check.newer = sum(1 for seq in chain if seq > last)
+    return check

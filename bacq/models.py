@@ -7,6 +7,7 @@ The subjects they travel on are in ``bacq.subjects``; the states they carry in `
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import uuid
 from typing import Literal, TypeVar
 
@@ -29,12 +30,18 @@ __all__ = [
     "NodeInfo",
     "NodeVerdict",
     "Problem",
+    "ReleaseReply",
+    "ReleaseRequest",
+    "Reputation",
     "ResultMessage",
+    "RevealReply",
+    "RevealRequest",
     "SubmitManyReply",
     "SubmitManyRequest",
     "SubmitReply",
     "SubmitRequest",
     "Verdict",
+    "commitment_of",
     "decode",
     "encode",
     "new_job_id",
@@ -148,13 +155,75 @@ class ExecUpdate(_Msg):
 
 
 class ResultMessage(_Msg):
-    """Sent on the verification subject: the CID of a worker's results folder, or its error."""
+    """Sent on the verification subject, in two steps (commit, then reveal), or once: an error.
+
+    - commit: ``commitment`` = ``commitment_of(cid, exit_code, node, nonce)``, nothing else. The
+      worker has computed its result folder's CID without publishing any block of it.
+    - reveal: once the verifier asks (every chosen worker has committed), ``cid``, ``exit_code``
+      and ``nonce``; the folder is now in IPFS. A reveal that does not match the commitment is
+      rejected and counted against the node.
+    - error: ``error`` (the job failed on this worker; it reveals nothing).
+    """
 
     job_id: str
     node_id: str
     cid: str | None = None
     error: str | None = None
     exit_code: int | None = None
+    commitment: str | None = None
+    nonce: str | None = None
+
+    @property
+    def kind(self) -> Literal["commit", "reveal", "error"]:
+        if self.error is not None:
+            return "error"
+        return "commit" if self.commitment is not None else "reveal"
+
+
+def commitment_of(cid: str, exit_code: int | None, node_id: str, nonce: str) -> str:
+    """What a worker commits to before it may learn anything of the others' results."""
+    text = f"bacq-commit-v1|{cid}|{exit_code}|{node_id}|{nonce}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class RevealRequest(_Msg):
+    job_id: str
+
+
+class RevealReply(_Msg):
+    ok: bool
+    error: str | None = None
+
+
+class Reputation(_Msg):
+    """What one node's messages and results earned it (bucket ``bacq-reputation``, key = node)."""
+
+    node_id: str
+    verified: int = 0  # results that matched the accepted one
+    rejected: int = 0  # results outvoted by the others
+    failed: int = 0  # executions that ended in an error or were lost
+    forged: int = 0  # messages that spoke for another node or job than their subject
+    malformed: int = 0  # messages that did not parse or fit
+    bad_reveals: int = 0  # reveals that did not match their commitment, or never came
+    quarantined: str | None = None  # why it is quarantined (None: it is not)
+    quarantined_at: dt.datetime | None = None
+    released_at: dt.datetime | None = None  # the last `bacq nodes release`
+    # offences counted up to the last release: quarantine looks at what came after it
+    offences_at_release: int = 0
+    updated_at: dt.datetime = Field(default_factory=now)
+
+    @property
+    def offences(self) -> int:
+        return self.forged + self.malformed + self.bad_reveals
+
+
+class ReleaseRequest(_Msg):
+    node_id: str
+
+
+class ReleaseReply(_Msg):
+    ok: bool
+    error: str | None = None
 
 
 class NodeVerdict(_Msg):

@@ -21,6 +21,9 @@ P = subjects.PREFIX
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")  # as the worker checks its --node-id
 KV_JOBS = f"KV_{subjects.JOBS_BUCKET}"
 KV_NODES = f"KV_{subjects.NODES_BUCKET}"
+KV_REPUTATION = f"KV_{subjects.REPUTATION_BUCKET}"
+KV_LEASES = f"KV_{subjects.LEASES_BUCKET}"
+KV_KEYS = f"KV_{subjects.KEYS_BUCKET}"
 
 
 def _read_stream(stream: str) -> list[str]:
@@ -56,8 +59,9 @@ HEADER = """\
 # the verifier's inbox carries every result CID: no other role may listen there.
 #
 # Rules of thumb:
-#  - workers publish bids, heartbeats, progress (bacq.exec.>) and results (bacq.verify.>) and read
-#    nothing but announcements, their invitations, assignments and cancels, and their inbox.
+#  - workers publish their own bids and heartbeats (bacq.node.<node>.>), progress (bacq.exec.>)
+#    and results (bacq.verify.>) and read nothing but their invitations, assignments, cancels and
+#    reveal requests, and their inbox.
 #    No JetStream API: a worker can neither subscribe to bacq.verify.> nor make a consumer that
 #    reads the BACQ stream, so no worker sees another's result CID before sending its own. They
 #    publish into the stream with a plain publish and read the acknowledgement on their inbox.
@@ -76,13 +80,20 @@ def role_permissions() -> dict[str, dict[str, Any]]:
             "publish": {
                 "allow": [
                     subjects.SUBMIT,
+                    subjects.SUBMIT_MANY,
                     subjects.CANCEL,
+                    subjects.RELEASE,
                     "$JS.API.INFO",
-                    # job records, job histories, live output, node records: read only
+                    # job records, job histories, live output, node records, reputations and
+                    # dead letters: read only
                     *_read_stream(KV_JOBS),
                     *_read_stream(subjects.EVENTS_STREAM),
                     *_read_stream(subjects.LOGS_STREAM),
                     *_read_stream(KV_NODES),
+                    *_read_stream(KV_REPUTATION),
+                    *_read_stream(KV_LEASES),
+                    *_read_stream(subjects.DEAD_STREAM),
+                    *_read_stream(KV_KEYS),  # the requester's signing keys (history --verify)
                 ]
             },
             "subscribe": {"allow": ["_INBOX.client.>"]},
@@ -90,7 +101,6 @@ def role_permissions() -> dict[str, dict[str, Any]]:
         "requester": {
             "publish": {
                 "allow": [
-                    subjects.ANNOUNCE,
                     f"{P}.node.*.invite",
                     f"{P}.node.*.assign",
                     f"{P}.node.*.cancel",
@@ -100,14 +110,21 @@ def role_permissions() -> dict[str, dict[str, Any]]:
                     "$JS.FC.>",
                     f"$KV.{subjects.JOBS_BUCKET}.>",
                     f"$KV.{subjects.IDEMPOTENCY_BUCKET}.>",
+                    f"$KV.{subjects.ANSWERS_BUCKET}.>",
+                    f"$KV.{subjects.REPUTATION_BUCKET}.>",
+                    f"$KV.{subjects.LEASES_BUCKET}.>",
+                    subjects.DEAD_ALL,
+                    f"$KV.{subjects.KEYS_BUCKET}.>",
                 ]
             },
             "subscribe": {
                 "allow": [
                     subjects.SUBMIT,
+                    subjects.SUBMIT_MANY,
                     subjects.CANCEL,
-                    f"{P}.bids.>",
-                    subjects.HEARTBEAT,
+                    subjects.RELEASE,
+                    subjects.BIDS_ALL,
+                    subjects.HEARTBEATS_ALL,
                     "_INBOX.requester.>",
                 ]
             },
@@ -118,10 +135,14 @@ def role_permissions() -> dict[str, dict[str, Any]]:
             "publish": {
                 "allow": [
                     subjects.VERDICT_ALL,
+                    f"{P}.node.*.reveal",
                     "$JS.API.>",
                     "$JS.ACK.>",
                     "$JS.FC.>",
                     f"$KV.{subjects.RESULTS_BUCKET}.>",
+                    f"$KV.{subjects.REPUTATION_BUCKET}.>",
+                    f"$KV.{subjects.LEASES_BUCKET}.>",
+                    subjects.DEAD_ALL,
                 ]
             },
             "subscribe": {"allow": ["_INBOX.verifier.>"]},
@@ -145,8 +166,8 @@ def worker_permissions(node: str | None = None) -> dict[str, Any]:
     return {
         "publish": {
             "allow": [
-                f"{P}.bids.>",
-                subjects.HEARTBEAT,
+                f"{P}.node.{own}.bid.*",
+                f"{P}.node.{own}.heartbeat",
                 exec_,
                 verify,
                 f"{P}.logs.*.{own}",  # its live output (stream BACQ_LOGS)
@@ -155,10 +176,10 @@ def worker_permissions(node: str | None = None) -> dict[str, Any]:
         },
         "subscribe": {
             "allow": [
-                subjects.ANNOUNCE,
                 f"{P}.node.{own}.invite",
                 f"{P}.node.{own}.assign",
                 f"{P}.node.{own}.cancel",
+                f"{P}.node.{own}.reveal",
                 "_INBOX.worker.>",
             ],
             "deny": [subjects.VERIFY_ALL, subjects.VERDICT_ALL, "$JS.>", "$KV.>"],

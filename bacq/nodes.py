@@ -1,6 +1,6 @@
 """What is known about the workers: their heartbeats, kept where ``bacq nodes`` can read them.
 
-Touches NATS only: the core subject ``bacq.nodes.heartbeat`` and the key-value bucket
+Touches NATS only: the core subject ``bacq.node.<node>.heartbeat`` and the key-value bucket
 ``bacq-nodes`` (key = node id, value = its latest ``NodeInfo``; each worker writes its own key).
 ``node_rows`` (pure) joins those records with the job records: running jobs and the verification
 record (results verified / rejected) of each node.
@@ -47,7 +47,7 @@ class NodeRegistry:
         )
 
     async def heartbeat(self, info: NodeInfo) -> None:
-        await self.bus.publish(subjects.HEARTBEAT, info)
+        await self.bus.publish(subjects.heartbeat(info.node_id), info)
         await self._bucket.put(info.node_id, encode(info))
 
 

@@ -26,7 +26,15 @@ import structlog
 
 from bacq.log import get_logger
 
-__all__ = ["READY_FILE_ENV", "Notifier", "on_log_event", "on_ready", "ready", "watchdog_interval"]
+__all__ = [
+    "READY_FILE_ENV",
+    "Notifier",
+    "also_ready",
+    "on_log_event",
+    "on_ready",
+    "ready",
+    "watchdog_interval",
+]
 
 log = get_logger("bacq.sdnotify")
 READY_FILE_ENV = "BACQ_READY_FILE"  # a file the service writes its pid to once ready
@@ -146,6 +154,16 @@ def ready(status: str = "") -> None:
         notifier = Notifier()
         notifier.ready(status)
         notifier.close()
+
+
+def also_ready(callback: Callable[[], object]) -> Callable[[], None]:
+    """``callback``, then ``ready()``: for a hook that says the service is ready (a standby)."""
+
+    def both() -> None:
+        callback()
+        ready()
+
+    return both
 
 
 def on_log_event(event: str, callback: Callable[[], object]) -> None:

@@ -238,6 +238,19 @@ class JobSpec(_Model):
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="labels a worker must have to bid"
     )
+    deterministic: bool | None = Field(
+        default=None,
+        description="the output depends on the spec and inputs alone (wasm jobs are, by "
+        "default): a job that equals an accepted one is answered with its result at once",
+    )
+    no_cache: bool = Field(
+        default=False, description="run it even when an equal deterministic job was accepted"
+    )
+    live_logs: bool = Field(
+        default=False,
+        description="stream the output live even with several workers verifying it (weakens "
+        "the check: another worker's operator could copy it instead of computing)",
+    )
 
     @field_validator("entrypoint")
     @classmethod

@@ -68,7 +68,8 @@ EXEC_FINAL = frozenset(
 
 _J = JobState
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    _J.PENDING: frozenset({_J.BIDDING, _J.FAILED, _J.CANCELLED}),
+    # pending → accepted: a deterministic job answered by an equal accepted one (known answer)
+    _J.PENDING: frozenset({_J.BIDDING, _J.ACCEPTED, _J.FAILED, _J.CANCELLED}),
     # back to pending (the queue) when the workers that could run it turned out busy
     _J.BIDDING: frozenset({_J.PENDING, _J.RUNNING, _J.FAILED, _J.CANCELLED}),
     # a noop verdict can arrive before every execution has reported: running may end directly

@@ -91,8 +91,9 @@ class Storage:
             result: dict[str, Any] = await self._client.core.id()
             return result
 
-    async def add(self, path: Path, *, pin: bool = True) -> str:
-        """Add a file or a folder (recursively, dotfiles included) and return its CIDv1."""
+    async def add(self, path: Path, *, pin: bool = True, only_hash: bool = False) -> str:
+        """Add a file or a folder (recursively, dotfiles included) and return its CIDv1.
+        With ``only_hash``, compute that CID without storing any block in kubo."""
         path = Path(path)
         if not path.exists():
             # aioipfs skips missing paths without a word; say it instead
@@ -101,7 +102,7 @@ class Storage:
         root: str | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                async for entry in self._add_entries(path, pin):
+                async for entry in self._add_entries(path, pin and not only_hash, only_hash):
                     if entry.get("Name") == root_name:
                         root = entry["Hash"]
         except TimeoutError:
@@ -112,11 +113,15 @@ class Storage:
             raise StorageError(f"kubo did not return a CID for {path}")
         return root
 
-    async def _add_entries(self, path: Path, pin: bool) -> AsyncIterator[dict[str, Any]]:
+    async def _add_entries(
+        self, path: Path, pin: bool, only_hash: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
         # the multipart form is built here, not by aioipfs's add(): with aiohttp >= 3.12 its
         # payloads for a lone file fail, and a folder holding an empty file and a subfolder makes
         # kubo wait forever for the rest of the form
         params = {"cid-version": "1", "pin": "true" if pin else "false", "recursive": "true"}
+        if only_hash:
+            params["only-hash"] = "true"
         writer = await asyncio.to_thread(_add_form, path)
         async for entry in self._client.core.add_generic(writer, params=params):
             yield entry

@@ -52,6 +52,7 @@ _NOT_READY = (
 )
 T = TypeVar("T")
 LOGS_CHUNK_BYTES = 16 * 1024  # bacq.logs.CHUNK_BYTES: at most this much output per message
+LEASE_TTL = 4.0  # bacq.lease.LEASE_TTL: seconds a lease lives without renewal
 
 
 def replicas() -> int:
@@ -90,6 +91,12 @@ STREAMS: dict[str, StreamDecl] = {
     for decl in (
         # progress, results, verdicts: nothing here may be lost
         StreamDecl(subjects.STREAM, tuple(subjects.STREAM_SUBJECTS), max_age=30 * DAY),
+        # verdicts: only the verifier writes here (workers cannot)
+        StreamDecl(subjects.VERDICTS_STREAM, (subjects.VERDICT_ALL,), max_age=30 * DAY),
+        # what a consumer gave up on, with the reason (bacq events --dead-letters)
+        StreamDecl(
+            subjects.DEAD_STREAM, (subjects.DEAD_ALL,), max_age=30 * DAY, max_bytes=256 * 1024**2
+        ),
         # job histories; the requester sets the retention from its flags (set_events_retention)
         StreamDecl(
             subjects.EVENTS_STREAM,
@@ -116,6 +123,11 @@ BUCKETS: dict[str, BucketDecl] = {
         BucketDecl(subjects.RESULTS_BUCKET),  # what the verifier has collected per job
         BucketDecl(subjects.IDEMPOTENCY_BUCKET),  # client idempotency key → job id
         BucketDecl(subjects.NODES_BUCKET, history=1, ttl=7 * DAY),  # latest heartbeat per node
+        BucketDecl(subjects.REPUTATION_BUCKET),  # per-node record, quarantines (bacq.reputation)
+        BucketDecl(subjects.ANSWERS_BUCKET),  # a deterministic job's answer key → accepted job
+        # the active requester and verifier; a lease lives LEASE_TTL (bacq.lease) unrenewed
+        BucketDecl(subjects.LEASES_BUCKET, history=1, ttl=LEASE_TTL),
+        BucketDecl(subjects.KEYS_BUCKET),  # the requester's public signing keys (bacq.signing)
     )
 }
 

@@ -8,6 +8,10 @@ It submits the jobs, kills a random worker with SIGKILL every few seconds (and s
 restarts nats-server now and then, and at the end checks that every job reached a final state,
 that no job was accepted twice, and that every job's history is complete (contiguous sequence
 numbers) and verifies (hash chain). It prints a summary and exits non-zero on any anomaly.
+
+With ``--hostile lazy`` (the default) or ``--hostile tamper``, one more worker attacks: it copies
+instead of computing, or tampers with its output. Jobs then run on 3 workers with deterministic
+verification, and a job whose accepted result is the hostile worker's is an anomaly.
 """
 
 from __future__ import annotations
@@ -47,7 +51,15 @@ async def chaos(
 
 
 async def soak(args: argparse.Namespace) -> int:
-    stack = Devstack(workers=args.workers)
+    hostile = args.hostile != "none"
+    workers = args.workers + (1 if hostile else 0)
+    if args.hostile == "tamper":  # the devstack's bad worker is w1
+        bad = "w1"
+        stack = Devstack(workers=workers, bad_workers=1)
+    else:  # the lazy one is the last
+        bad = f"w{workers}"
+        lazy = {bad: {"BACQ_WORKER_LAZY": "1"}} if hostile else {}
+        stack = Devstack(workers=workers, role_env=lazy)
     await asyncio.to_thread(stack.start)
     started = time.monotonic()
     events: list[str] = []
@@ -67,6 +79,11 @@ async def soak(args: argparse.Namespace) -> int:
                             "image": "bacq-test/busybox",
                             "command": ["echo", f"job {i}"],
                             "bid_timeout": 30,
+                            **(
+                                {"concurrency": 3, "confidence": 2, "verifier": "deterministic"}
+                                if hostile
+                                else {}
+                            ),
                         },
                         idempotency_key=f"soak-{args.seed}-{i}",
                         timeout=30,
@@ -84,6 +101,10 @@ async def soak(args: argparse.Namespace) -> int:
                 if isinstance(state, BaseException) or not job_id:
                     anomalies.append(f"{job_id}: never reached a final state ({state!r})")
                     continue
+                if hostile and state == JobState.ACCEPTED:
+                    job = await client.job(job_id)
+                    if job.executions.get(bad) and job.executions[bad].state.value == "verified":
+                        anomalies.append(f"{job_id}: the hostile worker {bad}'s result won")
                 history = await client.history(job_id)
                 accepted = sum(1 for e in history if e.kind == "job" and e.state == "accepted")
                 if accepted > 1:
@@ -104,7 +125,8 @@ async def soak(args: argparse.Namespace) -> int:
         await asyncio.to_thread(stack.stop)
     elapsed = time.monotonic() - started
     print(
-        f"soak: {args.jobs} jobs, {args.workers} workers, {elapsed:.0f}s, chaos: {len(events)} "
+        f"soak: {args.jobs} jobs, {args.workers} workers + hostile: {args.hostile}, "
+        f"{elapsed:.0f}s, chaos: {len(events)} "
         f"({sum('kill' in e for e in events)} worker kills, "
         f"{sum('nats' in e for e in events)} nats-server restarts)"
     )
@@ -128,6 +150,12 @@ def main() -> int:
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per job at most")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--hostile",
+        choices=["lazy", "tamper", "none"],
+        default="lazy",
+        help="one more worker that copies instead of computing (lazy) or tampers with its output",
+    )
     return asyncio.run(soak(parser.parse_args()))
 
 

@@ -12,6 +12,8 @@ from bacq.errors import ConfigError
 def test_every_stream_and_bucket_bacq_names_is_in_the_table() -> None:
     assert set(streams.STREAMS) == {
         subjects.STREAM,
+        subjects.VERDICTS_STREAM,
+        subjects.DEAD_STREAM,
         subjects.EVENTS_STREAM,
         subjects.LOGS_STREAM,
     }
@@ -20,6 +22,10 @@ def test_every_stream_and_bucket_bacq_names_is_in_the_table() -> None:
         subjects.RESULTS_BUCKET,
         subjects.IDEMPOTENCY_BUCKET,
         subjects.NODES_BUCKET,
+        subjects.REPUTATION_BUCKET,
+        subjects.ANSWERS_BUCKET,
+        subjects.LEASES_BUCKET,
+        subjects.KEYS_BUCKET,
     }
 
 

@@ -1,24 +1,57 @@
-"""The verifier: collects the result CIDs of each job's workers and publishes the verdict.
+"""The verifier: collects each job's commitments, asks for the reveals, publishes the verdict.
 
-Touches NATS only: it reads the verification subject (a durable consumer), the job records (to know
-the job's verifier, concurrency and which workers were chosen), keeps what it has collected in the
-``bacq-results`` bucket so that a restart loses nothing, and publishes one verdict per job.
+Touches NATS only: it reads the verification subject (a durable consumer), the job records (to
+know the job's verifier, concurrency and which workers were chosen), asks chosen workers for their
+reveal (``bacq.node.<node>.reveal``), keeps what it has collected in the ``bacq-results`` bucket
+so that a restart loses nothing, counts offences in ``bacq-reputation`` and publishes one verdict
+per job into the ``BACQ_VERDICTS`` stream, which no worker may write.
+
+Commit, then reveal: a worker first sends only a commitment (a hash of its result CID, exit code,
+node id and a secret nonce) and publishes no block of its results. Once the verifier holds an
+answer from every chosen worker (``concurrency`` of them; the first one for the noop verifier), it
+asks the committed ones to reveal; a reveal that does not match its commitment, or that does not
+come within ``REVEAL_TIMEOUT``, counts as that worker's error and against its node. So no worker
+can learn another's result before it has committed to its own.
+
+Every message is checked: job and node come from the subject and must equal the payload's, the
+job must exist and have chosen that node. What does not fit is dead-lettered (``BACQ_DEAD``) and
+counted against the node the subject names; nothing is redelivered forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
+import re
+from collections.abc import Coroutine
+from functools import partial
+from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
-from bacq import sdnotify, subjects
-from bacq.bus import Bus, ensure_bucket
+from bacq import metrics, sdnotify, subjects
+from bacq.bus import Bus, ensure_bucket, last_delivery, new_nonce
+from bacq.errors import Fenced
+from bacq.faults import crash_point
+from bacq.lease import Lease
 from bacq.log import get_logger
-from bacq.models import ResultMessage, decode, encode
+from bacq.models import (
+    JobRecord,
+    ResultMessage,
+    RevealReply,
+    RevealRequest,
+    Verdict,
+    commitment_of,
+    decode,
+    encode,
+    now,
+)
+from bacq.reputation import Reputations
 from bacq.states import ExecState
 from bacq.verify.logic import decide
 
@@ -31,150 +64,409 @@ _COUNTED = frozenset(ExecState) - {
     ExecState.LOST,
     ExecState.CANCELLED,
 }
+IN_FLIGHT = 256  # results being handled at once (one job's in order, under its lock)
+MAX_RESULT_BYTES = 16 * 1024  # a result message is a few hundred bytes
+MAX_IGNORED = 32  # notes kept per job about results that did not count
+REVEAL_TIMEOUT = 60.0  # seconds a committed worker has to reveal once asked
+REVEAL_ASK_EVERY = 5.0  # seconds between requests to a worker that has not revealed yet
+REVEAL_REPLY_WAIT = 5.0
+SWEEP_EVERY = 2.0
+MAX_ERROR = 2000  # characters of a worker's error kept (it goes into the verdict and the record)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class Collected(BaseModel):
-    results: list[ResultMessage] = Field(default_factory=list)
+    """What the verifier holds for one job (bucket ``bacq-results``, key = job id)."""
+
+    results: list[ResultMessage] = Field(default_factory=list)  # errors and matching reveals
+    commitments: dict[str, str] = Field(default_factory=dict)  # node → its commitment
+    reveal_asked_at: dt.datetime | None = None
+    first_at: dt.datetime | None = None  # the first answer (metrics)
     decided: bool = False
+    verdict: Verdict | None = None  # once decided
+    published: bool = False  # the verdict is in the stream
+    nonce: str = Field(default_factory=new_nonce)  # the verdict's unguessable message id
     ignored: list[str] = Field(default_factory=list)
 
+    def answered(self, node_id: str) -> bool:
+        return node_id in self.commitments or any(r.node_id == node_id for r in self.results)
 
-IN_FLIGHT = 256  # results being handled at once (one job's in order, under its lock)
+    def revealed(self, node_id: str) -> bool:
+        return any(r.node_id == node_id for r in self.results)
+
+    def note(self, text: str) -> None:
+        if len(self.ignored) < MAX_IGNORED:
+            self.ignored.append(text)
+
+
+class _Dropped(Exception):
+    """A message that cannot be used: dead-lettered with ``reason``, counted as ``kind``."""
+
+    def __init__(self, reason: str, kind: str = "malformed") -> None:
+        super().__init__(reason)
+        self.reason, self.kind = reason, kind
+
+
+def _counted(job: JobRecord, node_id: str) -> bool:
+    execution = job.executions.get(node_id)
+    return execution is not None and execution.state in _COUNTED
 
 
 class Verifier:
-    def __init__(self, bus: Bus, results: KeyValue) -> None:
+    def __init__(self, bus: Bus, results: KeyValue, reputations: Reputations) -> None:
         self.bus = bus
         self.results = results
+        self.reputations = reputations
         self.log = get_logger("bacq.verifier")
         # the single writer's copy of what it collected for undecided jobs (saved on each change)
         self._collected: dict[str, Collected] = {}
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # job → its lock, tasks using it
         self._tasks: set[asyncio.Task[None]] = set()
+        self._asked: dict[tuple[str, str], float] = {}  # (job, node) → when last asked to reveal
 
     @classmethod
     async def create(cls, bus: Bus) -> Verifier:
-        return cls(bus, await ensure_bucket(bus.js, subjects.RESULTS_BUCKET))
+        results = await ensure_bucket(bus.js, subjects.RESULTS_BUCKET)
+        return cls(bus, results, await Reputations.open(bus))
 
-    async def _load(self, job_id: str) -> Collected:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- what is collected ------------------------------------------------------------------------
+    async def _load(self, job_id: str) -> Collected | None:
         cached = self._collected.get(job_id)
         if cached is not None:
             return cached
         try:
             entry = await self.results.get(job_id)
         except KeyNotFoundError:
-            return Collected()
-        return decode(Collected, entry.value) if entry.value else Collected()
+            return None
+        return decode(Collected, entry.value) if entry.value else None
 
     async def _save(self, job_id: str, collected: Collected) -> None:
         await self.results.put(job_id, encode(collected))
-        if collected.decided:
+        if collected.decided and collected.published:
             self._collected.pop(job_id, None)
         else:
             self._collected[job_id] = collected
 
+    # -- a message --------------------------------------------------------------------------------
     async def handle(self, msg: Msg) -> None:
-        """Count one worker's result and publish the verdict once there is one; one job's
-        results are handled one at a time, in the order they came."""
-        result = decode(ResultMessage, msg.data)
-        lock, users = self._locks.get(result.job_id, (asyncio.Lock(), 0))
-        self._locks[result.job_id] = (lock, users + 1)
+        """Check one message and count it; one job's messages are handled one at a time, in the
+        order they came. Raises ``_Dropped`` for a message that cannot be used."""
+        if len(msg.data) > MAX_RESULT_BYTES:
+            raise _Dropped(f"{len(msg.data)} bytes; a result is at most {MAX_RESULT_BYTES}")
+        try:
+            job_id, node_id = subjects.job_and_node(msg.subject)
+        except ValueError as exc:
+            raise _Dropped(str(exc)) from None
+        try:
+            result = decode(ResultMessage, msg.data)
+        except ValueError as exc:
+            raise _Dropped(f"not a result message: {str(exc)[:300]}") from None
+        if result.job_id != job_id or result.node_id != node_id:
+            raise _Dropped(
+                f"payload speaks for job {result.job_id[:80]!r} node {result.node_id[:80]!r} "
+                f"on the subject of job {job_id} node {node_id}",
+                "forged",
+            )
+        lock, users = self._locks.get(job_id, (asyncio.Lock(), 0))
+        self._locks[job_id] = (lock, users + 1)
         try:
             async with lock:
-                await self._handle(msg, result)
+                await self._handle(result)
         finally:
-            lock, users = self._locks[result.job_id]
+            lock, users = self._locks[job_id]
             if users == 1:
-                del self._locks[result.job_id]
+                del self._locks[job_id]
             else:
-                self._locks[result.job_id] = (lock, users - 1)
+                self._locks[job_id] = (lock, users - 1)
 
-    async def _handle(self, msg: Msg, result: ResultMessage) -> None:
-        subject_node = msg.subject.rsplit(".", 1)[-1]
-        log = self.log.bind(job=result.job_id, node=result.node_id)
-        collected = await self._load(result.job_id)
+    async def _handle(self, result: ResultMessage) -> None:
+        job_id, node_id = result.job_id, result.node_id
+        log = self.log.bind(job=job_id, node=node_id, kind=result.kind)
+        job = await self.bus.load_job(job_id)
+        if job is None:
+            raise _Dropped(f"no job {job_id}")
+        if node_id not in job.executions:
+            raise _Dropped(f"{node_id} was not chosen for job {job_id}", "forged")
+        collected = await self._load(job_id) or Collected()
+        if collected.first_at is None:
+            collected.first_at = now()
         if collected.decided:
             log.info("result.after_verdict")
             return
-        job = await self.bus.load_job(result.job_id)
-        if subject_node != result.node_id:
-            reason = f"result for {result.node_id} sent on {subject_node}'s subject"
-        elif job is None:
-            reason = "unknown job"
-        elif result.node_id not in job.executions:
-            reason = "worker was not chosen for this job"
-        elif job.executions[result.node_id].state not in _COUNTED:
-            state = job.executions[result.node_id].state.value
-            reason = f"late result from a {state} execution: recorded, not counted"
-        elif any(r.node_id == result.node_id for r in collected.results):
-            log.debug("result.duplicate")
+        if not _counted(job, node_id):
+            state = job.executions[node_id].state.value
+            log.warning("result.ignored", reason=f"late result from a {state} execution")
+            collected.note(f"{node_id}: late {result.kind} from a {state} execution, not counted")
+            await self._save(job_id, collected)
             return
+        if result.kind == "reveal":
+            if not self._take_reveal(collected, result, log):
+                return
+        elif collected.answered(node_id):
+            log.debug("result.duplicate")  # a commitment is never replaced
+            return
+        elif result.kind == "commit":
+            if not _SHA256.match(result.commitment or ""):
+                raise _Dropped(f"{node_id}'s commitment is not a sha256 hex digest")
+            collected.commitments[node_id] = result.commitment or ""
         else:
-            reason = ""
-        if reason or job is None:
-            log.warning("result.ignored", reason=reason)
-            collected.ignored.append(f"{result.node_id}: {reason}")
-            await self._save(result.job_id, collected)
-            return
-        collected.results.append(result)
-        spec = job.spec
-        # an execution lost after its result came in no longer counts: its replacement will
-        counted = [
-            r
-            for r in collected.results
-            if r.node_id in job.executions and job.executions[r.node_id].state in _COUNTED
-        ]
-        verdict = decide(job.id, spec.verifier, spec.concurrency, spec.confidence, counted)
-        if verdict is not None:
-            collected.decided = True
-        await self._save(result.job_id, collected)
-        log.info(
-            "result.collected",
-            cid=result.cid,
-            error=result.error,
-            have=len(collected.results),
-            of=spec.concurrency,
-        )
-        if verdict is not None:
-            await self.bus.publish_durable(
-                subjects.verdict(job.id), verdict, msg_id=f"verdict.{job.id}"
-            )
-            log.info(
-                "verdict", outcome=verdict.outcome, reason=verdict.reason, cid=verdict.result_cid
-            )
+            error = (result.error or "")[:MAX_ERROR]
+            collected.results.append(result.model_copy(update={"error": error, "cid": None}))
+        await self._progress(job, collected)
 
+    def _take_reveal(self, collected: Collected, result: ResultMessage, log: object) -> bool:
+        node_id = result.node_id
+        commitment = collected.commitments.get(node_id)
+        if commitment is None or collected.revealed(node_id):
+            raise _Dropped(f"a reveal from {node_id} that nothing awaits")
+        if (
+            result.cid is None
+            or result.nonce is None
+            or commitment_of(result.cid, result.exit_code, node_id, result.nonce) != commitment
+        ):
+            self.reputations.count(node_id, "bad_reveals")
+            self.log.warning("reveal.mismatch", job=result.job_id, node=node_id)
+            collected.results.append(
+                ResultMessage(
+                    job_id=result.job_id,
+                    node_id=node_id,
+                    error="its reveal did not match its commitment",
+                )
+            )
+            return True
+        collected.results.append(result)
+        return True
+
+    async def _progress(self, job: JobRecord, collected: Collected) -> None:
+        """After a change: ask for the reveals once every answer is in; decide once they are."""
+        spec = job.spec
+        counted = [n for n in job.executions if _counted(job, n)]
+        answers = [n for n in counted if collected.answered(n)]
+        committed = [n for n in answers if n in collected.commitments]
+        ready = len(answers) >= spec.concurrency or (spec.verifier == "noop" and committed)
+        if collected.reveal_asked_at is None and ready and committed:
+            collected.reveal_asked_at = now()
+        if collected.reveal_asked_at is not None:  # (a replacement may commit after the ask)
+            for node_id in committed:
+                if not collected.revealed(node_id) and (job.id, node_id) not in self._asked:
+                    self._asked[(job.id, node_id)] = 0.0
+                    self._spawn(self._ask(job.id, node_id), f"reveal-{job.id}-{node_id}")
+        results = [r for r in collected.results if r.node_id in counted]
+        waiting = [n for n in collected.commitments if n in counted and not collected.revealed(n)]
+        verdict = None
+        if not waiting or spec.verifier == "noop":
+            verdict = decide(job.id, spec.verifier, spec.concurrency, spec.confidence, results)
+        if verdict is not None:
+            collected.decided, collected.verdict = True, verdict
+        await self._save(job.id, collected)
+        if verdict is not None:
+            crash_point("verifier.decided")
+            await self._publish(job.id, collected)
+
+    async def _publish(self, job_id: str, collected: Collected) -> None:
+        verdict = collected.verdict
+        assert verdict is not None  # noqa: S101 (only decided jobs come here)
+        await self.bus.publish_durable(
+            subjects.verdict(job_id), verdict, msg_id=f"verdict.{job_id}.{collected.nonce}"
+        )
+        collected.published = True
+        await self._save(job_id, collected)
+        for key in [k for k in self._asked if k[0] == job_id]:
+            del self._asked[key]
+        if collected.first_at is not None:
+            seconds = (now() - collected.first_at).total_seconds()
+            metrics.VERIFICATION_SECONDS.observe(seconds)
+        self.log.info(
+            "verdict",
+            job=job_id,
+            outcome=verdict.outcome,
+            reason=verdict.reason,
+            cid=verdict.result_cid,
+        )
+
+    async def _ask(self, job_id: str, node_id: str) -> None:
+        self._asked[(job_id, node_id)] = asyncio.get_running_loop().time()
+        try:
+            reply = await self.bus.request(
+                subjects.reveal(node_id),
+                RevealRequest(job_id=job_id),
+                RevealReply,
+                timeout=REVEAL_REPLY_WAIT,
+            )
+            if not reply.ok:
+                self.log.warning("reveal.refused", job=job_id, node=node_id, error=reply.error)
+        except (nats.errors.Error, TimeoutError, ValueError) as exc:
+            self.log.info("reveal.unanswered", job=job_id, node=node_id, error=type(exc).__name__)
+
+    # -- deadlines --------------------------------------------------------------------------------
+    async def _sweep(self) -> None:
+        """Ask again for reveals that are late; past ``REVEAL_TIMEOUT`` count them as errors.
+        Forget undecided jobs that ended without a verdict (failed, cancelled)."""
+        loop = asyncio.get_running_loop()
+        for job_id, collected in list(self._collected.items()):
+            lock, users = self._locks.get(job_id, (asyncio.Lock(), 0))
+            self._locks[job_id] = (lock, users + 1)
+            try:
+                async with lock:
+                    await self._sweep_one(job_id, collected, loop.time())
+            except (nats.errors.Error, TimeoutError) as exc:
+                self.log.warning("sweep.failed", job=job_id, error=type(exc).__name__)
+            finally:
+                lock, users = self._locks[job_id]
+                if users == 1:
+                    del self._locks[job_id]
+                else:
+                    self._locks[job_id] = (lock, users - 1)
+
+    async def _sweep_one(self, job_id: str, collected: Collected, t: float) -> None:
+        if collected.decided:
+            if not collected.published:
+                await self._publish(job_id, collected)
+            return
+        job = await self.bus.load_job(job_id)
+        if job is None or job.final:
+            self._collected.pop(job_id, None)
+            return
+        if collected.reveal_asked_at is None:
+            return
+        late = [n for n in collected.commitments if _counted(job, n) and not collected.revealed(n)]
+        if not late:
+            return
+        waited = (now() - collected.reveal_asked_at).total_seconds()
+        if waited <= REVEAL_TIMEOUT:
+            for node_id in late:
+                if t - self._asked.get((job_id, node_id), 0.0) >= REVEAL_ASK_EVERY:
+                    self._spawn(self._ask(job_id, node_id), f"reveal-{job_id}-{node_id}")
+            return
+        for node_id in late:
+            self.reputations.count(node_id, "bad_reveals")
+            collected.results.append(
+                ResultMessage(
+                    job_id=job_id,
+                    node_id=node_id,
+                    error=f"committed, but did not reveal within {REVEAL_TIMEOUT:g}s",
+                )
+            )
+        await self._progress(job, collected)
+
+    async def _recover(self) -> None:
+        """On start: every undecided job, and every verdict decided but maybe not published
+        (the process died between the two), back in memory; the sweep publishes."""
+        try:
+            keys = list(await self.results.keys())
+        except NoKeysError:
+            return
+        for key in keys:
+            with contextlib.suppress(KeyNotFoundError, ValueError):
+                entry = await self.results.get(key)
+                collected = decode(Collected, entry.value) if entry.value else None
+                if collected is not None and not (collected.decided and collected.published):
+                    self._collected[key] = collected
+        if self._collected:
+            self.log.info("verifier.recovered", jobs=len(self._collected))
+
+    # -- the loop ---------------------------------------------------------------------------------
     async def _handle_and_ack(self, msg: Msg, slots: asyncio.Semaphore) -> None:
+        node = None
+        with contextlib.suppress(ValueError):
+            node = subjects.job_and_node(msg.subject)[1]
         try:
             try:
                 await self.handle(msg)
-            except ValueError as exc:
-                self.log.warning("result.malformed", subject=msg.subject, error=str(exc))
+            except _Dropped as exc:
+                if node is not None:
+                    self.reputations.count(node, exc.kind)
+                await self.bus.dead_letter(msg, subjects.VERIFIER_CONSUMER, exc.reason)
+                return
             await msg.ack()
         except (nats.errors.Error, TimeoutError) as exc:
-            # not acked: delivered again after the consumer's ack_wait
+            # not acked: delivered again after the consumer's ack_wait, up to MAX_DELIVER times
             self.log.warning("result.failed", subject=msg.subject, error=type(exc).__name__)
+            if last_delivery(msg):
+                await self.bus.dead_letter(
+                    msg, subjects.VERIFIER_CONSUMER, f"failed {subjects.MAX_DELIVER} times: {exc}"
+                )
+        except Exception as exc:  # a bug must not block the consumer: keep the message
+            self.log.exception("result.crashed", subject=msg.subject)
+            await self.bus.dead_letter(
+                msg, subjects.VERIFIER_CONSUMER, f"internal verifier error: {exc!r}"
+            )
         finally:
             slots.release()
 
     async def serve(self, stop: asyncio.Event) -> None:
+        """Verify until ``stop`` is set, in terms: each term waits for the lease (another
+        verifier may be active: this one is then a standby) and verifies while it holds it. A
+        term ends when the lease is lost; the next starts from what the bucket holds."""
+        term: Verifier = self
+        while True:
+            try:
+                await term._term(stop)
+                return
+            except Fenced as exc:
+                if stop.is_set():
+                    return
+                self.log.warning("verifier.deposed", reason=str(exc))
+                term = type(self)(self.bus, self.results, self.reputations)
+                term.reputations = await Reputations.open(self.bus)
+
+    async def _term(self, stop: asyncio.Event) -> None:
+        lease = Lease(self.bus, "verifier")
+        standby = sdnotify.also_ready(
+            partial(self.log.info, "service.ready", service="verifier", standby=True)
+        )
+        if not await lease.acquire(stop, on_standby=standby):
+            return
+        try:
+            await self._serve_active(stop, lease)
+        finally:
+            await lease.release()
+        if lease.lost.is_set():
+            raise Fenced("another verifier took over; this one stopped (it may start again)")
+
+    async def _serve_active(self, stop: asyncio.Event, lease: Lease) -> None:
+        metrics.start()
+        metrics.observe(
+            reconnects=lambda: self.bus.reconnects,
+            dead_letters=lambda: dict(self.bus.dead_letters),
+            offences=self.reputations.offences,
+        )
+        await self._recover()
+        await self.reputations.load_all()
+        self.reputations.start()
+
         async def loop() -> None:
             slots = asyncio.Semaphore(IN_FLIGHT)
             async for msg in self.bus.consume(
                 subjects.VERIFY_ALL, subjects.VERIFIER_CONSUMER, batch=IN_FLIGHT
             ):
                 await slots.acquire()
-                task = asyncio.create_task(self._handle_and_ack(msg, slots))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                if not lease.valid():  # frozen or cut off: another verifier may be active
+                    slots.release()
+                    lease.lost.set()
+                    return
+                self._spawn(self._handle_and_ack(msg, slots), "result")
 
-        task = asyncio.create_task(loop())
+        async def sweep() -> None:
+            while True:
+                await self._sweep()
+                await asyncio.sleep(SWEEP_EVERY)
+
+        tasks = [asyncio.create_task(loop()), asyncio.create_task(sweep())]
         await self.bus.nc.flush()
-        self.log.info("service.ready", service="verifier")
+        self.log.info("service.ready", service="verifier", instance=lease.holder.instance)
         sdnotify.ready()
+        ends = [asyncio.create_task(stop.wait()), asyncio.create_task(lease.lost.wait())]
         try:
-            await stop.wait()
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for pending in [task, *self._tasks]:
+            for pending in [*ends, *tasks, *self._tasks]:
                 pending.cancel()
-            await asyncio.gather(task, *self._tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
+            await self.reputations.stop()
             self.log.info("service.stopped", service="verifier")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
-from bacq import sdnotify, subjects
-from bacq.bus import Bus
+from bacq import metrics, sdnotify, subjects
+from bacq.bus import Bus, new_nonce
 from bacq.errors import BacqError, StorageError
 from bacq.log import get_logger
 from bacq.logs import LogStreamer
@@ -33,6 +33,9 @@ from bacq.models import (
     ExecUpdate,
     NodeInfo,
     ResultMessage,
+    RevealReply,
+    RevealRequest,
+    commitment_of,
     decode,
     encode,
     now,
@@ -48,6 +51,20 @@ __all__ = ["Worker", "WorkerConfig"]
 
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 RESERVATION_GRACE = 30.0  # seconds a bid's reservation outlives the bid deadline without an answer
+REVEAL_KEEP = 3600.0  # seconds a committed result waits for the verifier to ask for it
+REVEAL_MAX = 64  # committed results kept at once (the oldest is dropped past it)
+
+
+@dataclass
+class _Committed:
+    """A result folder whose CID this worker committed to and has not published yet."""
+
+    job_dir: Path
+    results_dir: Path
+    cid: str
+    exit_code: int
+    nonce: str
+    expires: float
 
 
 @dataclass
@@ -64,6 +81,9 @@ class WorkerConfig:
     heartbeat_interval: float = 2.0
     drain_timeout: float = 60.0  # on SIGTERM: seconds running jobs get to finish
     tamper: bool = False  # a bad worker, for demonstrations and tests of the verifier
+    # a lazy worker: runs no container and builds its result from whatever it can read of the
+    # others' (job record, live output, IPFS), to show that it cannot; BACQ_WORKER_LAZY=1
+    lazy: bool = field(default_factory=lambda: os.environ.get("BACQ_WORKER_LAZY") == "1")
 
     def __post_init__(self) -> None:
         if not NODE_ID.match(self.node_id):
@@ -77,6 +97,40 @@ class _Reservation:
     cpu: float
     memory: int
     expires: float | None  # monotonic time; None once the job runs
+
+
+async def _read_live_output(bus: Bus, job_id: str) -> list[str]:
+    """What the live output stream holds for ``job_id`` (the lazy worker tries it)."""
+    sub = await bus.js.subscribe(subjects.logs_of_job(job_id), ordered_consumer=True)
+    try:
+        msgs = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                msg = await sub.next_msg(timeout=0.5)
+                msgs.append(msg.data.decode(errors="replace"))
+        return msgs
+    finally:
+        await sub.unsubscribe()
+
+
+def _write_guess(results_dir: Path, outputs: list[str]) -> None:
+    """The lazy worker's result: empty output folders, no output, exit code 0."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for name in outputs:
+        (results_dir / name).mkdir(parents=True, exist_ok=True)
+    (results_dir / "stdout").write_bytes(b"")
+    (results_dir / "stderr").write_bytes(b"")
+    (results_dir / "exitCode").write_text("0")
+
+
+def live_logs_allowed(spec: JobSpec) -> bool:
+    """Whether a running execution's output may be streamed live (``bacq logs -f``). Not for a
+    job whose result is checked by comparing several workers': another worker's operator could
+    read the output and copy the result instead of computing it. The submitter may opt in
+    (``live_logs``), weakening the check; the output is in the results after the verdict."""
+    if getattr(spec, "live_logs", False):
+        return True
+    return spec.verifier != "deterministic" or spec.concurrency <= 1
 
 
 class Worker:
@@ -100,6 +154,9 @@ class Worker:
         self._draining = False
         self._fixed_cid: str | None = None  # the noop executor's one result, added at start
         self._started_at = now()
+        # per execution, a secret chosen when it is accepted: its message ids and commitment
+        self._nonces: dict[str, str] = {}
+        self._committed: dict[str, _Committed] = {}  # job → result awaiting its reveal
 
     # -- capacity ---------------------------------------------------------------------------------
     def _free(self) -> tuple[float, int, int]:
@@ -142,8 +199,6 @@ class Worker:
         job_id, spec = announcement.job_id, announcement.spec
         if job_id in self._reservations:
             return
-        if announcement.nodes is not None and self.config.node_id not in announcement.nodes:
-            return  # the requester invited other workers (with free slots) to bid
         reason = self.why_not(spec)
         if reason is not None:
             self.log.debug("bid.skipped", job=job_id, reason=reason)  # every job, every worker
@@ -162,7 +217,7 @@ class Worker:
             labels=self.config.labels,
             running=len(self._tasks),
         )
-        await self.bus.publish(subjects.bids(job_id), bid)
+        await self.bus.publish(subjects.bid(self.config.node_id, job_id), bid)
         self.log.info("bid.sent", job=job_id)
 
     async def on_assign(self, msg: Msg) -> None:
@@ -199,33 +254,109 @@ class Worker:
                 spec.resources.cpu, spec.resources.memory, None
             )
         self._reservations[job_id].expires = None
+        self._nonces[job_id] = new_nonce()
         self._tasks[job_id] = asyncio.create_task(self._run_job(job_id, spec), name=f"job-{job_id}")
         await msg.respond(encode(AssignmentReply(ok=True)))
         self.log.info("job.accepted", job=job_id)
 
     # -- running a job ----------------------------------------------------------------------------
+    def _msg_id(self, job_id: str, what: str) -> str:
+        # unguessable (the execution's nonce) and the same across this process's retries
+        nonce = self._nonces.setdefault(job_id, new_nonce())
+        return f"{job_id}.{self.config.node_id}.{nonce}.{what}"
+
     async def _update(self, job_id: str, state: ExecState, **fields: object) -> None:
         update = ExecUpdate(job_id=job_id, node_id=self.config.node_id, state=state, **fields)
         await self.bus.publish_durable(
             subjects.exec_update(job_id, self.config.node_id),
             update,
-            msg_id=f"exec.{job_id}.{self.config.node_id}.{state.value}",
+            msg_id=self._msg_id(job_id, state.value),
         )
 
     async def _send_result(self, result: ResultMessage) -> None:
         await self.bus.publish_durable(
             subjects.verify(result.job_id, self.config.node_id),
             result,
-            msg_id=f"verify.{result.job_id}.{self.config.node_id}",
+            msg_id=self._msg_id(result.job_id, result.kind),
         )
+
+    def _commit(self, job_id: str, job_dir: Path, cid: str, exit_code: int) -> ResultMessage:
+        """Keep the result (unpublished) until the verifier asks for it; the commitment."""
+        nonce = self._nonces.setdefault(job_id, new_nonce())
+        self._committed[job_id] = _Committed(
+            job_dir=job_dir,
+            results_dir=job_dir / "results",
+            cid=cid,
+            exit_code=exit_code,
+            nonce=nonce,
+            expires=time.monotonic() + REVEAL_KEEP,
+        )
+        while len(self._committed) > REVEAL_MAX:
+            oldest = next(iter(self._committed))
+            self._drop_committed(oldest, "too many results awaiting their reveal")
+        commitment = commitment_of(cid, exit_code, self.config.node_id, nonce)
+        return ResultMessage(job_id=job_id, node_id=self.config.node_id, commitment=commitment)
+
+    def _drop_committed(self, job_id: str, why: str) -> None:
+        committed = self._committed.pop(job_id, None)
+        self._nonces.pop(job_id, None)
+        if committed is not None:
+            self.log.info("result.dropped", job=job_id, reason=why)
+            remove_tree(committed.job_dir)
+
+    async def on_reveal(self, msg: Msg) -> None:
+        """The verifier holds every chosen worker's commitment: publish the result and say
+        what it is (its CID, exit code and the nonce that proves the commitment)."""
+        try:
+            request = decode(RevealRequest, msg.data)
+        except ValueError as exc:
+            await msg.respond(encode(RevealReply(ok=False, error=f"malformed: {exc}")))
+            return
+        job_id = request.job_id
+        committed = self._committed.get(job_id)
+        if committed is None:
+            await msg.respond(encode(RevealReply(ok=False, error=f"no result kept for {job_id}")))
+            return
+        await msg.respond(encode(RevealReply(ok=True)))
+        try:
+            if committed.results_dir.exists():
+                cid = await self.storage.add(committed.results_dir)
+                if cid != committed.cid:  # kubo gave another CID than --only-hash did
+                    self.log.error("result.cid_changed", job=job_id, committed=committed.cid)
+            await self._send_result(
+                ResultMessage(
+                    job_id=job_id,
+                    node_id=self.config.node_id,
+                    cid=committed.cid,
+                    exit_code=committed.exit_code,
+                    nonce=committed.nonce,
+                )
+            )
+            self.log.info("result.revealed", job=job_id, cid=committed.cid)
+        except BacqError as exc:
+            self.log.warning("result.reveal_failed", job=job_id, error=str(exc))
+            return  # kept: the verifier asks again
+        if self._committed.get(job_id) is committed:
+            self._committed.pop(job_id, None)
+            self._nonces.pop(job_id, None)
+            await asyncio.to_thread(remove_tree, committed.job_dir)
+
+    def _expire_committed(self) -> None:
+        t = time.monotonic()
+        for job_id, committed in list(self._committed.items()):
+            if committed.expires < t:
+                self._drop_committed(job_id, "the verifier never asked for it")
 
     async def _run_job(self, job_id: str, spec: JobSpec) -> None:
         node = self.config.node_id
         log = self.log.bind(job=job_id)
         job_dir = self.config.work_dir / "jobs" / job_id
+        started = time.monotonic()
+        outcome = "failed"
         try:
             try:
                 cid, exit_code = await self._execute(job_id, spec, job_dir, log)
+                outcome = "completed"
             except asyncio.CancelledError:
                 # the container is gone already (the executor kills it on cancellation)
                 if job_id in self._cancelled:
@@ -245,25 +376,23 @@ class Worker:
                 await self._send_result(ResultMessage(job_id=job_id, node_id=node, error=error))
                 await self._update(job_id, ExecState.FAILED, error=error)
             else:
-                # both in flight at once (they leave in this order on the one connection)
+                # the commitment only: neither the CID nor the exit code leaves this worker
+                # before the verifier holds every chosen worker's commitment (both in flight
+                # at once; they leave in this order on the one connection)
                 await asyncio.gather(
-                    self._send_result(
-                        ResultMessage(job_id=job_id, node_id=node, cid=cid, exit_code=exit_code)
-                    ),
-                    self._update(
-                        job_id,
-                        ExecState.COMPLETED,
-                        exit_code=exit_code,
-                        detail=f"exit code {exit_code}",
-                    ),
+                    self._send_result(self._commit(job_id, job_dir, cid, exit_code)),
+                    self._update(job_id, ExecState.COMPLETED),
                 )
                 log.info("job.completed", cid=cid, exit_code=exit_code)
         finally:  # (its reservation was freed by _execute, once the container was gone)
+            metrics.EXECUTION_SECONDS.labels(outcome).observe(time.monotonic() - started)
             self._tasks.pop(job_id, None)
             self._cancelled.discard(job_id)
             self._done += 1
-            if job_dir.exists():  # a noop job has none
-                await asyncio.shield(asyncio.to_thread(remove_tree, job_dir))
+            if job_id not in self._committed:
+                self._nonces.pop(job_id, None)
+                if job_dir.exists():  # a noop job has none
+                    await asyncio.shield(asyncio.to_thread(remove_tree, job_dir))
 
     async def _execute(
         self, job_id: str, spec: JobSpec, job_dir: Path, log: object
@@ -285,6 +414,8 @@ class Worker:
         if not isinstance(self.executor, DockerExecutor):
             raise AssertionError("a noop worker runs jobs once its fixed result is added")
         inputs_dir, results_dir = job_dir / "inputs", job_dir / "results"
+        if self.config.lazy:
+            return await self._copy_instead(job_id, spec, results_dir)
         results_dir.mkdir(parents=True, exist_ok=True)
         inputs_dir.mkdir(parents=True, exist_ok=True)
 
@@ -306,7 +437,9 @@ class Worker:
 
         await self._update(job_id, ExecState.RUNNING, detail=spec.image)
         streamer = LogStreamer(self.bus, job_id, self.config.node_id)  # live output (bacq logs)
-        streamer.start()
+        live = live_logs_allowed(spec)
+        if live:
+            streamer.start()
         try:
             result = await self.executor.run(
                 spec,
@@ -317,7 +450,7 @@ class Worker:
                     "bacq.node": self.config.node_id,
                     "bacq.work_dir": str(self.config.work_dir.resolve()),
                 },
-                output=streamer.feed,
+                output=streamer.feed if live else None,
             )
         finally:
             await streamer.close()
@@ -332,8 +465,31 @@ class Worker:
         skipped = await asyncio.to_thread(sanitize_tree, results_dir)
         if skipped:
             self.log.warning("results.skipped_entries", job=job_id, entries=skipped[:20])
-        cid = await self.storage.add(results_dir)
+        # the CID only: no block is published until the verifier asks for the reveal
+        cid = await self.storage.add(results_dir, only_hash=True)
         return cid, result.exit_code
+
+    async def _copy_instead(self, job_id: str, spec: JobSpec, results_dir: Path) -> tuple[str, int]:
+        """The lazy worker: try every channel a worker can read for the others' output, then
+        commit to a folder built from what it found (or a guess). Each channel is closed to it
+        before the verdict: its NATS user may read neither job records nor the live output
+        stream, the others publish no block before every commitment is in, and a deterministic
+        job with several workers streams no live output at all."""
+        found: dict[str, str] = {}
+        for channel, read in (
+            ("job record", lambda: self.bus.load_job(job_id)),
+            ("live output", lambda: _read_live_output(self.bus, job_id)),
+        ):
+            try:
+                async with asyncio.timeout(3):
+                    value = await read()
+                found[channel] = repr(value)[:200]
+            except Exception as exc:  # refused (permissions) or nothing there
+                found[channel] = f"refused: {type(exc).__name__}"
+        self.log.warning("lazy.channels", job=job_id, found=found)
+        await asyncio.to_thread(_write_guess, results_dir, [o.name for o in spec.outputs])
+        await self._update(job_id, ExecState.PUBLISHING)
+        return await self.storage.add(results_dir, only_hash=True), 0
 
     # -- lifecycle --------------------------------------------------------------------------------
     def info(self) -> NodeInfo:
@@ -380,6 +536,11 @@ class Worker:
             folder = self.executor.write_result(self.config.work_dir / "noop-result", tamper=tamper)
             self._fixed_cid = await self.storage.add(folder)
             self.log.info("noop.result", cid=self._fixed_cid)
+        metrics.start()
+        metrics.observe(
+            reconnects=lambda: self.bus.reconnects,
+            slots=lambda: (len(self._reservations), max(0, self._free()[2])),
+        )
         leftovers = await asyncio.to_thread(
             self.executor.remove_leftovers,
             self.config.node_id,
@@ -387,10 +548,10 @@ class Worker:
         )
         if leftovers:
             self.log.warning("containers.leftover_removed", containers=leftovers)
-        announce_sub = await self.bus.subscribe(subjects.ANNOUNCE, self.on_announce)
         invite_sub = await self.bus.subscribe(
             subjects.invite(self.config.node_id), self.on_announce
         )
+        reveal_sub = await self.bus.subscribe(subjects.reveal(self.config.node_id), self.on_reveal)
         assign_sub = await self.bus.subscribe(subjects.assign(self.config.node_id), self.on_assign)
         cancel_sub = await self.bus.subscribe(subjects.cancel(self.config.node_id), self.on_cancel)
         await self.bus.nc.flush()
@@ -400,13 +561,13 @@ class Worker:
         try:
             while not stop.is_set():
                 self._expire_reservations()
+                self._expire_committed()
                 await self._heartbeat()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self.config.heartbeat_interval)
         finally:
             self._draining = True
             with contextlib.suppress(Exception):
-                await announce_sub.unsubscribe()
                 await invite_sub.unsubscribe()
             self.log.info(
                 "service.draining", running=sorted(self._tasks), timeout=self.config.drain_timeout
@@ -415,6 +576,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await assign_sub.unsubscribe()
                 await cancel_sub.unsubscribe()
+                await reveal_sub.unsubscribe()
             self.log.info("service.stopped", service="worker")
 
     async def _drain(self) -> None:

@@ -1,0 +1,136 @@
+"""The requester's ledger: job records and their events. Touches NATS (the ``bacq-jobs`` bucket
+and the ``BACQ_EVENTS`` stream), of which the requester is the single writer.
+
+Every change of a job record is first published as hash-chained events (``bacq.events``), then
+saved, so a job's history is complete even if the process dies between the two (on start it rolls
+records forward from their events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+import nats.errors
+import nats.js.errors
+
+from bacq import metrics, subjects
+from bacq.errors import Fenced
+from bacq.events import Event, decode_events, diff, fold, seal
+from bacq.models import (
+    JobRecord,
+    now,
+)
+from bacq.requester._base import Core, Load, Step, copy_record
+from bacq.states import EXEC_ACTIVE
+
+
+class Ledger(Core):
+    async def _commit(self, job: JobRecord, events: list[Event], prev_hash: str) -> None:
+        """Chain ``events`` after ``prev_hash`` and publish them, then save ``job`` with a
+        compare-and-set on the revision this requester last wrote or read (0: a new record).
+
+        Fenced: a requester whose lease has run out writes nothing, and one whose record was
+        changed by another (the one that replaced it) stops (``self.fenced``)."""
+        if self.lease is not None and not self.lease.valid():
+            self.fenced.set()
+            raise Fenced("this requester's lease ran out: another one may be active")
+        try:
+            if events:
+                seal(events, prev_hash, self.signer)
+                job.event_seq, job.last_hash = events[-1].seq, events[-1].hash
+                await self.bus.publish_events(events)
+            self._revisions[job.id] = await self.bus.save_job(
+                job, revision=self._revisions.get(job.id, 0)
+            )
+        except Fenced:
+            self.fenced.set()
+            raise
+
+    async def _load(self, job_id: str) -> JobRecord | None:
+        job = self._records.get(job_id)
+        if job is not None:
+            return job
+        found = await self.bus.load_job_entry(job_id)
+        if found is None:
+            return None
+        job, self._revisions[job_id] = found
+        return job
+
+    def _keep(self, job: JobRecord) -> None:
+        """Remember ``job`` as committed: the cache, which nodes it keeps busy, its state in
+        the metrics."""
+        seen = self._states.get(job.id)
+        if seen != job.state:
+            if seen is not None:
+                metrics.JOBS.labels(seen.value).dec()
+            if job.final:
+                self._states.pop(job.id, None)
+                metrics.JOBS_FINISHED.labels(job.state.value).inc()
+            else:
+                self._states[job.id] = job.state
+                metrics.JOBS.labels(job.state.value).inc()
+        for node_id, execution in job.executions.items():
+            load = self._loads.setdefault(node_id, Load())
+            if execution.state in EXEC_ACTIVE and not job.final:
+                load.add(("run", job.id), job.spec.resources)
+            else:
+                load.remove(("run", job.id))
+        if job.final:
+            self._records.pop(job.id, None)
+            self._locks.pop(job.id, None)
+            self._revisions.pop(job.id, None)
+        else:
+            self._records[job.id] = job
+        if self._queue:
+            self._wake.set()  # a slot may have freed
+
+    async def mutate(
+        self, job_id: str, change: Callable[[JobRecord], bool], *, actor: str = "requester"
+    ) -> JobRecord | None:
+        """Change one job record under its lock and commit it; returns the record."""
+        return await self.mutate_steps(job_id, [(change, actor)])
+
+    async def mutate_steps(self, job_id: str, steps: Sequence[Step]) -> JobRecord | None:
+        """Apply several changes (each with its actor) to one job record and commit them at once:
+        one event per change as if committed one by one, one round trip for the events and one
+        for the record. The changes work on a copy; the cache holds committed records only."""
+        lock = self._locks.setdefault(job_id, asyncio.Lock())
+        async with lock:
+            current = await self._load(job_id)
+            if current is None:
+                return None
+            job = copy_record(current)
+            events: list[Event] = []
+            changed = False
+            for change, actor in steps:
+                before = copy_record(job)
+                if change(job):
+                    changed = True
+                    job.updated_at = now()
+                    step = diff(before, job, actor=actor)
+                    job.event_seq += len(step)
+                    events += step
+            if not changed:
+                self._keep(current)
+                return job
+            job.event_seq = current.event_seq
+            await self._commit(job, events, current.last_hash)
+            self._keep(job)
+            return job
+
+    async def _reconcile(self, job: JobRecord) -> JobRecord:
+        """Roll a record forward from its events if the process died between the two."""
+        try:
+            last = await self.bus.js.get_last_msg(subjects.EVENTS_STREAM, subjects.events(job.id))
+        except nats.js.errors.NotFoundError:
+            return job
+        if decode_events(last.data or b"{}")[-1].seq <= job.event_seq:
+            return job
+        rebuilt = fold(await self.bus.job_events(job.id))
+        rebuilt.deadline, rebuilt.idempotency_key = job.deadline, job.idempotency_key
+        self._revisions[job.id] = await self.bus.save_job(
+            rebuilt, revision=self._revisions.get(job.id, 0)
+        )
+        self.log.info("job.rolled_forward", job=job.id, seq=rebuilt.event_seq)
+        return rebuilt
