@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import docker
 import pytest
 
 from bacq.auth import NatsOptions
@@ -57,13 +56,16 @@ def _ipfs(api: str, *args: str) -> str:
 def lab(tmp_path: Path) -> Iterator[RunningLab]:
     index = 100 + os.getpid() % 150
     where = ["--index", str(index), "--state-dir", str(tmp_path / "lab")]
-    up = _lab_cli("up", "--workers", str(WORKERS), *where)
+    up = _lab_cli("up", "--workers", str(WORKERS), "--requesters", "2", "--verifiers", "2", *where)
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         env = dict(
             line.removeprefix("export ").split("=", 1) for line in up.stdout.strip().splitlines()
         )
-        yield RunningLab(Lab(index=index, workers=WORKERS, state_dir=tmp_path / "lab"), env)
+        the_lab = Lab(
+            index=index, workers=WORKERS, requesters=2, verifiers=2, state_dir=tmp_path / "lab"
+        )
+        yield RunningLab(the_lab, env)
     finally:
         _lab_cli("down", *where)  # the test checks what down leaves; this is the safety net
 
@@ -74,14 +76,16 @@ async def test_a_job_from_the_root_namespace_runs_on_lab_hosts_with_inputs_over_
     env, the_lab = lab.env, lab.lab
     assert env["BACQ_NATS_USER"] == "client"
     assert Path(env["BACQ_NATS_PASSWORD_FILE"]).stat().st_mode & 0o777 == 0o600
-    status = _lab_cli(
-        "status", "--index", str(the_lab.index), "--state-dir", str(the_lab.state_dir)
-    )
+    where = ["--index", str(the_lab.index), "--state-dir", str(the_lab.state_dir)]
+    status = _lab_cli("status", "--output", "json", *where)
     assert status.returncode == 0, status.stdout + status.stderr
+    rows = json.loads(status.stdout)["hosts"]
+    assert [r["role"] for r in rows].count("requester") == 2  # one active, one standby
+    assert all(r["ok"] for r in rows), rows
     # up again: the lab runs, nothing is started twice
     again = _lab_cli(
-        "up", "--workers", str(WORKERS), "--index", str(the_lab.index),
-        "--state-dir", str(the_lab.state_dir),
+        "up", "--workers", str(WORKERS), "--requesters", "2", "--verifiers", "2",
+        "--index", str(the_lab.index), "--state-dir", str(the_lab.state_dir),
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert again.stdout == "\n".join(f"export {k}={v}" for k, v in env.items()) + "\n"
@@ -124,22 +128,28 @@ async def test_a_job_from_the_root_namespace_runs_on_lab_hosts_with_inputs_over_
     processes = {
         pid for ns in net.namespaces(the_lab.prefix + "-") for pid in net.namespace_pids(ns)
     }
-    assert len(processes) >= 3 + 1 + 1 + 1 + 2 * WORKERS
+    assert len(processes) >= 3 + 2 + 2 + 1 + 2 * WORKERS
     down = _lab_cli("down", "--index", str(the_lab.index), "--state-dir", str(the_lab.state_dir))
     assert down.returncode == 0, down.stderr
     assert net.namespaces(the_lab.prefix + "-") == []
     assert net.host_veths(f"bl{the_lab.index}h") == []
     assert net.host_veths(the_lab.bridge) == []
     assert [pid for pid in processes if Path(f"/proc/{pid}").exists()] == []
-    client_docker = docker.from_env()
-    try:
-        left = [
-            c.name
-            for c in client_docker.containers.list(all=True)
-            if str(the_lab.state_dir) in c.labels.get("bacq.work_dir", "")
-        ]
-    finally:
-        client_docker.close()
+    work_dirs = subprocess.run(
+        [
+            "docker",
+            "ps",
+            "-a",
+            "--filter",
+            "label=bacq.work_dir",
+            "--format",
+            '{{.Label "bacq.work_dir"}}',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    left = [d for d in work_dirs if d.startswith(str(the_lab.state_dir))]
     assert left == []
     rules = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True).stdout
     assert the_lab.bridge not in rules
@@ -154,9 +164,11 @@ def test_the_lab_needs_root_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None
         net.require_root()
 
 
-def test_two_requesters_are_refused_until_the_leader_lease_exists() -> None:
-    with pytest.raises(ConfigError, match="leader lease"):
-        Lab(requesters=2)
+def test_bad_host_counts_are_refused_with_the_flag_named() -> None:
+    with pytest.raises(ConfigError, match="--requesters must be from 1 to 9"):
+        Lab(requesters=0)
+    with pytest.raises(ConfigError, match="--verifiers must be from 1 to 9"):
+        Lab(verifiers=10)
     with pytest.raises(ConfigError, match="--workers must be from 1 to 150"):
         Lab(workers=0)
 

@@ -25,10 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--requesters",
         type=int,
         default=1,
-        help="requester hosts; 1 until bacq has the leader lease (default 1)",
+        help="requester hosts; beyond the first, standbys for the lease (default 1)",
     )
     up.add_argument(
-        "--verifiers", type=int, default=1, help="verifier hosts; 1 for now (default 1)"
+        "--verifiers", type=int, default=1, help="verifier hosts, as requesters (default 1)"
     )
     status = actions.add_parser("status", help="each host: namespace, processes, ready")
     status.add_argument("--output", choices=["table", "json"], default="table")

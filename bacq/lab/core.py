@@ -7,8 +7,8 @@ the state directory). Each host is a namespace with one address:
 
     10.213.<i>.1         the bridge, in the root namespace (where the CLI runs)
     10.213.<i>.11-13     nats-1..3: a NATS cluster with JetStream (streams and buckets R3)
-    10.213.<i>.21-       requester-1..   (one for now: two need the leader lease)
-    10.213.<i>.31-       verifier-1..    (one for now, likewise)
+    10.213.<i>.21-29     requester-1..   (one by default; more are standbys holding no lease)
+    10.213.<i>.31-39     verifier-1..    (likewise)
     10.213.<i>.40        ipfs: the client's kubo node (BACQ_IPFS_API)
     10.213.<i>.101-      w1..wN: a kubo node and a worker each
 
@@ -93,11 +93,9 @@ class Lab:
             )
         if not 1 <= workers <= MAX_WORKERS:
             raise ConfigError(f"--workers must be from 1 to {MAX_WORKERS}, not {workers}")
-        if requesters != 1 or verifiers != 1:
-            raise ConfigError(
-                "the lab runs one requester and one verifier for now: two at once need the "
-                "leader lease (issue 13, failover) that bacq does not have yet"
-            )
+        for what, count in (("requesters", requesters), ("verifiers", verifiers)):
+            if not 1 <= count <= 9:  # beyond the first, standbys that wait for the role's lease
+                raise ConfigError(f"--{what} must be from 1 to 9, not {count}")
         self.index = index
         self.n_workers = workers
         self.n_requesters = requesters
@@ -203,11 +201,14 @@ class Lab:
         kubos = self._by_role("ipfs") + self._by_role("worker")
         self._start_kubos(kubos)
         self._wait_for_jetstream(passwords["requester"])
-        services = [
-            *[(h, ["requester"]) for h in self._by_role("requester")],
-            *[(h, ["verifier"]) for h in self._by_role("verifier")],
-        ]
-        self._start_services(services)  # the stream and buckets exist before workers bind
+        requesters, verifiers = self._by_role("requester"), self._by_role("verifier")
+        # the first of each declares the streams and buckets (three copies each) and takes the
+        # role's lease; standbys and workers come once that is done
+        self._start_services([(requesters[0], ["requester"]), (verifiers[0], ["verifier"])])
+        self._start_services(
+            [(h, ["requester"]) for h in requesters[1:]]
+            + [(h, ["verifier"]) for h in verifiers[1:]]
+        )
         self._start_services(
             [
                 (
@@ -388,6 +389,7 @@ class Lab:
                 "BACQ_NATS_PASSWORD_FILE": str(self.password_file(user)),
                 "BACQ_LOG_JSON": "1",
                 "PYTHONUNBUFFERED": "1",
+                "BACQ_DEBUG": "1",  # a service that dies leaves its traceback in its log
                 READY_FILE_ENV: str(ready_file),
             }
             if host.role in ("requester", "verifier"):
