@@ -114,15 +114,10 @@ class _Observed(Collector):
     """Reads counts the services keep themselves (so that bacq.bus, shared with the CLI, needs
     no prometheus-client): NATS reconnects, dead letters, offences, worker slots."""
 
-    def __init__(
-        self,
-        reconnects: Callable[[], int] | None,
-        dead_letters: Callable[[], dict[str, int]] | None,
-        offences: Callable[[], dict[str, int]] | None,
-        slots: Callable[[], tuple[int, int]] | None,
-    ) -> None:
-        self.reconnects, self.dead_letters = reconnects, dead_letters
-        self.offences, self.slots = offences, slots
+    reconnects: Callable[[], int] | None = None
+    dead_letters: Callable[[], dict[str, int]] | None = None
+    offences: Callable[[], dict[str, int]] | None = None
+    slots: Callable[[], tuple[int, int]] | None = None
 
     def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
         docs = {name: text for name, _, text, _ in _OBSERVED}
@@ -149,6 +144,10 @@ class _Observed(Collector):
             yield slots
 
 
+_observed: _Observed | None = None
+_serving: int | None = None
+
+
 def observe(
     *,
     reconnects: Callable[[], int] | None = None,
@@ -156,12 +155,22 @@ def observe(
     offences: Callable[[], dict[str, int]] | None = None,
     slots: Callable[[], tuple[int, int]] | None = None,
 ) -> None:
-    """Export counts a service keeps itself (call once per process)."""
-    REGISTRY.register(_Observed(reconnects, dead_letters, offences, slots))
+    """Export counts a service keeps itself; a later call (a service that starts a new term
+    after losing its lease) replaces the sources."""
+    global _observed
+    if _observed is None:
+        _observed = _Observed()
+        REGISTRY.register(_observed)
+    _observed.reconnects, _observed.dead_letters = reconnects, dead_letters
+    _observed.offences, _observed.slots = offences, slots
 
 
 def start(port: int | None = None) -> int | None:
-    """Serve /metrics on ``port`` (else ``$BACQ_METRICS_PORT``; none: no endpoint)."""
+    """Serve /metrics on ``port`` (else ``$BACQ_METRICS_PORT``; none: no endpoint); once per
+    process."""
+    global _serving
+    if _serving is not None:
+        return _serving
     if port is None:
         value = os.environ.get(PORT_ENV)
         if not value:
@@ -177,6 +186,7 @@ def start(port: int | None = None) -> int | None:
             f"cannot serve metrics on {addr}:{port}: {exc.strerror}; choose another "
             f"--metrics-port ({PORT_ENV})"
         ) from None
+    _serving = port
     return port
 
 

@@ -132,14 +132,14 @@ async def test_a_client_cannot_impersonate_a_worker(
     client, watcher = await conn(stack.nats.url, "client")
     await client.publish(subjects.verify("job1", "w1"), b"{}")
     await watcher.violation('Publish to "bacq.verify.job1.w1"')
-    await client.publish(subjects.bids("job1"), b"{}")
-    await watcher.violation('Publish to "bacq.bids.job1"')
+    await client.publish(subjects.bid("w1", "job1"), b"{}")
+    await watcher.violation('Publish to "bacq.node.w1.bid.job1"')
     await client.publish(subjects.exec_update("job1", "w1"), b"{}")
     await watcher.violation('Publish to "bacq.exec.job1.w1"')
     await client.subscribe(subjects.assign("w1"))
     await watcher.violation('Subscription to "bacq.node.w1.assign"')
-    await client.subscribe(subjects.ANNOUNCE)
-    await watcher.violation('Subscription to "bacq.jobs.announce"')
+    await client.subscribe(subjects.reveal("w1"))
+    await watcher.violation('Subscription to "bacq.node.w1.reveal"')
 
 
 async def test_a_connection_without_or_with_wrong_credentials_is_refused(stack: Devstack) -> None:
