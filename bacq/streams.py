@@ -166,15 +166,16 @@ def bucket_config(name: str) -> KeyValueConfig:
     )
 
 
-async def _retry(call: Callable[[], Awaitable[T]]) -> T:
+async def _retry(call: Callable[[], Awaitable[T]], also: tuple[type[Exception], ...] = ()) -> T:
     """``call()``, again while JetStream is not ready (a cluster placing three replicas on a
-    busy machine can take longer than one request's timeout)."""
+    busy machine can take longer than one request's timeout), or on one of ``also``."""
     deadline = asyncio.get_running_loop().time() + DECLARE_RETRY_FOR
     delay = 0.5
+    retried: tuple[type[Exception], ...] = (*_NOT_READY, *also)
     while True:
         try:
             return await call()
-        except _NOT_READY:
+        except retried:
             if asyncio.get_running_loop().time() + delay > deadline:
                 raise
             await asyncio.sleep(delay)
@@ -212,12 +213,28 @@ async def ensure_bucket(js: JetStreamContext, name: str) -> KeyValue:
                 await js.create_key_value(config)
             return await js.key_value(name)
 
-    return await _retry(declare)
+    # made by another process a moment ago: a cluster may not show it yet
+    return await _retry(declare, also=(nats.js.errors.BucketNotFoundError,))
+
+
+async def _has_leader(js: JetStreamContext, stream: str) -> None:
+    """Return once ``stream`` answers through a leader (at once without a cluster)."""
+    deadline = asyncio.get_running_loop().time() + DECLARE_RETRY_FOR
+    while True:
+        info = await _retry(lambda: js.stream_info(stream))
+        if info.cluster is None or info.cluster.leader:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise nats.errors.TimeoutError
+        await asyncio.sleep(0.2)
 
 
 async def ensure_all(js: JetStreamContext) -> None:
-    """Declare every stream and bucket of the table (the requester and the verifier do)."""
+    """Declare every stream and bucket of the table (the requester and the verifier do), and
+    return once each has a leader: a replicated stream just made may not answer reads yet."""
     for name in STREAMS:
         await ensure_stream(js, name, update=True)
     for name in BUCKETS:
         await ensure_bucket(js, name)
+    for stream in [*STREAMS, *(f"KV_{b}" for b in BUCKETS)]:
+        await _has_leader(js, stream)

@@ -52,6 +52,25 @@ def _ipfs(api: str, *args: str) -> str:
     return done.stdout
 
 
+def _stat(pid: int) -> list[str]:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return text.rsplit(")", 1)[1].split()  # after "pid (comm)": state is [0], starttime [19]
+
+
+def _started(pid: int) -> str:
+    fields = _stat(pid)
+    return fields[19] if fields else ""
+
+
+def _running(pid: int, started: str) -> bool:
+    """The same process (not a later one with its pid) is still there and not a zombie."""
+    fields = _stat(pid)
+    return bool(fields) and fields[19] == started and fields[0] != "Z"
+
+
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[RunningLab]:
     index = 100 + os.getpid() % 150
@@ -126,7 +145,9 @@ async def test_a_job_from_the_root_namespace_runs_on_lab_hosts_with_inputs_over_
 
     # down: nothing of the lab is left
     processes = {
-        pid for ns in net.namespaces(the_lab.prefix + "-") for pid in net.namespace_pids(ns)
+        (pid, _started(pid))
+        for ns in net.namespaces(the_lab.prefix + "-")
+        for pid in net.namespace_pids(ns)
     }
     assert len(processes) >= 3 + 2 + 2 + 1 + 2 * WORKERS
     down = _lab_cli("down", "--index", str(the_lab.index), "--state-dir", str(the_lab.state_dir))
@@ -134,7 +155,7 @@ async def test_a_job_from_the_root_namespace_runs_on_lab_hosts_with_inputs_over_
     assert net.namespaces(the_lab.prefix + "-") == []
     assert net.host_veths(f"bl{the_lab.index}h") == []
     assert net.host_veths(the_lab.bridge) == []
-    assert [pid for pid in processes if Path(f"/proc/{pid}").exists()] == []
+    assert [pid for pid, started in processes if _running(pid, started)] == []
     work_dirs = subprocess.run(
         [
             "docker",

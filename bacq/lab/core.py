@@ -406,7 +406,7 @@ class Lab:
                 log_path: Path = log_path,
             ) -> bool:
                 if proc.poll() is not None:
-                    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-5:])
+                    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
                     raise ComponentError(
                         f"{name} exited with {proc.returncode}; see {log_path}:\n{tail}"
                     )
