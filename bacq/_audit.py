@@ -96,7 +96,9 @@ async def _verify(
     trusted, source = await _trusted_keys(args, client)
     # in stream order, as stored: verify_history reports events stored out of order
     events = [e async for _, e in client.bus.replay_events(subjects.events(record.id))]
-    check = verify_history(events, record, trusted, require_signatures=bool(trusted))
+    # every requester signs: a history with no key to check it against does not verify (else
+    # deleting bacq-keys would drop an unpinned client back to checking the chain alone)
+    check = verify_history(events, record, trusted, require_signatures=True)
     if trusted:
         keys = f"trusted key{'s' if len(trusted) > 1 else ''} {', '.join(trusted)} ({source})"
     else:

@@ -17,6 +17,7 @@ import datetime as dt
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import nats
@@ -45,6 +46,7 @@ __all__ = [
     "DEFAULT_NATS_URL",
     "TRANSIENT",
     "Bus",
+    "DeadLetter",
     "again",
     "ensure_bucket",
     "last_delivery",
@@ -304,6 +306,33 @@ class Bus:
                 continue
             yield msgs
 
+    async def read_dead_letters(self, *, last: int = 50) -> list[DeadLetter]:
+        """The ``last`` messages of the BACQ_DEAD stream, oldest first (``bacq events
+        --dead-letters``)."""
+        try:
+            info = await self.js.stream_info(subjects.DEAD_STREAM)
+        except nats.js.errors.NotFoundError:
+            return []
+        first = max(info.state.first_seq, info.state.last_seq - last + 1)
+        letters: list[DeadLetter] = []
+        for seq in range(first, info.state.last_seq + 1):
+            try:
+                msg = await self.js.get_msg(subjects.DEAD_STREAM, seq)
+            except nats.js.errors.NotFoundError:
+                continue
+            headers = msg.headers or {}
+            letters.append(
+                DeadLetter(
+                    seq=seq,
+                    at=msg.time,
+                    consumer=headers.get("Bacq-Consumer", ""),
+                    subject=headers.get("Bacq-Subject", ""),
+                    reason=headers.get("Bacq-Reason", ""),
+                    data=msg.data or b"",
+                )
+            )
+        return letters
+
     async def set_events_retention(self, *, max_age: float, max_bytes: int) -> None:
         """Apply the retention of the BACQ_EVENTS stream (seconds, bytes; 0 = unlimited)."""
         info = await self.js.stream_info(subjects.EVENTS_STREAM)
@@ -443,6 +472,18 @@ class Bus:
                 return []
 
         return await again(keys)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message a consumer gave up on, as kept in BACQ_DEAD."""
+
+    seq: int
+    at: dt.datetime | None
+    consumer: str
+    subject: str
+    reason: str
+    data: bytes
 
 
 def new_nonce() -> str:

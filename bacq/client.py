@@ -9,29 +9,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 from nats.js.kv import KeyValue
 
-from bacq import subjects
+from bacq import subjects, submission
 from bacq.auth import NatsOptions
 from bacq.bus import TRANSIENT, Bus, again
-from bacq.errors import JobNotFound, RequestRejected, SpecError, StorageError
+from bacq.errors import BatchRejected, JobNotFound, RequestRejected, SpecError, StorageError
 from bacq.events import Event
 from bacq.models import (
     CancelReply,
     CancelRequest,
     JobRecord,
-    SubmitReply,
-    SubmitRequest,
     decode,
 )
 from bacq.spec import JobSpec, parse_spec
-from bacq.storage import Storage
+
+if TYPE_CHECKING:
+    from bacq.storage import Storage  # the kubo client (aiohttp) loads only when used
 
 __all__ = ["Client"]
 
@@ -70,34 +69,50 @@ class Client:
         after a lost answer, or a second submission with the same key, gives the same job.
         """
         checked = parse_spec(spec)
-        request = SubmitRequest(
-            spec=checked.model_dump(mode="json"),
-            idempotency_key=idempotency_key or f"auto-{uuid.uuid4().hex}",
+        return await submission.submit_one(
+            self.bus.nc,
+            self.nats_url,
+            checked.model_dump(mode="json"),
+            idempotency_key=idempotency_key,
+            timeout=timeout,
+            attempts=attempts,
         )
-        for attempt in range(1, attempts + 1):
+
+    async def submit_many(
+        self,
+        specs: Sequence[JobSpec | dict[str, Any]],
+        idempotency_keys: Sequence[str | None] | None = None,
+        *,
+        timeout: float = 60.0,
+        attempts: int = 3,
+    ) -> list[str]:
+        """Validate every spec here, then submit them in batches (``bacq.api.submit_many``, at
+        most ``SUBMIT_MANY_MAX`` specs and NATS's max payload per request); return the job ids
+        in the order of ``specs``.
+
+        An invalid spec raises SpecError naming each problem as ``INDEX.field`` and nothing is
+        submitted. Specs the requester refuses raise BatchRejected, whose ``job_ids`` hold the
+        id of every spec that was submitted (None for a refused one). Each spec carries its
+        idempotency key (``idempotency_keys[i]``, or a fresh one), the same on every retry.
+        """
+        checked: list[dict[str, Any]] = []
+        problems: list[tuple[str, str]] = []
+        for index, spec in enumerate(specs):
             try:
-                reply = await self.bus.request(
-                    subjects.SUBMIT, request, SubmitReply, timeout=timeout
-                )
-                break
-            except nats.errors.NoRespondersError:
-                if attempt == attempts:
-                    raise RequestRejected(
-                        f"no requester is listening on NATS at {self.nats_url}; start one "
-                        "(`bacq devstack`, or `bacq requester`)"
-                    ) from None
-                await asyncio.sleep(attempt)  # a requester that restarts is back in a moment
-            except (TimeoutError, nats.errors.TimeoutError):
-                if attempt == attempts:
-                    raise RequestRejected(
-                        f"the requester did not answer {attempts} times in {timeout:g}s; "
-                        "is it overloaded or stuck?"
-                    ) from None
-        if reply.problems:
-            raise SpecError([(p.field, p.message) for p in reply.problems])
-        if reply.error or not reply.job_id:
-            raise RequestRejected(reply.error or "the requester returned no job id")
-        return reply.job_id
+                checked.append(parse_spec(spec).model_dump(mode="json"))
+            except SpecError as exc:
+                problems.extend((f"{index}.{field}", message) for field, message in exc.problems)
+        if problems:
+            raise SpecError(problems)
+        outcomes = await submission.submit_many(
+            self.bus.nc,
+            self.nats_url,
+            checked,
+            idempotency_keys,
+            timeout=timeout,
+            attempts=attempts,
+        )
+        return job_ids_of(outcomes)
 
     async def cancel(self, job_id: str, *, timeout: float = 60.0) -> CancelReply:
         """Cancel a job: its containers are stopped and the workers' capacity freed."""
@@ -234,3 +249,21 @@ class Client:
                 + ")"
             )
         return await storage.fetch(job.result_cid, out_dir)
+
+
+def job_ids_of(outcomes: Sequence[submission.Outcome]) -> list[str]:
+    """The job ids of a bulk submission's outcomes, or BatchRejected naming each refused spec."""
+    refused = [o for o in outcomes if not o.ok]
+    if not refused:
+        return [o.job_id for o in outcomes if o.job_id is not None]
+    problems = [
+        (f"{o.index}.{field}", message) for o in refused for field, message in o.problems
+    ] + [(str(o.index), o.error) for o in refused if o.error and not o.problems]
+    raise BatchRejected(
+        f"the requester refused {len(refused)} of {len(outcomes)} specs (the other "
+        f"{len(outcomes) - len(refused)} were submitted): "
+        + "; ".join(f"{field}: {message}" for field, message in problems[:5])
+        + ("; …" if len(problems) > 5 else ""),
+        problems,
+        [o.job_id for o in outcomes],
+    )

@@ -16,6 +16,7 @@ from typing import Any
 from bacq import subjects
 from bacq.bus import Bus
 from bacq.errors import BacqError
+from bacq.lease import read_leases
 from bacq.models import now
 from bacq.nodes import OFFLINE_AFTER, read_nodes
 from bacq.storage import Storage
@@ -62,6 +63,20 @@ async def _check_nats(url: str) -> list[Check]:
                     False,
                     "no requester answers job submissions",
                     "start one: `bacq requester` (or `bacq devstack`)",
+                )
+            )
+        leases = await read_leases(bus)
+        for role in ("requester", "verifier"):
+            holder = leases.get(role)
+            checks.append(
+                Check(
+                    f"{role[:5]}.lease",
+                    holder is not None,
+                    f"active {role}: {holder.instance} since {holder.since:%H:%M:%S}"
+                    if holder
+                    else f"no {role} holds the lease",
+                    "" if holder else f"start one: `bacq {role}` (or `bacq devstack`)",
+                    required=False,
                 )
             )
         nodes = await read_nodes(bus)

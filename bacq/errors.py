@@ -14,6 +14,7 @@
     │   ├── CommandNotFound        the entrypoint/command does not exist in the image
     │   └── JobTimeout             the container outlived the job's timeout and was killed
     ├── RequestRejected            the requester answered a request with an error
+    │   └── BatchRejected          it refused some specs of a bulk submission
     ├── Fenced                     another instance of this service took over (its lease, or a
     │                              job record changed under it): this one must stop
     └── ComponentError             a local component (nats-server, kubo) failed to start
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 __all__ = [
     "BacqError",
+    "BatchRejected",
     "CommandNotFound",
     "ComponentError",
     "ConfigError",
@@ -115,6 +117,18 @@ class RequestRejected(BacqError):
 
 class ComponentError(BacqError):
     """A local component (nats-server, kubo, a bacq service) failed to start or stopped."""
+
+
+class BatchRejected(RequestRejected):
+    """The requester refused some specs of a bulk submission (``Client.submit_many``).
+    ``problems`` name each as ``INDEX.field``; ``job_ids`` hold, in the order of the specs, the
+    id of each one that was submitted (None for a refused one)."""
+
+    def __init__(
+        self, message: str, problems: list[tuple[str, str]], job_ids: list[str | None]
+    ) -> None:
+        self.job_ids = job_ids
+        super().__init__(message, problems)
 
 
 class Fenced(BacqError):

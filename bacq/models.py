@@ -152,6 +152,7 @@ class ExecUpdate(_Msg):
     detail: str = ""
     exit_code: int | None = None
     error: str | None = None
+    fuel_used: int | None = None  # wasm jobs: the fuel the module used (a reproducible cost)
 
 
 class ResultMessage(_Msg):
@@ -172,6 +173,7 @@ class ResultMessage(_Msg):
     exit_code: int | None = None
     commitment: str | None = None
     nonce: str | None = None
+    fuel_used: int | None = None  # wasm jobs: the fuel the module used
 
     @property
     def kind(self) -> Literal["commit", "reveal", "error"]:
@@ -267,6 +269,7 @@ class Execution(_Msg):
     exit_code: int | None = None
     result_cid: str | None = None
     assigned_at: dt.datetime | None = None  # when the requester chose this worker
+    fuel_used: int | None = None  # wasm jobs: the fuel the module used (a reproducible cost)
 
 
 class JobRecord(_Msg):

@@ -18,7 +18,7 @@ from nats.js.kv import KeyValue
 
 from bacq import streams, subjects
 from bacq.bus import Bus
-from bacq.models import JobRecord, NodeInfo, decode, encode, now
+from bacq.models import JobRecord, NodeInfo, Reputation, decode, encode, now
 from bacq.states import EXEC_ACTIVE, ExecState
 
 __all__ = ["OFFLINE_AFTER", "NodeRegistry", "node_rows", "read_nodes"]
@@ -71,12 +71,17 @@ async def read_nodes(bus: Bus) -> list[NodeInfo]:
 
 
 def node_rows(
-    nodes: list[NodeInfo], jobs: list[JobRecord], at: dt.datetime | None = None
+    nodes: list[NodeInfo],
+    jobs: list[JobRecord],
+    at: dt.datetime | None = None,
+    reputations: dict[str, Reputation] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per node (``bacq nodes``; the JSON keys are documented in README.md).
+    """One row per node (``bacq nodes``; the JSON keys are documented in the CLI guide).
 
-    Nodes that appear only in job records (no heartbeat stored) are listed too, as offline.
+    Nodes that appear only in job records (no heartbeat stored) are listed too, as offline;
+    ``reputations`` adds each node's conduct and quarantine (bucket ``bacq-reputation``).
     """
+    reputations = reputations or {}
     at = at or now()
     running: dict[str, list[str]] = {}
     verified: dict[str, int] = {}
@@ -109,6 +114,19 @@ def node_rows(
                 "seconds_since_heartbeat": None if age is None else round(age, 1),
                 "verified": verified.get(node_id, 0),
                 "rejected": rejected.get(node_id, 0),
+                **_conduct(reputations.get(node_id)),
             }
         )
     return rows
+
+
+def _conduct(record: Reputation | None) -> dict[str, Any]:
+    if record is None:
+        return {"quarantined": None, "offences": 0, "forged": 0, "malformed": 0, "bad_reveals": 0}
+    return {
+        "quarantined": record.quarantined,
+        "offences": record.offences,
+        "forged": record.forged,
+        "malformed": record.malformed,
+        "bad_reveals": record.bad_reveals,
+    }

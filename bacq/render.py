@@ -351,11 +351,13 @@ def render_nodes(console: Console, rows: list[dict[str, Any]], *, wide: bool = F
     table = Table(box=None, pad_edge=False)
     columns = ["NODE", "STATUS", "LABELS", "CPU", "MEMORY", "JOBS", "HEARTBEAT", "VERIFIED"]
     if wide:
-        columns += ["REJECTED", "RUNNING JOBS"]
+        columns += ["REJECTED", "OFFENCES", "RUNNING JOBS"]
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
         status = "online" if row["online"] else "offline"
+        if row.get("quarantined"):
+            status = "quarantined"
         age = row["seconds_since_heartbeat"]
         cells = [
             row["node_id"],
@@ -368,6 +370,16 @@ def render_nodes(console: Console, rows: list[dict[str, Any]], *, wide: bool = F
             f"{row['verified']} ✓ {row['rejected']} ✗",
         ]
         if wide:
-            cells += [str(row["rejected"]), ",".join(row["running_jobs"])]
+            cells += [
+                str(row["rejected"]),
+                str(row.get("offences", 0)),
+                ",".join(row["running_jobs"]),
+            ]
         table.add_row(*cells)
     console.print(table)
+    for row in rows:
+        if row.get("quarantined"):
+            console.print(
+                f"{row['node_id']} is quarantined: {row['quarantined']}; "
+                f"`bacq nodes release {row['node_id']}` lets it take jobs again"
+            )

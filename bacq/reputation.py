@@ -26,9 +26,17 @@ from nats.js.kv import KeyValue
 from bacq import subjects
 from bacq.bus import Bus, ensure_bucket
 from bacq.log import get_logger
-from bacq.models import Reputation, decode, encode, now
+from bacq.models import ReleaseReply, ReleaseRequest, Reputation, decode, encode, now
 
-__all__ = ["KINDS", "OFFENCES", "QuarantinePolicy", "Reputations", "reputation_bucket"]
+__all__ = [
+    "KINDS",
+    "OFFENCES",
+    "QuarantinePolicy",
+    "Reputations",
+    "read_reputations",
+    "release_node",
+    "reputation_bucket",
+]
 
 KINDS = ("verified", "rejected", "failed", "forged", "malformed", "bad_reveals")
 OFFENCES = ("forged", "malformed", "bad_reveals")
@@ -60,6 +68,20 @@ class QuarantinePolicy:
 
 async def reputation_bucket(bus: Bus) -> KeyValue:
     return await ensure_bucket(bus.js, subjects.REPUTATION_BUCKET)
+
+
+async def read_reputations(bus: Bus) -> dict[str, Reputation]:
+    """Every node's record (for ``bacq nodes``)."""
+    reputations = Reputations(await reputation_bucket(bus))
+    await reputations.load_all()
+    return reputations.records()
+
+
+async def release_node(bus: Bus, node_id: str, *, timeout: float = 10.0) -> ReleaseReply:
+    """Ask the requester to lift ``node_id``'s quarantine (``bacq nodes release``)."""
+    return await bus.request(
+        subjects.RELEASE, ReleaseRequest(node_id=node_id), ReleaseReply, timeout=timeout
+    )
 
 
 class Reputations:

@@ -3,6 +3,10 @@
 A spec is plain data (pydantic v2). ``parse_spec`` turns any mapping into a ``JobSpec`` or raises
 ``SpecError`` whose problems name each bad field (``inputs.0.cid``) and how to fix it.
 ``json_schema()`` exports the schema for editors and other clients.
+
+``engine`` picks how a worker runs the job: ``docker`` (``image`` is a Docker image) or ``wasm``
+(``image`` is the WebAssembly module: the CID of a ``.wasm`` file, or a runtime the workers ship,
+see ``WASM_RUNTIMES``); a wasm job is deterministic unless ``deterministic: false``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -26,6 +31,7 @@ from bacq.errors import SpecError
 
 __all__ = [
     "RESERVED_OUTPUT_NAMES",
+    "WASM_RUNTIMES",
     "InputVolume",
     "JobSpec",
     "OutputVolume",
@@ -45,6 +51,9 @@ _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.\-/]{0,61}[A-Za-z0-9])?$")
 _MIN_MEMORY = 6 * 1024 * 1024  # Docker refuses less than 6 MiB
+# WebAssembly runtimes that workers ship (bacq.worker.wasm), usable as a wasm job's ``image``.
+WASM_RUNTIMES = frozenset({"python-3.12"})
+MAX_FUEL = 10**15
 
 
 def parse_memory(value: int | str) -> int:
@@ -189,10 +198,17 @@ class Resources(_Model):
 class JobSpec(_Model):
     """A job: run ``image`` with inputs from IPFS, on ``concurrency`` workers, verified."""
 
-    engine: Literal["docker"] = Field(default="docker", description="execution engine")
+    engine: Literal["docker", "wasm"] = Field(
+        default="docker",
+        description="docker: run image in a container; wasm: run image as a WebAssembly (WASI) "
+        "module",
+    )
     image: Annotated[
         str, StringConstraints(min_length=1, max_length=255, strip_whitespace=True)
-    ] = Field(description="Docker image, e.g. bacq-test/debian:bookworm")
+    ] = Field(
+        description="Docker image, e.g. bacq-test/debian:bookworm; for engine wasm the module: "
+        "the CID of a .wasm file, or a runtime the workers ship (python-3.12)"
+    )
     entrypoint: list[str] | None = Field(
         default=None, description="overrides the image's entrypoint, like docker run --entrypoint"
     )
@@ -241,7 +257,9 @@ class JobSpec(_Model):
     deterministic: bool | None = Field(
         default=None,
         description="the output depends on the spec and inputs alone (wasm jobs are, by "
-        "default): a job that equals an accepted one is answered with its result at once",
+        "default): a job that equals an accepted one is answered with its result at once; for "
+        "engine wasm, false gives the module real time and randomness instead of a fixed "
+        "virtual clock and a seeded random",
     )
     no_cache: bool = Field(
         default=False, description="run it even when an equal deterministic job was accepted"
@@ -251,18 +269,56 @@ class JobSpec(_Model):
         description="stream the output live even with several workers verifying it (weakens "
         "the check: another worker's operator could copy it instead of computing)",
     )
+    fuel: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_FUEL,
+        description="engine wasm: the job's fuel budget (about one unit per instruction); "
+        "unset: the worker's default",
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("engine") != "wasm" or value in WASM_RUNTIMES:
+            return value
+        try:
+            return _check_cid(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a module: for engine wasm, give the CID of a .wasm file "
+                f"(`bacq ipfs add module.wasm`) or one of {', '.join(sorted(WASM_RUNTIMES))}"
+            ) from None
 
     @field_validator("entrypoint")
     @classmethod
-    def _entrypoint(cls, value: list[str] | None) -> list[str] | None:
+    def _entrypoint(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if value is not None and not value:
             raise ValueError("an entrypoint, when given, needs at least the program to run")
+        if value is not None and info.data.get("engine") == "wasm":
+            raise ValueError("entrypoint is for engine docker; a wasm job's arguments are command")
         return value
 
     @field_validator("working_dir")
     @classmethod
-    def _working_dir(cls, value: str | None) -> str | None:
+    def _working_dir(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("engine") == "wasm":
+            raise ValueError("working_dir is for engine docker; WASI has no working directory")
         return None if value is None else _check_container_path(value)
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("engine") == "wasm":
+            raise ValueError("a wasm job has no network; use engine docker with network: true")
+        return value
+
+    @field_validator("fuel")
+    @classmethod
+    def _fuel(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("engine") != "wasm":
+            raise ValueError("fuel is for engine wasm; a Docker job is bounded by its timeout")
+        return value
 
     @field_validator("env")
     @classmethod

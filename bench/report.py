@@ -117,6 +117,31 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 unit="s",
             )
         )
+    wasm = results.get("wasm") or {}
+    docker_p50 = (wasm.get("docker") or {}).get("p50")
+    for name, what in (("wasm", "trivial wasm job"), ("python", "trivial Python job (wasm)")):
+        sec = wasm.get(name)
+        if not sec:
+            continue
+        out.append(
+            _row(
+                f"{what} vs the same Docker job, bacq create --wait, p50",
+                sec["p50"],
+                docker_p50,
+                unit="s",
+                ratio=_ratio(sec["p50"], docker_p50),
+            )
+        )
+    wo = results.get("wasm_orchestration") or {}
+    if "jobs_per_s" in wo:
+        counts = f"accepted {wo['accepted']}, failed {wo['failed']}, lost {wo['lost']}"
+        out.append(
+            _row(
+                f"orchestration with the wasm executor, {wo['jobs']} jobs ({counts})",
+                wo["jobs_per_s"],
+                unit="jobs/s",
+            )
+        )
     for run in (results.get("scale") or {}).get("runs", []):
         name = f"scale: {run['workers']} workers, {run['jobs']} jobs"
         if "error" in run:
@@ -172,10 +197,66 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 ratio=data["ratio_total_p50"],
             )
         )
-    for name in ("overhead", "throughput", "orchestration", "scale", "data"):
+    out.extend(_cli_rows(results))
+    for name in ("overhead", "throughput", "orchestration", "scale", "data", "cli", "bulk"):
         sec = results.get(name)
         if isinstance(sec, dict) and "error" in sec:
             out.append(_row(f"{name}: section failed", None, target=sec["error"][:60], met=False))
+    return out
+
+
+def _cli_rows(results: dict[str, Any]) -> list[Row]:
+    """Start-up of the quick commands (against ``python -c pass``), the shell loop against
+    sequential ``docker run``, and the bulk submission rate."""
+    out: list[Row] = []
+    cli = results.get("cli") or {}
+    startup = cli.get("startup") or {}
+    floor = (startup.get("python") or {}).get("p50")
+    for key, what, limit in (
+        ("version", "bacq version", 0.10),
+        ("help", "bacq --help", 0.10),
+        ("run_no_wait", "bacq run --no-wait, to the printed id", 0.20),
+    ):
+        sec = startup.get(key)
+        if sec:
+            out.append(
+                _row(
+                    f"start-up: {what}, p50 (baseline: python -c pass)",
+                    sec["p50"],
+                    floor,
+                    unit="s",
+                    ratio=_ratio(sec["p50"], floor),
+                    target=f"≤ {limit:.2f} s",
+                    met=_le(sec["p50"], limit),
+                )
+            )
+    loop = cli.get("loop")
+    if loop:
+        out.append(
+            _row(
+                f"{loop['jobs']} x bacq run --no-wait from a shell loop, then awaited, vs "
+                f"{loop['jobs']} sequential docker run",
+                loop["bacq_seconds"],
+                loop["docker_seconds"],
+                unit="s",
+                ratio=loop["ratio"],
+                target="< 1.00x",
+                met=None if loop["ratio"] is None else loop["ratio"] < 1.0,
+            )
+        )
+    bulk = results.get("bulk") or {}
+    for key, what in (("yaml_file", "a YAML list file"), ("json_lines_stdin", "JSON lines, stdin")):
+        sec = bulk.get(key)
+        if sec:
+            out.append(
+                _row(
+                    f"bulk submission: bacq create -f, {bulk['jobs']} jobs, {what}",
+                    sec["jobs_per_s"],
+                    unit="jobs/s",
+                    target="≥ 2000 jobs/s",
+                    met=_ge(sec["jobs_per_s"], 2000),
+                )
+            )
     return out
 
 

@@ -14,6 +14,13 @@ Sections (``--only`` picks some):
   memory of the requester, the verifier and the workers; accepted / failed / lost counts.
 - ``data``: a random file into a job (input CID) and back (output folder), against ``ipfs add``
   and ``ipfs get`` with the kubo CLI.
+- ``cli``: start-up of ``bacq version``, ``bacq --help`` and ``bacq run --no-wait`` (to the
+  printed id); N ``bacq run --no-wait`` from a shell loop, then awaited, against N sequential
+  ``docker run``.
+- ``bulk``: ``bacq create -f`` of many noop jobs (a YAML list file, JSON lines on stdin): jobs/s.
+- ``wasm``: the same trivial job (print hello) as a Docker, a wasm and a Python job through the
+  CLI, interleaved, on the Docker devstack (its workers run wasm jobs too).
+- ``wasm_orchestration``: K trivial wasm jobs at once through 3 ``--executor wasm`` workers.
 
 Touches: devstacks it starts and stops (local nats-server, kubo, bacq services), the local Docker
 daemon, a scratch directory under the system temp dir, and the output files (JSON and PNG).
@@ -36,11 +43,21 @@ from typing import Any
 from rich.console import Console
 
 from bacq.devstack import Devstack
-from bench import docker_sections, noop_sections, report
+from bench import cli_sections, docker_sections, noop_sections, report, wasm_sections
 from bench.common import console, machine_info, say
 
-SECTIONS = ("overhead", "throughput", "orchestration", "scale", "data")
-DOCKER_SECTIONS = ("overhead", "throughput", "data")
+SECTIONS = (
+    "overhead",
+    "throughput",
+    "orchestration",
+    "scale",
+    "data",
+    "cli",
+    "bulk",
+    "wasm",
+    "wasm_orchestration",
+)
+DOCKER_SECTIONS = ("overhead", "throughput", "data", "cli", "wasm")
 DEFAULT_OUT = Path("bench/results/latest.json")
 
 # the sizes, and the smoke sizes (CI: checks that the harness works, in well under 2 min)
@@ -54,6 +71,11 @@ FULL = {
     "data_mb": 100,
     "data_runs": 3,
     "stall": 120.0,
+    "cli_runs": 10,
+    "loop_jobs": 20,
+    "bulk_jobs": 10000,
+    "wasm_jobs": 300,
+    "wasm_runs": 20,
 }
 SMOKE = {
     "runs": 2,
@@ -65,6 +87,11 @@ SMOKE = {
     "data_mb": 2,
     "data_runs": 1,
     "stall": 60.0,
+    "cli_runs": 2,
+    "loop_jobs": 3,
+    "bulk_jobs": 50,
+    "wasm_jobs": 10,
+    "wasm_runs": 1,
 }
 
 
@@ -127,8 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     size.add_argument("--data-mb", type=int, help="data: MiB of the file in and out (100)")
     size.add_argument("--data-runs", type=int, help="data: repetitions (3)")
+    size.add_argument("--cli-runs", type=int, help="cli: start-up runs of each command (10)")
+    size.add_argument(
+        "--loop-jobs", type=int, help="cli: bacq run --no-wait jobs of the shell loop (20)"
+    )
+    size.add_argument("--bulk-jobs", type=int, help="bulk: jobs in the file (10000)")
+    size.add_argument(
+        "--wasm-jobs", type=int, help="wasm_orchestration: wasm jobs submitted at once (300)"
+    )
+    size.add_argument(
+        "--wasm-runs", type=int, help="wasm: runs of each of the three trivial jobs (20)"
+    )
     tune = p.add_argument_group("tuning")
     tune.add_argument("--max-jobs", type=int, default=64, help="job slots per noop worker (64)")
+    tune.add_argument(
+        "--wasm-max-jobs",
+        type=int,
+        default=4,
+        help="job slots per wasm worker (4; each job is a child process)",
+    )
     tune.add_argument(
         "--bid-timeout",
         type=float,
@@ -244,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
                     lambda: docker_sections.data(stack, args.data_mb, args.data_runs),
                 )
                 _write(results, args.out)
+            if "cli" in chosen:
+                _section(
+                    results, "cli", lambda: cli_sections.cli(stack, args.cli_runs, args.loop_jobs)
+                )
+                _write(results, args.out)
+            if "wasm" in chosen:
+                _section(results, "wasm", lambda: wasm_sections.engines(stack, args.wasm_runs))
+                _write(results, args.out)
         except Exception as exc:
             for name in DOCKER_SECTIONS:
                 if name in chosen and name not in results:
@@ -256,6 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         _write(results, args.out)
     if "scale" in chosen:
         _section(results, "scale", lambda: noop_sections.scale(args))
+        _write(results, args.out)
+    if "bulk" in chosen:
+        _section(results, "bulk", lambda: cli_sections.bulk(args))
+        _write(results, args.out)
+    if "wasm_orchestration" in chosen:
+        _section(results, "wasm_orchestration", lambda: wasm_sections.orchestration(args))
+        _write(results, args.out)
 
     results["meta"]["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)

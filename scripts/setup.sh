@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Brings a Debian machine to the point where bacq runs, and is safe to run again (each step checks first):
-#   1. system packages (Docker Engine, busybox-static, debootstrap, tmux, python3-venv)
+#   1. system packages (Docker Engine, busybox-static, debootstrap, tmux, python3-venv, chromium)
 #   2. a Docker daemon that answers (started here when none does)
 #   3. kubo: `ipfs` from PATH, else the pinned release built once with Go into a cache outside the repo
 #   4. the Python venv in .venv with bacq and its dev tools
@@ -40,6 +40,7 @@ command -v dockerd >/dev/null 2>&1 || want+=(docker.io)
     || want+=(busybox-static)
 command -v debootstrap >/dev/null 2>&1 || want+=(debootstrap)
 command -v tmux >/dev/null 2>&1 || want+=(tmux)
+command -v chromium >/dev/null 2>&1 || want+=(chromium)   # the docs site's browser test
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || want+=(python3-venv)
 if [ ${#want[@]} -gt 0 ]; then
     say "installing Debian packages: ${want[*]}"

@@ -75,5 +75,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert data[key]["p50"] > 0
     assert _number(data["ratio_total_p50"])
 
+    startup = results["cli"]["startup"]
+    for command in ("python", "version", "help", "run_no_wait"):
+        assert startup[command]["n"] == 2
+        assert _number(startup[command]["p50"])
+    loop = results["cli"]["loop"]
+    assert loop["states"] == {"accepted": loop["jobs"]}
+    assert _number(loop["ratio"])
+    bulk = results["bulk"]
+    for form in ("yaml_file", "json_lines_stdin"):
+        assert bulk[form]["states"] == {"accepted": bulk["jobs"]}
+        assert _number(bulk[form]["jobs_per_s"])
+
     assert results["summary"]
     assert all("measure" in row for row in results["summary"])

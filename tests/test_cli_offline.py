@@ -46,7 +46,8 @@ def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
 # -- validate: each kind of bad file, with the field and its line --------------------------------
 BAD_FILES = {
     "not_yaml": ("image: busybox\ncommand: [echo, hi\n", "line 3", "is not valid YAML or JSON"),
-    "a_list": ("- image: busybox\n", "line 1", "not a mapping of job fields"),
+    # a list of jobs is a file of many jobs (tests/test_cli_bulk_offline.py); its items must be jobs
+    "a_list": ("- just text\n", "line 1", "not a mapping of job fields"),
     "empty": ("\n\n", None, "is empty"),
     "unknown_field": (
         "image: busybox\ncomand: [echo]\n",
@@ -208,7 +209,8 @@ def test_zsh_completion_script_declares_the_commands_and_options() -> None:
         assert word in done.stdout
     # job ids complete from the network, through a function the script defines
     assert "_bacq_job_ids() {" in done.stdout
-    assert done.stdout.count("_bacq_job_ids") >= 4  # defined, then used by describe, logs, get
+    # defined, then used by describe, logs, get, cancel and history
+    assert done.stdout.count("_bacq_job_ids") >= 6
 
 
 def test_completion_for_an_unknown_shell_is_a_usage_error() -> None:

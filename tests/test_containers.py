@@ -1,7 +1,8 @@
 """Job containers are hardened: each limit is checked from inside a real container (real dockerd).
 
 The machine runs cgroup v1 (dockerd's cgroupfs driver), so limits are read from the v1 files
-the container sees under /sys/fs/cgroup. A results limit stops oversized output with a clear error.
+the container sees under /sys/fs/cgroup. A results limit stops oversized output with a clear error,
+while the container runs: a job printing gigabytes is killed and its worker's memory stays flat.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from pathlib import Path
 
 import docker.errors
 import pytest
+from docker.types import Mount
 
 from bacq.client import Client
 from bacq.devstack import Devstack
 from bacq.errors import ExecutionError, ResultsTooLarge
 from bacq.spec import JobSpec, parse_spec
 from bacq.states import JobState
-from bacq.worker.executor import DockerExecutor, bind
+from bacq.worker.executor import ContainerResult, DockerExecutor, bind
 from tests.scenarios import BUSYBOX
 
 PROBE = r"""
@@ -67,6 +69,14 @@ def _name(what: str) -> str:
     return f"bacq-test-{what}-{uuid.uuid4().hex[:8]}"
 
 
+async def _run(
+    ex: DockerExecutor, spec: JobSpec, name: str, logs: Path, mounts: list[Mount] | None = None
+) -> ContainerResult:
+    return await ex.run_container(
+        spec, name=_name(name), mounts=mounts or [], labels={}, logs_dir=logs / name
+    )
+
+
 def _facts(stdout: bytes) -> dict[str, str]:
     facts = {}
     for line in stdout.decode().splitlines():
@@ -80,14 +90,11 @@ async def test_a_job_container_holds_every_default_limit_from_inside(
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    result = await executor.run(
-        _spec(PROBE),
-        name=_name("limits"),
-        mounts=[bind(out, "/out", read_only=False)],
-        labels={},
+    result = await _run(
+        executor, _spec(PROBE), "limits", tmp_path, [bind(out, "/out", read_only=False)]
     )
-    facts = _facts(result.stdout)
-    assert result.exit_code == 0, result.stderr
+    facts = _facts(result.stdout.read_bytes())
+    assert result.exit_code == 0, result.stderr.read_text()
     # a non-root user: the worker's own uid, or nobody when the worker runs as root
     assert facts["uid"] != "0"
     assert facts["gid"] != "0"
@@ -113,30 +120,26 @@ async def test_a_job_container_holds_every_default_limit_from_inside(
 
 
 async def test_a_job_that_asks_for_network_is_refused_by_a_worker_that_does_not_allow_it(
-    executor: DockerExecutor,
+    executor: DockerExecutor, tmp_path: Path
 ) -> None:
     spec = _spec("ip -o link", network=True)
     assert executor.why_not(spec) is not None
     with pytest.raises(ExecutionError, match="needs network access"):
-        await executor.run(spec, name=_name("nonet"), mounts=[], labels={})
+        await _run(executor, spec, "nonet", tmp_path)
 
 
-async def test_a_worker_that_allows_network_gives_it_only_to_jobs_that_ask() -> None:
+async def test_a_worker_that_allows_network_gives_it_only_to_jobs_that_ask(
+    tmp_path: Path,
+) -> None:
     ex = DockerExecutor.from_env(allow_network=True)
+    links = "ip -o link | awk -F': ' '{print $2}'"
     try:
-        asks = await ex.run(
-            _spec("ip -o link | awk -F': ' '{print $2}'", network=True),
-            name=_name("net"),
-            mounts=[],
-            labels={},
-        )
-        silent = await ex.run(
-            _spec("ip -o link | awk -F': ' '{print $2}'"), name=_name("net2"), mounts=[], labels={}
-        )
+        asks = await _run(ex, _spec(links, network=True), "net", tmp_path)
+        silent = await _run(ex, _spec(links), "net2", tmp_path)
     finally:
         ex.close()
-    assert any(link.startswith("eth0") for link in asks.stdout.decode().split())
-    assert silent.stdout.decode().split() == ["lo"]
+    assert any(link.startswith("eth0") for link in asks.stdout.read_text().split())
+    assert silent.stdout.read_text().split() == ["lo"]
 
 
 async def test_results_over_the_workers_limit_fail_with_a_clear_error(tmp_path: Path) -> None:
@@ -144,24 +147,15 @@ async def test_results_over_the_workers_limit_fail_with_a_clear_error(tmp_path: 
     out = tmp_path / "out"
     out.mkdir()
     try:
-        small = await ex.run(
-            _spec("head -c 50000 /dev/zero > /out/small"),
-            name=_name("small"),
-            mounts=[bind(out, "/out", read_only=False)],
-            labels={},
+        mounts = [bind(out, "/out", read_only=False)]
+        small = await _run(
+            ex, _spec("head -c 50000 /dev/zero > /out/small"), "small", tmp_path, mounts
         )
         assert small.exit_code == 0
         with pytest.raises(ResultsTooLarge, match=r"exceed this worker's limit of 100000 bytes"):
-            await ex.run(
-                _spec("head -c 200000 /dev/zero > /out/big"),
-                name=_name("big"),
-                mounts=[bind(out, "/out", read_only=False)],
-                labels={},
-            )
+            await _run(ex, _spec("head -c 200000 /dev/zero > /out/big"), "big", tmp_path, mounts)
         with pytest.raises(ResultsTooLarge, match="stdout and stderr"):
-            await ex.run(
-                _spec("head -c 200000 /dev/zero"), name=_name("bigout"), mounts=[], labels={}
-            )
+            await _run(ex, _spec("head -c 200000 /dev/zero"), "bigout", tmp_path)
     finally:
         ex.close()
 
@@ -172,14 +166,15 @@ async def test_a_job_that_keeps_writing_is_killed_once_over_the_limit(tmp_path: 
     out.mkdir()
     try:
         with pytest.raises(ResultsTooLarge, match="limit of 1000000 bytes"):
-            await ex.run(
+            await _run(
+                ex,
                 _spec(
                     "while true; do head -c 200000 /dev/zero >> /out/f; sleep 0.1; done",
                     timeout=600,
                 ),
-                name=_name("filler"),
-                mounts=[bind(out, "/out", read_only=False)],
-                labels={"bacq.test": "filler"},
+                "filler",
+                tmp_path,
+                [bind(out, "/out", read_only=False)],
             )
     finally:
         ex.close()
@@ -228,3 +223,44 @@ def test_leftover_cleanup_spares_a_namesake_workers_containers(executor: DockerE
         for container in (theirs, mine):
             with contextlib.suppress(docker.errors.NotFound):
                 container.remove(force=True)
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for process {pid}")
+
+
+# Measured on the 2-core machine: the worker's peak RSS was 75 MB before and 77 MB after a job that
+# streamed 256 MiB of stdout before it was killed (it used to grow by the whole output: 2.5 GB for
+# 600 MB). The bounds leave room for allocator noise, not for output held in memory.
+WORKER_RSS_BOUND = 160 * 1024**2
+WORKER_RSS_GROWTH_BOUND = 32 * 1024**2
+
+
+async def test_a_job_printing_2gb_is_killed_at_the_results_limit_and_its_worker_stays_flat(
+    make_stack: Callable[..., Devstack],
+) -> None:
+    stack = make_stack(workers=1, kubo_nodes=1, worker_args=["--results-limit", "256m"])
+    worker = stack.services["w1"].proc
+    assert worker is not None
+    before = _peak_rss(worker.pid)
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
+        job_id = await client.submit(
+            {
+                "image": "bacq-test/busybox",
+                # 2 GiB of printable bytes (long lines: Docker's own log stays compact)
+                "command": ["sh", "-c", "head -c 2147483648 /dev/zero | tr '\\000' a"],
+                "timeout": 600,
+            }
+        )
+        job = await client.wait(job_id, timeout=600)
+    after = _peak_rss(worker.pid)
+    assert job.state == JobState.FAILED
+    error = job.executions["w1"].error or ""
+    assert "stdout and stderr exceed this worker's limit of 268435456 bytes" in error, error
+    assert "--results-limit" in error
+    assert after < WORKER_RSS_BOUND, (before, after)
+    assert after - before < WORKER_RSS_GROWTH_BOUND, (before, after)

@@ -63,7 +63,10 @@ def test_memory_sizes_parse(text: str | int, expected: int) -> None:
 @pytest.mark.parametrize(
     ("patch", "field"),
     [
-        ({"engine": "wasm"}, "engine"),
+        ({"engine": "gpu"}, "engine"),
+        ({"engine": "wasm"}, "image"),  # bacq-test/busybox is not a module
+        ({"engine": "wasm", "image": CID, "network": True}, "network"),
+        ({"fuel": 1000}, "fuel"),  # fuel is for wasm jobs
         ({"image": ""}, "image"),
         ({"entrypoint": []}, "entrypoint"),
         ({"inputs": [{"cid": "Qm123", "path": "/x"}]}, "inputs.0.cid"),

@@ -79,6 +79,9 @@ def apply_exec_update(job: JobRecord, update: ExecUpdate) -> bool:
         error=update.error,
         exit_code=update.exit_code,
     )
+    execution = job.executions.get(update.node_id)
+    if changed and execution is not None and update.fuel_used is not None:
+        execution.fuel_used = update.fuel_used  # a wasm job's reproducible cost
     if changed and job.state == JobState.RUNNING and all_answered(job):
         move_job(job, JobState.VERIFYING, "every chosen worker has answered; verifying")
     return changed
@@ -103,8 +106,10 @@ def apply_verdict(job: JobRecord, verdict: Verdict) -> bool:
             job.exit_code = node.exit_code
         if node.error is not None:
             # it failed on its own (even if its own report has not been folded in yet):
-            # that says more than "rejected"
-            move_exec(job, node_id, ExecState.FAILED, error=node.error)
+            # that says more than "rejected"; a worker that completed, then did not reveal what
+            # it committed to, is rejected with the verifier's reason
+            if not move_exec(job, node_id, ExecState.FAILED, error=node.error):
+                move_exec(job, node_id, ExecState.REJECTED, error=node.error)
             continue
         move_exec(
             job,

@@ -1,4 +1,12 @@
-"""Run one job's container with Docker and collect what it printed. Touches the Docker daemon only.
+"""What a worker asks of an execution engine (``Executor``), and the Docker engine. Touches the
+Docker daemon and the job's own folders only.
+
+``Executor`` is the one interface between the worker and an engine: can you run this spec
+(``why_not``), run it (``run``, with a ``JobContext`` that fetches the inputs, makes the output
+folders and takes live output; cancelling the ``run`` task kills the job and returns once nothing
+of it is left), remove what a crashed worker left behind (``remove_leftovers``). ``DockerExecutor``,
+``bacq.worker.wasm.WasmExecutor`` and ``bacq.worker.noop.NoopExecutor`` implement it; ``Engines``
+sends each job to the engine its spec names (``make_executor`` builds the worker's).
 
 docker-py blocks, so every call runs in a thread; the job's deadline is enforced here (docker-py's
 ``wait(timeout=)`` is only a request timeout), and a cancelled or overdue container is killed.
@@ -6,8 +14,9 @@ Containers are removed after their logs are read (``auto_remove`` would race wit
 
 Every container is hardened by default: no network (unless the job asks and the worker allows it),
 every capability dropped, no-new-privileges, a read-only root filesystem with a small tmpfs on
-``/tmp``, pids/memory/cpu limits, and a non-root user (see ``container_user``). After the container
-exits, its outputs (writable mounts, stdout, stderr) are measured against the results limit.
+``/tmp``, pids/memory/cpu limits, and a non-root user (see ``container_user``). stdout and stderr
+are streamed to files while the container runs (never held in memory), counted against the results
+limit together with the writable mounts; past it the container is killed.
 """
 
 from __future__ import annotations
@@ -18,10 +27,10 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import docker
 import docker.errors
@@ -36,17 +45,203 @@ from bacq.errors import (
     ImageUnavailable,
     JobTimeout,
     ResultsTooLarge,
+    StorageError,
 )
 from bacq.log import get_logger
+from bacq.logs import MAX_BYTES as LIVE_MAX_BYTES
 from bacq.spec import JobSpec
+from bacq.states import ExecState
 
-__all__ = ["DEFAULT_RESULTS_LIMIT", "ContainerResult", "DockerExecutor", "tree_size"]
+if TYPE_CHECKING:
+    from bacq.storage import Storage
+
+__all__ = [
+    "DEFAULT_RESULTS_LIMIT",
+    "ContainerResult",
+    "DockerExecutor",
+    "Engines",
+    "ExecResult",
+    "Executor",
+    "JobContext",
+    "Mounted",
+    "WorkerContext",
+    "make_executor",
+    "tree_size",
+]
 
 log = get_logger("bacq.worker.executor")
 _WAIT_SLICE = 2.0  # seconds per docker wait request; deadline and output size checked between
 DEFAULT_RESULTS_LIMIT = 1024**3  # bytes of outputs + stdout + stderr per job (--results-limit)
 DEFAULT_TMPFS = "64m"  # the container's writable /tmp (its root filesystem is read-only)
 NOBODY = "65534:65534"
+_FOLLOW_GRACE = 60.0  # seconds the log followers get, once the container exited, to finish
+_LIVE_FEED = 2 * LIVE_MAX_BYTES  # bytes per stream handed to live output (it sends at most half)
+
+
+# -- the interface between a worker and its engines --------------------------------------------
+@dataclass(frozen=True)
+class Mounted:
+    """A folder or file on the worker's disk (``host``) and where the job sees it (``path``)."""
+
+    host: Path
+    path: str
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How a job ended. ``stdout``/``stderr`` are in the job's results folder already; ``cid`` is
+    set when the engine published its result itself (noop: the same folder for every job)."""
+
+    exit_code: int
+    fuel_used: int | None = None
+    cid: str | None = None
+
+
+@dataclass
+class JobContext:
+    """What the worker hands an engine for one job: where its results go, how to fetch a CID
+    (``fetch(cid, target)``), how to report progress (``report(state, detail)``), live output."""
+
+    job_id: str
+    name: str  # unique per job and worker (the container's name)
+    labels: dict[str, str]
+    job_dir: Path  # the job's own folder; removed by the worker afterwards
+    fetch: Callable[[str, Path], Awaitable[Path]]
+    report: Callable[[ExecState, str], Awaitable[None]]  # progress: (state, detail)
+    # starts live output and returns its feed; None when this job's output may not go out live
+    live: Callable[[], Callable[[str, bytes], None] | None]
+    _outputs: list[Mounted] = field(default_factory=list)
+
+    @property
+    def results_dir(self) -> Path:
+        """The folder the worker publishes: ``stdout``, ``stderr`` and one folder per output."""
+        return self.job_dir / "results"
+
+    async def inputs(self, spec: JobSpec) -> list[Mounted]:
+        """Fetch the spec's inputs (reporting "downloading"); each lands in the job's folder."""
+        if spec.inputs:
+            await self.report(ExecState.DOWNLOADING, f"{len(spec.inputs)} input(s)")
+        mounted = []
+        for index, volume in enumerate(spec.inputs):
+            try:
+                local = await self.fetch(volume.cid, self.job_dir / "inputs" / str(index))
+            except StorageError as exc:
+                raise StorageError(f"input {volume.cid} for {volume.path}: {exc}") from None
+            mounted.append(Mounted(local, volume.path))
+        return mounted
+
+    def outputs(self, spec: JobSpec) -> list[Mounted]:
+        """Make the results folder and one empty folder per named output."""
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        mounted = []
+        for output in spec.outputs:
+            host = self.results_dir / output.name
+            host.mkdir(exist_ok=True)
+            mounted.append(Mounted(host, output.path))
+        return mounted
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What an engine may use once, when its worker starts (``Executor.start``)."""
+
+    storage: Storage
+    node_id: str
+    work_dir: Path
+    tamper: bool = False
+
+
+class Executor(Protocol):
+    """An execution engine, as a worker uses it (see the module docstring)."""
+
+    allow_network: bool
+
+    def why_not(self, spec: JobSpec) -> str | None:
+        """None when this engine may run ``spec``; otherwise why not (the worker does not bid)."""
+        ...
+
+    async def start(self, worker: WorkerContext) -> None:
+        """Once, before the first job (the noop engine publishes its fixed result here)."""
+        ...
+
+    async def run(self, spec: JobSpec, job: JobContext) -> ExecResult:
+        """Run ``spec`` to its end, its deadline or one of its limits (a BacqError says which);
+        cancelling it kills the job and returns once nothing of it runs any more."""
+        ...
+
+    def remove_leftovers(self, node_id: str, work_dir: str) -> list[str]:
+        """Remove what a crashed worker of this node id and work directory left running."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Engines:
+    """The worker's executor: each job goes to the engine named by its spec's ``engine``."""
+
+    def __init__(self, engines: dict[str, Executor]) -> None:
+        if not engines:
+            raise ValueError("a worker needs at least one engine")
+        self.engines = engines
+        self.allow_network = any(e.allow_network for e in engines.values())
+
+    def _engine(self, spec: JobSpec) -> Executor | None:
+        return self.engines.get(spec.engine)
+
+    def why_not(self, spec: JobSpec) -> str | None:
+        engine = self._engine(spec)
+        if engine is None:
+            return f"this worker runs no {spec.engine} jobs (engines: {', '.join(self.engines)})"
+        return engine.why_not(spec)
+
+    async def start(self, worker: WorkerContext) -> None:
+        for engine in self.engines.values():
+            await engine.start(worker)
+
+    async def run(self, spec: JobSpec, job: JobContext) -> ExecResult:
+        engine = self._engine(spec)
+        if engine is None:
+            raise ExecutionError(self.why_not(spec) or "no engine")
+        return await engine.run(spec, job)
+
+    def remove_leftovers(self, node_id: str, work_dir: str) -> list[str]:
+        removed: list[str] = []
+        for engine in self.engines.values():
+            removed += engine.remove_leftovers(node_id, work_dir)
+        return removed
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+
+
+def make_executor(
+    kind: str,
+    *,
+    allow_network: bool = False,
+    results_limit: int = DEFAULT_RESULTS_LIMIT,
+    container_user: str | None = None,
+    tmpfs_size: str = DEFAULT_TMPFS,
+    wasm: Any = None,
+) -> Executor:
+    """The executor of ``bacq worker --executor KIND``: ``docker`` (Docker and wasm jobs),
+    ``wasm`` (wasm jobs only, no Docker needed) or ``noop``. ``wasm``: a WasmOptions."""
+    from bacq.worker.noop import NoopExecutor
+    from bacq.worker.wasm import WasmExecutor
+
+    if kind == "noop":
+        return NoopExecutor()
+    engines: dict[str, Executor] = {"wasm": WasmExecutor(wasm, results_limit=results_limit)}
+    if kind == "docker":
+        engines["docker"] = DockerExecutor.from_env(
+            allow_network=allow_network,
+            results_limit=results_limit,
+            container_user=container_user,
+            tmpfs_size=tmpfs_size,
+        )
+    elif kind != "wasm":
+        raise ValueError(f"unknown executor {kind!r}: use docker, wasm or noop")
+    return Engines(engines)
 
 
 def default_container_user() -> str:
@@ -72,8 +267,8 @@ def tree_size(path: Path, *, stop_above: int | None = None) -> int:
 @dataclass(frozen=True)
 class ContainerResult:
     exit_code: int
-    stdout: bytes
-    stderr: bytes
+    stdout: Path  # files the container's output was streamed to
+    stderr: Path
 
 
 class DockerExecutor:
@@ -161,49 +356,92 @@ class DockerExecutor:
                 f"image {image} is not on this worker and could not be pulled: {reason}"
             ) from None
 
-    async def run(
+    async def start(self, worker: WorkerContext) -> None:
+        pass
+
+    async def run(self, spec: JobSpec, job: JobContext) -> ExecResult:
+        """The ``Executor`` call: fetch the inputs, run the container, output into the results."""
+        reason = self.why_not(spec)
+        if reason is not None:
+            raise ExecutionError(reason)
+        mounts = [bind(m.host, m.path, read_only=True) for m in await job.inputs(spec)]
+        mounts += [bind(m.host, m.path, read_only=False) for m in job.outputs(spec)]
+        result = await self.run_container(
+            spec,
+            name=job.name,
+            mounts=mounts,
+            labels=job.labels,
+            logs_dir=job.results_dir,
+            output=job.live(),
+            started=lambda: job.report(ExecState.RUNNING, spec.image),
+        )
+        return ExecResult(exit_code=result.exit_code)
+
+    async def run_container(
         self,
         spec: JobSpec,
         *,
         name: str,
         mounts: list[Mount],
         labels: dict[str, str],
+        logs_dir: Path,
         output: Callable[[str, bytes], None] | None = None,
+        started: Callable[[], Awaitable[None]] | None = None,
     ) -> ContainerResult:
         """Run the container to its end or its deadline; always remove it afterwards.
 
-        ``output(stream, data)``, when given, receives the output live ("stdout"/"stderr") from
-        follower threads (for ``bacq logs -f``); the returned result holds all of it anyway.
-        Raises ``ResultsTooLarge`` when the writable mounts, stdout and stderr together exceed
-        the results limit.
+        stdout and stderr are streamed to ``logs_dir/stdout`` and ``logs_dir/stderr`` as the
+        container prints them, and handed to ``output(stream, data)`` when given (live output, for
+        ``bacq logs -f``; the first few MiB of each stream). Raises ``ResultsTooLarge`` as soon as
+        they and the writable mounts together exceed the results limit (the container is killed).
+        ``started()`` is awaited once the container runs (the worker reports "running" then).
         """
         reason = self.why_not(spec)
         if reason is not None:
             raise ExecutionError(reason)
         await self.ensure_image(spec.image)
+        await asyncio.to_thread(logs_dir.mkdir, parents=True, exist_ok=True)
         container = await asyncio.to_thread(self._create, spec, name, mounts, labels)
+        capture = _LogCapture(self._docker, container, logs_dir, self.results_limit, output)
         try:
             try:
                 await asyncio.to_thread(container.start)
             except docker.errors.APIError as exc:
                 raise _start_error(spec, exc) from None
-            followers = [] if output is None else self._follow(container, output)
-            exit_code = await self._wait(container, spec.timeout, mounts)
-            for follower in followers:  # let them hand over the last bytes
-                await asyncio.to_thread(follower.join, 2.0)
-            try:
-                stdout = await asyncio.to_thread(container.logs, stdout=True, stderr=False)
-                stderr = await asyncio.to_thread(container.logs, stdout=False, stderr=True)
-            except (docker.errors.NotFound, docker.errors.APIError) as exc:
+            capture.start()
+            if started is not None:
+                await started()
+            exit_code = await self._wait(container, spec.timeout, mounts, capture)
+            finished = await asyncio.to_thread(capture.join, _FOLLOW_GRACE)
+            if capture.over:
+                raise self._logs_too_large()
+            if capture.error is not None:
                 raise ExecutionError(
-                    f"the job's container {container.name} was removed while it ran (by another "
-                    f"process, or a restart of this worker cleaning up): {exc}"
-                ) from None
-            await self._check_results_size(mounts, len(stdout) + len(stderr))
-            return ContainerResult(exit_code=exit_code, stdout=stdout, stderr=stderr)
+                    f"the job's container {container.name} went away while its output was read "
+                    f"(removed by another process, or a restart of this worker): {capture.error}"
+                )
+            if not finished:
+                raise ExecutionError(
+                    f"the output of container {container.name} could not be read to its end "
+                    f"within {_FOLLOW_GRACE:g}s of its exit (Docker is overloaded); run it again"
+                )
+            await self._check_results_size(mounts, capture.total)
+            return ContainerResult(
+                exit_code=exit_code, stdout=logs_dir / "stdout", stderr=logs_dir / "stderr"
+            )
         finally:
-            # on cancellation too: the container must not outlive the job
+            # on cancellation too: the container must not outlive the job (its removal also ends
+            # the log followers)
             await asyncio.shield(asyncio.to_thread(self._remove, container))
+            await asyncio.shield(asyncio.to_thread(capture.join, 5.0))
+            capture.close()
+
+    def _logs_too_large(self) -> ResultsTooLarge:
+        return ResultsTooLarge(
+            f"the job's stdout and stderr exceed this worker's limit of {self.results_limit} "
+            "bytes for results while it ran, so the container was killed; print less, or use a "
+            "worker with a larger --results-limit"
+        )
 
     async def _check_results_size(self, mounts: list[Mount], logs: int) -> None:
         total = logs
@@ -266,10 +504,15 @@ class DockerExecutor:
                 f"Docker refused to create the container: {exc.explanation}"
             ) from None
 
-    async def _wait(self, container: Container, timeout: float, mounts: list[Mount]) -> int:
+    async def _wait(
+        self, container: Container, timeout: float, mounts: list[Mount], capture: _LogCapture
+    ) -> int:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
+            if capture.over:
+                await asyncio.to_thread(_kill, container)
+                raise self._logs_too_large()
             if remaining <= 0:
                 await asyncio.to_thread(_kill, container)
                 raise JobTimeout(
@@ -278,7 +521,7 @@ class DockerExecutor:
                 )
             try:
                 # between waits, the outputs so far: a job filling the disk is stopped early
-                await self._check_results_size(mounts, 0)
+                await self._check_results_size(mounts, capture.total)
             except ResultsTooLarge:
                 await asyncio.to_thread(_kill, container)
                 raise
@@ -290,33 +533,6 @@ class DockerExecutor:
             except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
                 continue
 
-    def _follow(
-        self, container: Container, output: Callable[[str, bytes], None]
-    ) -> list[threading.Thread]:
-        # own threads, not asyncio.to_thread: a follow lasts as long as the job and would hold
-        # the default executor's few threads
-        def follow(stream: str) -> None:
-            try:
-                chunks = self._docker.api.logs(
-                    container.id or "",
-                    stdout=stream == "stdout",
-                    stderr=stream == "stderr",
-                    stream=True,
-                    follow=True,
-                )
-                for chunk in chunks:
-                    output(stream, chunk)
-            except Exception as exc:  # live output is a convenience: the result has it all
-                log.debug("container.follow_failed", container=container.name, error=str(exc))
-
-        threads = [
-            threading.Thread(target=follow, args=(s,), name=f"logs-{s}", daemon=True)
-            for s in ("stdout", "stderr")
-        ]
-        for thread in threads:
-            thread.start()
-        return threads
-
     def _remove(self, container: Container) -> None:
         try:
             container.remove(force=True)
@@ -324,6 +540,94 @@ class DockerExecutor:
             pass
         except docker.errors.APIError as exc:
             log.warning("container.remove_failed", container=container.name, error=str(exc))
+
+
+class _LogCapture:
+    """Follows a container's stdout and stderr (one thread each: a follow lasts as long as the
+    job and would hold the default executor's few threads) into two files, at most ``limit``
+    bytes for both; past that it kills the container and sets ``over``."""
+
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        container: Container,
+        folder: Path,
+        limit: int,
+        output: Callable[[str, bytes], None] | None,
+    ) -> None:
+        self._client = client
+        self._container = container
+        self._limit = limit
+        self._output = output
+        self._lock = threading.Lock()
+        self.total = 0
+        self.over = False
+        self.error: str | None = None
+        self._files: dict[str, BinaryIO] = {
+            stream: (folder / stream).open("wb") for stream in ("stdout", "stderr")
+        }
+        self._threads = [
+            threading.Thread(target=self._follow, args=(s,), name=f"logs-{s}", daemon=True)
+            for s in ("stdout", "stderr")
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for both streams to end; True when they did."""
+        end = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive() or thread.ident is not None:
+                thread.join(max(0.0, end - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            with contextlib.suppress(OSError):
+                handle.close()
+
+    def _follow(self, stream: str) -> None:
+        fed = 0
+        handle = self._files[stream]
+        chunks: Any = None
+        try:
+            chunks = self._client.api.logs(
+                self._container.id or "",
+                stdout=stream == "stdout",
+                stderr=stream == "stderr",
+                stream=True,
+                follow=True,
+            )
+            for chunk in chunks:
+                with self._lock:
+                    if self.over:
+                        break
+                    self.total += len(chunk)
+                    if self.total > self._limit:
+                        self.over = True
+                    else:
+                        handle.write(chunk)
+                if self.over:
+                    _kill(self._container)
+                    break
+                if self._output is not None and fed < _LIVE_FEED:
+                    fed += len(chunk)
+                    with contextlib.suppress(Exception):  # live output is a convenience
+                        self._output(stream, chunk)
+            handle.flush()
+        except (docker.errors.NotFound, docker.errors.APIError) as exc:
+            self.error = str(exc)
+        except Exception as exc:  # a connection cut by the container's removal
+            log.debug("container.follow_failed", container=self._container.name, error=str(exc))
+            self.error = self.error or f"{type(exc).__name__}: {exc}"
+        finally:
+            if chunks is not None:  # the stream, then its HTTP response (else its socket leaks)
+                with contextlib.suppress(Exception):
+                    chunks.close()
+                with contextlib.suppress(Exception):
+                    chunks._response.close()  # docker-py's CancellableStream keeps it private
 
 
 def _kill(container: Container) -> None:

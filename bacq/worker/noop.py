@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bacq.errors import ExecutionError
 from bacq.spec import JobSpec
+from bacq.states import ExecState
+from bacq.worker.executor import ExecResult, JobContext, WorkerContext
 
 __all__ = ["NOOP_STDOUT", "NoopExecutor"]
 
@@ -20,13 +23,27 @@ NOOP_STDOUT = b"noop: bacq ran no container for this job\n"
 
 class NoopExecutor:
     """Accepts every job; its result is the folder ``write_result`` makes (stdout, stderr,
-    exitCode 0), the same for every job and every worker."""
+    exitCode 0), the same for every job and every worker, added to IPFS once by ``start``."""
 
     kind = "noop"
     allow_network = True
 
+    def __init__(self) -> None:
+        self.cid: str | None = None
+
     def why_not(self, spec: JobSpec) -> str | None:
         return None
+
+    async def start(self, worker: WorkerContext) -> None:
+        tamper = f"(tampered by {worker.node_id})\n" if worker.tamper else ""
+        folder = self.write_result(worker.work_dir / "noop-result", tamper=tamper)
+        self.cid = await worker.storage.add(folder)
+
+    async def run(self, spec: JobSpec, job: JobContext) -> ExecResult:
+        if self.cid is None:
+            raise ExecutionError("the noop executor ran a job before its start added its result")
+        await job.report(ExecState.RUNNING, "noop executor")
+        return ExecResult(exit_code=0, cid=self.cid)
 
     def remove_leftovers(self, node_id: str, work_dir: str) -> list[str]:
         return []

@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from nats.aio.msg import Msg
 
 from bacq import metrics, sdnotify, subjects
 from bacq.bus import Bus, new_nonce
-from bacq.errors import BacqError, StorageError
+from bacq.errors import BacqError
 from bacq.log import get_logger
 from bacq.logs import LogStreamer
 from bacq.models import (
@@ -44,8 +45,7 @@ from bacq.nodes import NodeRegistry
 from bacq.spec import JobSpec
 from bacq.states import ExecState
 from bacq.storage import Storage, remove_tree, sanitize_tree
-from bacq.worker.executor import DockerExecutor, bind
-from bacq.worker.noop import NoopExecutor
+from bacq.worker.executor import Executor, JobContext, WorkerContext
 
 __all__ = ["Worker", "WorkerConfig"]
 
@@ -84,6 +84,11 @@ class WorkerConfig:
     # a lazy worker: runs no container and builds its result from whatever it can read of the
     # others' (job record, live output, IPFS), to show that it cannot; BACQ_WORKER_LAZY=1
     lazy: bool = field(default_factory=lambda: os.environ.get("BACQ_WORKER_LAZY") == "1")
+    # a worker that reveals an exit code other than the one it committed to (as one that learnt
+    # the others' result after committing would): BACQ_WORKER_SWITCH_REVEAL=1
+    switch_reveal: bool = field(
+        default_factory=lambda: os.environ.get("BACQ_WORKER_SWITCH_REVEAL") == "1"
+    )
 
     def __post_init__(self) -> None:
         if not NODE_ID.match(self.node_id):
@@ -139,7 +144,7 @@ class Worker:
         config: WorkerConfig,
         bus: Bus,
         storage: Storage,
-        executor: DockerExecutor | NoopExecutor,
+        executor: Executor,
     ):
         self.config = config
         self.bus = bus
@@ -152,7 +157,6 @@ class Worker:
         self._cancelled: set[str] = set()
         self._registry = NodeRegistry(bus)
         self._draining = False
-        self._fixed_cid: str | None = None  # the noop executor's one result, added at start
         self._started_at = now()
         # per execution, a secret chosen when it is accepted: its message ids and commitment
         self._nonces: dict[str, str] = {}
@@ -328,7 +332,7 @@ class Worker:
                     job_id=job_id,
                     node_id=self.config.node_id,
                     cid=committed.cid,
-                    exit_code=committed.exit_code,
+                    exit_code=committed.exit_code + (1 if self.config.switch_reveal else 0),
                     nonce=committed.nonce,
                 )
             )
@@ -407,60 +411,53 @@ class Worker:
     async def _execute_job(
         self, job_id: str, spec: JobSpec, job_dir: Path, log: object
     ) -> tuple[str, int]:
-        if self._fixed_cid is not None:  # noop: the message path only, no Docker, no IPFS
-            await self._update(job_id, ExecState.RUNNING, detail="noop executor")
-            await self._update(job_id, ExecState.PUBLISHING)
-            return self._fixed_cid, 0
-        if not isinstance(self.executor, DockerExecutor):
-            raise AssertionError("a noop worker runs jobs once its fixed result is added")
-        inputs_dir, results_dir = job_dir / "inputs", job_dir / "results"
         if self.config.lazy:
-            return await self._copy_instead(job_id, spec, results_dir)
-        results_dir.mkdir(parents=True, exist_ok=True)
-        inputs_dir.mkdir(parents=True, exist_ok=True)
+            return await self._copy_instead(job_id, spec, job_dir / "results")
+        streamer: LogStreamer | None = None
+        allowed = live_logs_allowed(spec)
 
-        mounts = []
-        if spec.inputs:
-            await self._update(job_id, ExecState.DOWNLOADING, detail=f"{len(spec.inputs)} input(s)")
-        for index, volume in enumerate(spec.inputs):
-            try:
-                local = await self.storage.fetch(
-                    volume.cid, inputs_dir / str(index), timeout=self.config.fetch_timeout
-                )
-            except StorageError as exc:
-                raise StorageError(f"input {volume.cid} for {volume.path}: {exc}") from None
-            mounts.append(bind(local, volume.path, read_only=True))
-        for output in spec.outputs:
-            host = results_dir / output.name
-            host.mkdir()
-            mounts.append(bind(host, output.path, read_only=False))
+        def live() -> Callable[[str, bytes], None] | None:  # live output (bacq logs), if any
+            nonlocal streamer
+            if not allowed:
+                return None
+            if streamer is None:
+                streamer = LogStreamer(self.bus, job_id, self.config.node_id)
+                streamer.start()
+            return streamer.feed
 
-        await self._update(job_id, ExecState.RUNNING, detail=spec.image)
-        streamer = LogStreamer(self.bus, job_id, self.config.node_id)  # live output (bacq logs)
-        live = live_logs_allowed(spec)
-        if live:
-            streamer.start()
+        async def fetch(cid: str, target: Path) -> Path:
+            return await self.storage.fetch(cid, target, timeout=self.config.fetch_timeout)
+
+        async def report(state: ExecState, detail: str) -> None:
+            await self._update(job_id, state, detail=detail)
+
+        job = JobContext(
+            job_id=job_id,
+            name=f"bacq-{job_id}-{self.config.node_id}",
+            labels={
+                "bacq.job": job_id,
+                "bacq.node": self.config.node_id,
+                "bacq.work_dir": str(self.config.work_dir.resolve()),
+            },
+            job_dir=job_dir,
+            fetch=fetch,
+            report=report,
+            live=live,
+        )
         try:
-            result = await self.executor.run(
-                spec,
-                name=f"bacq-{job_id}-{self.config.node_id}",
-                mounts=mounts,
-                labels={
-                    "bacq.job": job_id,
-                    "bacq.node": self.config.node_id,
-                    "bacq.work_dir": str(self.config.work_dir.resolve()),
-                },
-                output=streamer.feed if live else None,
-            )
+            result = await self.executor.run(spec, job)
         finally:
-            await streamer.close()
+            if streamer is not None:
+                await streamer.close()
 
-        await self._update(job_id, ExecState.PUBLISHING)
-        stdout = result.stdout
+        await self._update(job_id, ExecState.PUBLISHING, fuel_used=result.fuel_used)
+        if result.cid is not None:  # published by the engine itself (noop: one fixed result)
+            return result.cid, result.exit_code
+        results_dir = job.results_dir
+        results_dir.mkdir(parents=True, exist_ok=True)
         if self.config.tamper:
-            stdout += f"\n(tampered by {self.config.node_id})\n".encode()
-        (results_dir / "stdout").write_bytes(stdout)
-        (results_dir / "stderr").write_bytes(result.stderr)
+            with (results_dir / "stdout").open("ab") as stdout:
+                stdout.write(f"\n(tampered by {self.config.node_id})\n".encode())
         (results_dir / "exitCode").write_text(str(result.exit_code))
         skipped = await asyncio.to_thread(sanitize_tree, results_dir)
         if skipped:
@@ -531,11 +528,14 @@ class Worker:
     async def serve(self, stop: asyncio.Event) -> None:
         """Bid, run and report until ``stop`` is set; then drain: bid no more, give running jobs
         ``drain_timeout`` seconds to finish, and hand back the ones that did not."""
-        if isinstance(self.executor, NoopExecutor):
-            tamper = f"(tampered by {self.config.node_id})\n" if self.config.tamper else ""
-            folder = self.executor.write_result(self.config.work_dir / "noop-result", tamper=tamper)
-            self._fixed_cid = await self.storage.add(folder)
-            self.log.info("noop.result", cid=self._fixed_cid)
+        await self.executor.start(
+            WorkerContext(
+                storage=self.storage,
+                node_id=self.config.node_id,
+                work_dir=self.config.work_dir,
+                tamper=self.config.tamper,
+            )
+        )
         metrics.start()
         metrics.observe(
             reconnects=lambda: self.bus.reconnects,

@@ -1,0 +1,75 @@
+"""What the quick commands load: `bacq version`, `bacq --help` and `bacq run --no-wait` must not
+import the live view, aiohttp, Docker (and version/--help no NATS or pydantic either). A check of
+the module set each one leaves in ``sys.modules``, not a timing (start-up times are bench rows)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bacq.devstack import Devstack
+
+DEVSTACK = {"workers": 1}
+
+# runs `bacq ARGS` in this interpreter and, at exit, writes the modules really loaded (a
+# deferred stand-in that was never used does not count) to the file named by the first argument
+PROBE = """
+import atexit, json, runpy, sys
+out, args = sys.argv[1], sys.argv[2:]
+def dump():
+    loaded = [n for n, m in sys.modules.items()
+              if m is not None and type(m).__name__ != "_Deferred"]
+    with open(out, "w") as f:
+        json.dump(sorted(loaded), f)
+atexit.register(dump)
+sys.argv = ["bacq", *args]
+runpy.run_module("bacq", run_name="__main__", alter_sys=True)
+"""
+
+
+def loaded_by(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> set[str]:
+    dump = tmp_path / "modules.json"
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(dump), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(dump.read_text()))
+
+
+def packages(modules: set[str]) -> set[str]:
+    return {name.split(".")[0] for name in modules}
+
+
+NEVER = {"aiohttp", "docker", "aioipfs", "structlog", "shtab"}
+NOT_FOR_QUICK_ONES = NEVER | {"nats", "pydantic", "rich", "yaml", "asyncio"}
+
+
+def test_version_loads_no_nats_pydantic_rich_or_aiohttp(tmp_path: Path) -> None:
+    loaded = loaded_by(tmp_path, "version")
+    assert not packages(loaded) & NOT_FOR_QUICK_ONES, sorted(packages(loaded) & NOT_FOR_QUICK_ONES)
+    assert not {"bacq.client", "bacq.bus", "bacq.models", "bacq.render"} & loaded
+
+
+def test_help_loads_no_nats_pydantic_rich_or_aiohttp(tmp_path: Path) -> None:
+    for args in (("--help",), ("run", "--help"), ("create", "--help")):
+        loaded = loaded_by(tmp_path, *args)
+        assert not packages(loaded) & NOT_FOR_QUICK_ONES, (args, packages(loaded) & NEVER)
+        assert not {"bacq.client", "bacq.bus", "bacq.spec"} & loaded
+
+
+def test_run_no_wait_loads_only_what_submission_needs(stack: Devstack, tmp_path: Path) -> None:
+    loaded = loaded_by(
+        tmp_path, "run", "--no-wait", "bacq-test/busybox", "--", "true", env=stack.env()
+    )
+    assert "nats" in packages(loaded)  # it did submit
+    assert not packages(loaded) & (NEVER | {"rich", "yaml"}), sorted(packages(loaded) & NEVER)
+    # no live view, no kubo client, no job records or JetStream
+    assert not {"bacq.render", "bacq.storage", "bacq.bus", "bacq.client", "bacq.models"} & loaded

@@ -1,0 +1,3 @@
+module bacqwasmtests
+
+go 1.21
