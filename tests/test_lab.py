@@ -203,3 +203,18 @@ def test_the_lab_plan_uses_only_its_own_names_and_addresses() -> None:
     assert all(len(h.veth) <= 15 and h.veth.startswith("bl7h") for h in hosts)
     assert len({h.address for h in hosts}) == len(hosts)
     assert json.loads(json.dumps(lab.env()))["BACQ_NATS_URL"].count("nats://10.213.7.") == 3
+
+
+def test_bacq_lab_names_a_bad_flag_and_reports_a_missing_lab(tmp_path: Path) -> None:
+    bad = subprocess.run(
+        [sys.executable, "-m", "bacq", "lab", "up", "--workers", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "--workers must be from 1 to 150, not 0" in bad.stderr
+    missing = _lab_cli("status", "--index", "5", "--state-dir", str(tmp_path / "none"))
+    assert missing.returncode == 1
+    assert f"no lab in {tmp_path / 'none'}" in missing.stdout
