@@ -3,8 +3,9 @@
 Touches the NATS connection only. Subject names come from ``bacq.subjects``; payloads are the models
 of ``bacq.models``. Every process uses ``Bus.connect`` so reconnection and errors behave alike.
 Credentials, TLS and the role's inbox prefix come from ``bacq.auth.NatsOptions``; only the
-requester and the verifier declare the stream and buckets (workers and clients may lack the
-JetStream API permissions to do so, see deploy/nats/bacq.conf).
+requester and the verifier declare the streams and buckets, all of them, from the table in
+``bacq.streams`` (workers and clients may lack the JetStream API permissions to do so, see
+deploy/nats/auth.conf).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,16 +31,13 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
-    KeyValueConfig,
-    StorageType,
-    StreamConfig,
 )
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
-from bacq import subjects
+from bacq import streams, subjects
 from bacq.auth import NatsOptions
-from bacq.errors import ConfigError, Fenced, NatsUnavailable
+from bacq.errors import Fenced, NatsUnavailable
 from bacq.events import Event, decode_events, encode_events
 from bacq.log import get_logger
 from bacq.models import JobRecord, decode, encode
@@ -57,16 +54,16 @@ __all__ = [
 ]
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-STREAM_MAX_AGE = 30 * 24 * 3600.0  # seconds of messages kept in the BACQ stream
-EVENTS_MAX_AGE = 365 * 24 * 3600.0  # default retention of job histories: a year …
-EVENTS_MAX_BYTES = 10 * 1024**3  # … or 10 GiB, whichever comes first (oldest go first)
-# copies of the stream and buckets in a JetStream cluster (BACQ_JS_REPLICAS; 3 for a 3-node cluster)
-REPLICAS_ENV = "BACQ_JS_REPLICAS"
+# the retention of the streams is in the table of bacq.streams; these names are kept for readers
+STREAM_MAX_AGE = streams.STREAMS[subjects.STREAM].max_age  # seconds kept in the BACQ stream
+EVENTS_MAX_AGE = streams.STREAMS[subjects.EVENTS_STREAM].max_age  # job histories: a year …
+EVENTS_MAX_BYTES = streams.STREAMS[subjects.EVENTS_STREAM].max_bytes  # … or 10 GiB
+REPLICAS_ENV = streams.REPLICAS_ENV
 DECLARING_ROLES = ("requester", "verifier")
-DUPLICATE_WINDOW = 120.0  # seconds within which a repeated Nats-Msg-Id is dropped
+DUPLICATE_WINDOW = streams.DUPLICATE_WINDOW
 DEAD_KEEP = 64 * 1024  # bytes of a dead-lettered message kept
-DEAD_MAX_AGE = 30 * 24 * 3600.0  # dead letters are kept 30 days …
-DEAD_MAX_BYTES = 256 * 1024**2  # … or 256 MiB, whichever comes first
+DEAD_MAX_AGE = streams.STREAMS[subjects.DEAD_STREAM].max_age  # dead letters: 30 days …
+DEAD_MAX_BYTES = streams.STREAMS[subjects.DEAD_STREAM].max_bytes  # … or 256 MiB
 
 JS_RETRY_FOR = 30.0  # seconds a job-record read/write retries while JetStream is away (failover)
 # the server or the stream's leader is away (restart, network, a cluster electing a new leader)
@@ -164,7 +161,7 @@ class Bus:
         js = nc.jetstream()
         try:
             if options.role in DECLARING_ROLES:
-                await _ensure_streams(js)
+                await streams.ensure_all(js)
                 jobs = await ensure_bucket(js, subjects.JOBS_BUCKET)
             elif options.role == "worker":  # workers never read job records: bind, no lookup
                 jobs = KeyValue(
@@ -511,77 +508,13 @@ def _role(name: str) -> str:
 
 
 def replicas() -> int:
-    """JetStream replicas for the stream and buckets: ``$BACQ_JS_REPLICAS`` (1 to 5), else 1."""
-    value = os.environ.get(REPLICAS_ENV, "1")
-    if not value.isdigit() or not 1 <= int(value) <= 5:
-        raise ConfigError(f"{REPLICAS_ENV} must be a number from 1 to 5, not {value!r}")
-    return int(value)
-
-
-def _stream_configs() -> list[StreamConfig]:
-    return [
-        StreamConfig(
-            name=subjects.STREAM,
-            subjects=list(subjects.STREAM_SUBJECTS),
-            storage=StorageType.FILE,
-            max_age=STREAM_MAX_AGE,
-            duplicate_window=DUPLICATE_WINDOW,
-            num_replicas=replicas(),
-        ),
-        StreamConfig(
-            name=subjects.VERDICTS_STREAM,
-            subjects=[subjects.VERDICT_ALL],
-            storage=StorageType.FILE,
-            max_age=STREAM_MAX_AGE,
-            duplicate_window=DUPLICATE_WINDOW,
-            num_replicas=replicas(),
-        ),
-        StreamConfig(
-            name=subjects.DEAD_STREAM,
-            subjects=[subjects.DEAD_ALL],
-            storage=StorageType.FILE,
-            max_age=DEAD_MAX_AGE,
-            max_bytes=DEAD_MAX_BYTES,
-            num_replicas=replicas(),
-        ),
-        StreamConfig(
-            name=subjects.EVENTS_STREAM,
-            subjects=[subjects.EVENTS_ALL],
-            storage=StorageType.FILE,
-            max_age=EVENTS_MAX_AGE,
-            max_bytes=EVENTS_MAX_BYTES,
-            duplicate_window=DUPLICATE_WINDOW,
-            num_replicas=replicas(),
-        ),
-    ]
-
-
-async def _ensure_streams(js: JetStreamContext) -> None:
-    """Create the streams that are missing. BACQ is updated to this config (replicas); the
-    events stream keeps its retention, which the requester sets from its flags."""
-    for config in _stream_configs():
-        try:
-            await js.stream_info(str(config.name))
-        except nats.js.errors.NotFoundError:
-            with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
-                await js.add_stream(config)
-            continue
-        if config.name == subjects.STREAM:
-            await js.update_stream(config)
+    """JetStream replicas for the streams and buckets (``bacq.streams.replicas``)."""
+    return streams.replicas()
 
 
 async def ensure_bucket(js: JetStreamContext, name: str) -> KeyValue:
-    """The key-value bucket ``name`` (file storage), created when missing."""
-    try:
-        return await js.key_value(name)
-    except nats.js.errors.BucketNotFoundError:
-        with contextlib.suppress(nats.js.errors.BadRequestError):
-            await js.create_key_value(
-                KeyValueConfig(
-                    bucket=name, history=5, storage=StorageType.FILE, replicas=replicas()
-                )
-            )
-        return await js.key_value(name)
+    """The key-value bucket ``name`` of the table in ``bacq.streams``, created when missing."""
+    return await streams.ensure_bucket(js, name)
 
 
 async def again(call: Callable[[], Awaitable[T]], *, retry_for: float = JS_RETRY_FOR) -> T:

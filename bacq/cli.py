@@ -43,6 +43,7 @@ GROUPS = (
     "bacq.commands.ipfs",  # ipfs add
     "bacq.commands.misc",  # schema, version, doctor, completion
     "bacq.commands.services",  # devstack, requester, verifier, worker
+    "bacq.commands.lab",  # lab up, status, down
 )
 
 

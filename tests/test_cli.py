@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from bacq.devstack import Devstack
 from tests.conftest import run_cli
 
@@ -79,6 +81,7 @@ def test_schema_is_json_schema_of_the_spec() -> None:
     assert "image" in schema["properties"]
 
 
+@pytest.mark.devstack
 def test_devstack_prints_env_lines_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     with (
         (tmp_path / "devstack.err").open("w") as errors,
@@ -100,9 +103,12 @@ def test_devstack_prints_env_lines_and_stops_everything_on_ctrl_c(tmp_path: Path
     ):
         try:
             assert proc.stdout is not None
-            lines = [proc.stdout.readline(), proc.stdout.readline()]
+            lines = [proc.stdout.readline() for _ in range(4)]
             assert lines[0].startswith("export BACQ_NATS_URL=nats://127.0.0.1:")
             assert lines[1].startswith("export BACQ_IPFS_API=/ip4/127.0.0.1/tcp/")
+            # the client's NATS user and its password file (0600, in the state dir)
+            assert lines[2] == "export BACQ_NATS_USER=client\n"
+            assert lines[3].startswith(f"export BACQ_NATS_PASSWORD_FILE={tmp_path / 'state'}")
             env = dict(line.removeprefix("export ").strip().split("=", 1) for line in lines)
             listed = subprocess.run(
                 [sys.executable, "-m", "bacq", "list"],

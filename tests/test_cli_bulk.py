@@ -58,7 +58,7 @@ def test_create_reads_json_lines_on_stdin_and_prints_one_id_per_job(stack: Devst
     assert len(set(ids)) == 5
 
     async def labels() -> list[str]:
-        async with await Client.connect(stack.nats.url) as client:
+        async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
             return [(await client.job(i)).spec.labels["n"] for i in ids]
 
     assert asyncio.run(labels()) == [str(i) for i in range(5)]
@@ -79,7 +79,7 @@ async def test_submit_many_keeps_order_across_batches_and_retries_give_the_same_
 ) -> None:
     specs = [_job(i) for i in range(23)]
     keys = [f"many-{i}" for i in range(23)]
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         ids = await client.submit_many(specs, keys)
         assert len(set(ids)) == 23
         # small batches, several in flight: the order is still the specs' order
@@ -98,7 +98,7 @@ async def test_submit_many_keeps_order_across_batches_and_retries_give_the_same_
 
 
 async def test_submit_many_checks_every_spec_before_sending_any(stack: Devstack) -> None:
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         before = len(await client.bus.job_ids())
         with pytest.raises(SpecError) as caught:
             await client.submit_many([_job(0), {"image": BUSYBOX, "timeout": -1}, _job(2)])
@@ -110,7 +110,7 @@ async def test_a_spec_the_requester_refuses_is_named_by_index_and_the_rest_go_th
     stack: Devstack,
 ) -> None:
     refused = {"image": BUSYBOX, "concurrency": 0}  # sent as is: the requester checks it too
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         outcomes = await submission.submit_many(
             client.bus.nc, stack.nats.url, [_job(0), refused, _job(2)]
         )

@@ -298,9 +298,13 @@ def test_logs_of_a_job_killed_at_its_timeout_show_what_it_printed(stack: Devstac
 
 
 async def test_live_output_is_bounded_in_size_and_says_where_the_rest_is(stack: Devstack) -> None:
-    bus = await Bus.connect(stack.nats.url, name="test-logs")
+    # a worker's connection streams (as w1, its NATS user), a client's reads
+    worker = await Bus.connect(
+        stack.nats.url, name="bacq-worker-w1", options=stack.nats_options("w1")
+    )
+    bus = await Bus.connect(stack.nats.url, name="test-logs", options=stack.client_options())
     try:
-        streamer = LogStreamer(bus, "j-bounded", "w9", interval=0.01, max_bytes=40_000)
+        streamer = LogStreamer(worker, "j-bounded", "w1", interval=0.01, max_bytes=40_000)
         streamer.start()
         for _ in range(100):
             streamer.feed("stdout", b"x" * 999 + b"\n")
@@ -310,6 +314,7 @@ async def test_live_output_is_bounded_in_size_and_says_where_the_rest_is(stack: 
         chunks = [c async for c in read_logs(bus, "j-bounded")]
     finally:
         await bus.close()
+        await worker.close()
     text = "".join(c.text for c in chunks if c.stream == "stdout")
     assert text.count("x") <= 40_000
     assert "live output of stdout stops after 40000 bytes" in text

@@ -41,6 +41,8 @@ echo "tmp_mount=$(grep ' /tmp ' /proc/mounts)"
 if echo out > /out/file; then echo out_write=yes; else echo out_write=no; fi
 """
 
+pytestmark = pytest.mark.devstack  # every test here runs real containers
+
 
 @pytest.fixture(scope="module")
 def executor() -> Iterator[DockerExecutor]:
@@ -182,7 +184,7 @@ async def test_a_worker_started_with_a_results_limit_fails_the_job_with_the_reas
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=1, kubo_nodes=1, worker_args=["--results-limit", "100k"])
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit(
             {
                 "image": "bacq-test/busybox",
@@ -245,7 +247,7 @@ async def test_a_job_printing_2gb_is_killed_at_the_results_limit_and_its_worker_
     worker = stack.services["w1"].proc
     assert worker is not None
     before = _peak_rss(worker.pid)
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit(
             {
                 "image": "bacq-test/busybox",

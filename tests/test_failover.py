@@ -56,7 +56,7 @@ async def test_a_standby_requester_takes_over_a_running_job_when_the_active_one_
 ) -> None:
     stack = make_stack(workers=2)
     standby = stack.add_instance("requester")
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         assert await _active(client, "requester") == _pid(stack, "requester")
         running = await client.submit(SLOW)
         await _until_running(client, running)
@@ -78,7 +78,7 @@ async def test_a_deposed_requester_that_comes_back_writes_nothing_and_stands_by(
     stack = make_stack(workers=2)
     standby = stack.add_instance("requester")
     first = _pid(stack, "requester")
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         os.kill(first, signal.SIGSTOP)  # frozen: its lease runs out, the standby takes over
         try:
             await _takeover(client, "requester", _pid(stack, standby))
@@ -111,7 +111,7 @@ async def test_a_standby_verifier_takes_over_when_the_active_one_is_killed(
 ) -> None:
     stack = make_stack(workers=3)
     standby = stack.add_instance("verifier")
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         assert await _active(client, "verifier") == _pid(stack, "verifier")
         stack.kill("verifier")
         took = await _takeover(client, "verifier", _pid(stack, standby))

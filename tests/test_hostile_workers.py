@@ -120,7 +120,7 @@ async def test_forged_ids_on_every_message_kind_change_nothing(
 ) -> None:
     stack = make_stack(workers=3)
     async with (
-        await Client.connect(stack.nats.url) as client,
+        await Client.connect(stack.nats.url, options=stack.client_options()) as client,
         hostile_connection(stack, "w3") as nc,
     ):
         job_id = await client.submit(DETERMINISTIC)
@@ -138,7 +138,7 @@ async def test_hijacked_message_ids_erase_no_result_and_no_verdict(
 ) -> None:
     stack = make_stack(workers=3)
     async with (
-        await Client.connect(stack.nats.url) as client,
+        await Client.connect(stack.nats.url, options=stack.client_options()) as client,
         hostile_connection(stack, "w3") as nc,
     ):
         job_id = await client.submit(DETERMINISTIC)
@@ -173,7 +173,7 @@ async def test_a_flood_of_malformed_messages_delays_no_job_and_quarantines_its_s
 ) -> None:
     stack = make_stack(workers=3)
     async with (
-        await Client.connect(stack.nats.url) as client,
+        await Client.connect(stack.nats.url, options=stack.client_options()) as client,
         hostile_connection(stack, "w3") as nc,
     ):
         before = time.monotonic()
@@ -235,7 +235,7 @@ async def test_a_lazy_worker_is_outvoted_in_every_job_it_runs(
 ) -> None:
     # w3 runs no container: it builds its result from whatever it can read of the others'
     stack = make_stack(workers=4, role_env={"w3": {"BACQ_WORKER_LAZY": "1"}})
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_ids = [await client.submit(DETERMINISTIC) for _ in range(20)]
         jobs = [await client.wait(job_id, timeout=300) for job_id in job_ids]
     ran = 0
@@ -255,7 +255,7 @@ async def test_two_nodes_of_one_operator_never_run_the_same_job(
     config = tmp_path / "nodes.yaml"
     config.write_text("nodes:\n  w1: {operator: alice}\n  w2: {operator: alice}\n")
     stack = make_stack(workers=3, role_env={"requester": {"BACQ_NODES_CONFIG": str(config)}})
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_ids = [
             await client.submit({**HELLO, "concurrency": 2, "confidence": 2}) for _ in range(6)
         ]
@@ -280,7 +280,7 @@ async def test_capacity_a_worker_claims_is_capped_by_the_operator_config(
     stack = make_stack(
         workers=1, max_jobs=4, role_env={"requester": {"BACQ_NODES_CONFIG": str(config)}}
     )
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         spec = {**HELLO, "command": ["sleep", "2"]}
         job_ids = [await client.submit(spec) for _ in range(3)]
         jobs = [await client.wait(job_id, timeout=180) for job_id in job_ids]
@@ -309,7 +309,7 @@ async def test_a_verifier_killed_between_deciding_and_publishing_publishes_on_re
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=3, role_env={"verifier": {"BACQ_CRASH_AT": "verifier.decided"}})
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit(DETERMINISTIC)
         await _exited(stack, "verifier")
         assert not (await client.job(job_id)).final  # decided, saved, never published
@@ -323,7 +323,7 @@ async def test_a_requester_killed_after_choosing_workers_assigns_them_on_restart
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=3, role_env={"requester": {"BACQ_CRASH_AT": "requester.assigned"}})
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit(DETERMINISTIC)
         await _exited(stack, "requester")
         job = await client.job(job_id)
@@ -340,7 +340,9 @@ async def test_a_verdict_stream_takes_no_message_from_a_worker(
 ) -> None:
     """Verdicts live in a stream of their own: a worker's dedup ids cannot touch them."""
     stack = make_stack(workers=0)
-    bus = await Bus.connect(stack.nats.url, name="bacq-requester-test")
+    bus = await Bus.connect(
+        stack.nats.url, name="bacq-requester-test", options=stack.nats_options("requester")
+    )
     try:
         info = await bus.js.stream_info(subjects.VERDICTS_STREAM)
         assert info.config.subjects == [subjects.VERDICT_ALL]
@@ -354,7 +356,7 @@ async def test_a_reveal_that_does_not_match_its_commitment_is_rejected_and_count
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=3, role_env={"w3": {"BACQ_WORKER_SWITCH_REVEAL": "1"}})
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job = await client.wait(await client.submit(DETERMINISTIC), timeout=120)
         assert job.state == JobState.ACCEPTED, job.reason
         assert job.executions["w3"].state == ExecState.REJECTED

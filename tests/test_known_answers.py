@@ -18,7 +18,7 @@ async def test_a_deterministic_job_equal_to_an_accepted_one_is_answered_at_once(
 ) -> None:
     stack = make_stack(workers=1)
     spec = {**HELLO, "command": ["echo", "known"], "deterministic": True}
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         first = await client.wait(await client.submit(spec), timeout=120)
         assert first.state == JobState.ACCEPTED, first.reason
         # the same work, asked differently (how it runs is no part of the answer)

@@ -54,7 +54,7 @@ async def test_worker_killed_mid_job_is_requeued_on_another_worker(
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=2)
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit(sleeper(5))
         (victim,) = await running_on(client, job_id)
         stack.kill(victim)  # kill -9: no goodbye
@@ -77,7 +77,7 @@ async def test_a_worker_restarted_mid_job_within_lost_after_loses_it_to_another_
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=2)
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit(sleeper(8))
         (victim,) = await running_on(client, job_id)
         await asyncio.to_thread(stack.kill, victim)
@@ -93,7 +93,7 @@ async def test_nats_restart_mid_run_loses_no_job_and_no_event(
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=2)
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         ids = [await client.submit(sleeper(4, concurrency=2)) for _ in range(3)]
         await running_on(client, ids[0])
         stack.restart_nats()  # same port, same store dir
@@ -110,7 +110,7 @@ async def test_requester_killed_mid_run_finishes_its_jobs_when_started_again(
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=2)
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         running = await client.submit(sleeper(4))
         await running_on(client, running)
         stack.kill("requester")
@@ -125,11 +125,21 @@ async def test_verifier_killed_between_results_still_gives_one_verdict(
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=2)
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit(sleeper(3, concurrency=2))
         await running_on(client, job_id)
         stack.kill("verifier")  # results arrive while no verifier runs
-        await asyncio.sleep(5)
+        async with asyncio.timeout(120):  # both workers sent their result (then say completed)
+            while True:
+                down = await client.job(job_id)
+                if [e.state for e in down.executions.values()] == [ExecState.COMPLETED] * 2:
+                    break
+                assert not down.final, f"{down.state}: {down.reason}"
+                await asyncio.sleep(0.2)
+        assert down.state in (JobState.RUNNING, JobState.VERIFYING)  # no verdict without it
+        assert not any(
+            e.kind == "job" and e.state == "accepted" for e in await client.history(job_id)
+        )
         await asyncio.to_thread(stack.restart, "verifier")
         job = await client.wait(job_id, timeout=120)
         history = await client.history(job_id)
@@ -143,7 +153,7 @@ async def test_only_capable_worker_disappearing_fails_the_job_with_a_reason(
 ) -> None:
     stack = make_stack(workers=1, worker_labels={"gpu": "true"})
     stack.add_worker(1, labels={})  # w2: alive, but without the label
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit(sleeper(300, node_selector={"gpu": "true"}, bid_timeout=3))
         await running_on(client, job_id)
         stack.kill("w1")
@@ -156,7 +166,7 @@ async def test_only_capable_worker_disappearing_fails_the_job_with_a_reason(
 async def test_duplicate_submission_with_the_same_idempotency_key_makes_one_job(
     stack: Devstack,
 ) -> None:
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         spec = {"image": BUSYBOX, "command": ["true"]}
         first, second, *rest = await asyncio.gather(
             *(client.submit(spec, idempotency_key="nightly-2026-11-24") for _ in range(4))
@@ -172,7 +182,7 @@ async def test_cancel_during_run_removes_containers_and_frees_capacity(
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=1, max_jobs=1)  # one slot: a leak would block the next job
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit(sleeper(300))
         await running_on(client, job_id)
         assert containers_of(job_id)
@@ -194,7 +204,7 @@ async def test_worker_sigterm_drains_its_running_job_before_exiting(
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=2)
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit(sleeper(3))
         (node,) = await running_on(client, job_id)
         await asyncio.to_thread(stack.stop_service, node)  # returns once the worker exited
@@ -205,13 +215,15 @@ async def test_worker_sigterm_drains_its_running_job_before_exiting(
 
 
 async def test_history_verify_names_an_event_altered_in_the_stream(stack: Devstack) -> None:
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit({"image": BUSYBOX, "command": ["true"]})
         await client.wait(job_id, timeout=60)
-        assert run_cli(stack, "history", job_id, "--verify").returncode == 0
+    assert run_cli(stack, "history", job_id, "--verify").returncode == 0
 
-        # an insider rewrites event 3: deletes the message that holds it (one commit's events)
-        # and publishes an edited copy of that message
+    # an insider (the requester's credentials) rewrites event 3: deletes the message that holds
+    # it (one commit's events) and publishes an edited copy of that message
+    insider = stack.nats_options("requester")
+    async with await Client.connect(stack.nats.url, options=insider) as client:
         js = client.bus.js
         messages: dict[int, list[Event]] = {}
         async for stream_seq, event in client.bus.replay_events(f"bacq.events.{job_id}"):
@@ -229,7 +241,7 @@ async def test_history_verify_names_an_event_altered_in_the_stream(stack: Devsta
 
 
 async def test_events_replays_every_job_from_a_sequence(stack: Devstack) -> None:
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit({"image": BUSYBOX, "command": ["true"]})
         await client.wait(job_id, timeout=60)
     done = run_cli(stack, "events", "--from-seq", "1", "--output", "json")
@@ -247,14 +259,26 @@ async def test_events_replays_every_job_from_a_sequence(stack: Devstack) -> None
 async def test_a_record_behind_its_events_is_rolled_forward_on_restart(
     stack: Devstack,
 ) -> None:
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit({"image": BUSYBOX, "command": ["true"]})
         final = await client.wait(job_id, timeout=60)
-        # the requester died after publishing the last events but before saving the record
-        stale = final.model_copy(
-            update={"state": JobState.RUNNING, "event_seq": 9, "result_cid": None}
-        )
+        history = await client.history(job_id)
+    # the requester died after publishing the last events but before saving the record: the
+    # record stops at the job's last "running" event, whatever its number
+    (running,) = [e for e in history if e.kind == "job" and e.state == "running"][-1:]
+    assert running.seq < final.event_seq  # later events exist to roll forward to
+    stale = final.model_copy(
+        update={
+            "state": JobState.RUNNING,
+            "event_seq": running.seq,
+            "last_hash": running.hash,
+            "result_cid": None,
+        }
+    )
+    insider = stack.nats_options("requester")  # only the requester may write job records
+    async with await Client.connect(stack.nats.url, options=insider) as client:
         await client.bus.save_job(stale)
+        assert (await client.job(job_id)).event_seq == running.seq
         await asyncio.to_thread(stack.restart, "requester")
         entry = await client.bus.jobs.get(job_id)
         rebuilt = decode(JobRecord, entry.value or b"")

@@ -49,7 +49,7 @@ async def test_a_devstack_exposes_its_metrics_after_a_job(
     stack = make_stack(
         workers=1, role_env={role: {"BACQ_METRICS_PORT": str(p)} for role, p in ports.items()}
     )
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job = await client.wait(
             await client.submit({"image": BUSYBOX, "command": ["echo", "hi"]}), timeout=120
         )

@@ -201,7 +201,7 @@ async def test_jobs_flow_end_to_end_with_every_role_authenticated(
     # the job record, read with the client's credentials through the bucket
     os.environ.update({"BACQ_NATS_USER": "client", "BACQ_NATS_PASSWORD": PASSWORDS["client"]})
     try:
-        async with await Client.connect(stack.nats.url) as client:
+        async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
             jobs = await client.jobs()
     finally:
         for key in ("BACQ_NATS_USER", "BACQ_NATS_PASSWORD"):
@@ -310,7 +310,7 @@ async def test_with_a_user_per_worker_node_no_worker_sends_results_in_anothers_n
     # and jobs flow with every worker under its own user
     os.environ.update({"BACQ_NATS_USER": "client", "BACQ_NATS_PASSWORD": PASSWORDS["client"]})
     try:
-        async with await Client.connect(stack.nats.url) as client:
+        async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
             job_id = await client.submit(
                 {"image": BUSYBOX, "command": ["echo", "hi"], "concurrency": 2, "confidence": 2}
             )

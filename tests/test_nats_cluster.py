@@ -18,7 +18,7 @@ import nats
 import nats.errors
 import pytest
 
-from bacq import subjects
+from bacq import streams, subjects
 from bacq.auth import NatsOptions
 from bacq.client import Client
 from bacq.devstack import Devstack, NatsServer
@@ -29,6 +29,8 @@ from tests.scenarios import BUSYBOX, HELLO_WORLD, setup_storage
 ROOT = Path(__file__).parent.parent
 ROLES = ("client", "requester", "verifier", "worker")
 PASSWORDS = {role: f"{role}-cluster-{os.getpid()}" for role in ROLES}
+LEADER_WAIT = 60.0  # seconds the three servers have to elect a JetStream meta leader
+JOB_WAIT = 180.0  # seconds a job may take to its verdict (a failover included); a bound, not a goal
 
 
 def _free_ports(n: int) -> list[int]:
@@ -84,13 +86,26 @@ async def _wait_for_jetstream(url: str) -> None:
     options = NatsOptions(role="requester", user="requester", password=PASSWORDS["requester"])
     nc = await nats.connect(url.split(","), **options.connect_kwargs())
     try:
-        for _ in range(600):
+        deadline = asyncio.get_running_loop().time() + LEADER_WAIT
+        while asyncio.get_running_loop().time() < deadline:
             try:
                 await nc.jetstream(timeout=2).account_info()
                 return
             except (nats.errors.Error, TimeoutError):
                 await asyncio.sleep(0.1)
-        raise AssertionError("the NATS cluster never elected a JetStream leader")
+        raise AssertionError(f"the NATS cluster elected no JetStream leader in {LEADER_WAIT:g}s")
+    finally:
+        await nc.close()
+
+
+async def _copies(url: str) -> dict[str, int]:
+    """The number of copies of every stream and bucket of bacq.streams, by name."""
+    options = NatsOptions(role="requester", user="requester", password=PASSWORDS["requester"])
+    nc = await nats.connect(url.split(","), **options.connect_kwargs())
+    try:
+        js = nc.jetstream(timeout=5)
+        names = [*streams.STREAMS, *(f"KV_{b}" for b in streams.BUCKETS)]
+        return {name: (await js.stream_info(name)).config.num_replicas or 1 for name in names}
     finally:
         await nc.close()
 
@@ -126,7 +141,7 @@ async def _run_job(client: Client, cid: str) -> JobState:
         },
         timeout=30,
     )
-    job = await client.wait(job_id)
+    job = await client.wait(job_id, timeout=JOB_WAIT)
     return job.state
 
 
@@ -158,6 +173,8 @@ async def test_jobs_continue_when_one_of_three_clustered_nats_servers_dies(
             assert await _run_job(client, cid) == JobState.ACCEPTED
             leader, copies = await _stream_leader(url)
             assert copies == 3
+            # every stream and bucket, live output and node records included, has three copies
+            assert set((await _copies(url)).values()) == {3}, await _copies(url)
             victim = next(s for s in cluster if s.env["BACQ_NATS_NAME"] == leader)
             victim.kill()
             survivors = ",".join(s.url for s in cluster if s is not victim)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import pytest
+
 from bacq.client import Client
 from bacq.devstack import Devstack
 from bacq.states import JobState
@@ -23,7 +25,7 @@ async def test_jobs_beyond_the_free_slots_wait_in_the_queue_and_all_complete(
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=1, kubo_nodes=1, max_jobs=1)
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         ids = [await client.submit(sleeper(3)) for _ in range(4)]
         async with asyncio.timeout(60):  # the oldest goes first
             while True:
@@ -42,11 +44,12 @@ async def test_jobs_beyond_the_free_slots_wait_in_the_queue_and_all_complete(
     assert started == sorted(started), "the queue is first in, first out"
 
 
+@pytest.mark.timeout(900)  # waits up to 600 s for the jobs, plus the devstack
 async def test_a_thousand_noop_jobs_on_few_slots_are_none_lost(
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=2, kubo_nodes=1, max_jobs=3, worker_args=NOOP)
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         spec = {"image": "none", "verifier": "noop"}
         slots = asyncio.Semaphore(100)
 
@@ -64,10 +67,17 @@ async def test_queued_jobs_survive_a_requester_restart(
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=1, kubo_nodes=1, max_jobs=1)
-    async with await Client.connect(stack.nats.url) as client:
-        ids = [await client.submit(sleeper(1)) for _ in range(4)]
-        await asyncio.sleep(4)
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
+        ids = [await client.submit(sleeper(3)) for _ in range(4)]
+        async with asyncio.timeout(60):  # the oldest runs, the others wait their turn
+            while True:
+                if (await client.job(ids[0])).state == JobState.RUNNING:
+                    break
+                await asyncio.sleep(0.2)
         await asyncio.to_thread(stack.kill, "requester")
+        # with the requester dead, the records hold still: some jobs were queued when it died
+        queued = [i for i in ids if (await client.job(i)).state == JobState.PENDING]
+        assert queued, [(await client.job(i)).state for i in ids]
         await asyncio.to_thread(stack.restart, "requester")
         jobs = [await client.wait(i, timeout=180) for i in ids]
     assert [j.state for j in jobs] == [JobState.ACCEPTED] * 4, [(j.state, j.reason) for j in jobs]
@@ -77,7 +87,7 @@ async def test_a_job_that_waits_past_its_queue_timeout_fails_with_the_reason(
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=1, kubo_nodes=1, max_jobs=1)
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         blocker = await client.submit(sleeper(20))
         await asyncio.sleep(4)
         late = await client.submit(sleeper(1, queue_timeout=2))

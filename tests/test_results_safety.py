@@ -345,7 +345,9 @@ async def test_get_of_a_result_whose_tar_holds_dotdot_paths_writes_nothing_outsi
     # a job record naming it as the accepted result, as a compromised requester might write
     from bacq.bus import Bus
 
-    bus = await Bus.connect(stack.nats.url, name="test")
+    bus = await Bus.connect(
+        stack.nats.url, name="bacq-requester-test", options=stack.nats_options("requester")
+    )
     try:
         job = JobRecord(
             id="j-evilresult", spec=JobSpec(image="x"), state=JobState.ACCEPTED, result_cid=root

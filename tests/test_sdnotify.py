@@ -118,3 +118,34 @@ def test_an_abstract_notify_socket_is_reached(tmp_path: Path) -> None:
         notifier.close()
     finally:
         sock.close()
+
+
+def test_ready_is_sent_even_when_the_service_logs_only_warnings(
+    nats_server: NatsServer, notify_socket: tuple[socket.socket, str], tmp_path: Path
+) -> None:
+    sock, path = notify_socket
+    ready_file = tmp_path / "verifier.ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bacq", "verifier", "--nats", nats_server.url],
+        env={
+            **os.environ,
+            "NOTIFY_SOCKET": path,
+            "BACQ_LOG_LEVEL": "WARNING",
+            "BACQ_READY_FILE": str(ready_file),
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert _until(sock, "READY")["READY"] == "1"
+        assert ready_file.read_text().strip() == str(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert proc.stderr is not None
+        assert b"service.ready" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()

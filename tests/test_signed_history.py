@@ -345,7 +345,13 @@ def test_published_keys_must_list_their_current_key() -> None:
 async def test_history_verify_uses_the_published_or_pinned_key_and_reports_attacks(
     stack: Devstack,
 ) -> None:
-    async with await Client.connect(stack.nats.url) as client:
+    # the attacks write where only the requester may (bacq-keys, the events, the job record):
+    # an insider holding the requester's NATS user
+    insider_options = stack.nats_options("requester")
+    async with (
+        await Client.connect(stack.nats.url, options=stack.client_options()) as client,
+        await Client.connect(stack.nats.url, options=insider_options) as insider,
+    ):
         job_id = await client.submit({"image": BUSYBOX, "command": ["true"]})
         await client.wait(job_id, timeout=60)
         # the devstack's requester signed every event with its key and published it
@@ -360,18 +366,18 @@ async def test_history_verify_uses_the_published_or_pinned_key_and_reports_attac
         assert "which is not a trusted requester key" in done.stdout
 
         # a history rewritten and signed with another listed requester key (a rotation)
-        published = await publish_requester_keys(client.bus.js, REQUESTER)
+        published = await publish_requester_keys(insider.bus.js, REQUESTER)
         assert {real.current, REQUESTER.key_id} <= set(published.keys)
         assert await fetch_requester_keys(client.bus.js) == published
         subject = subjects.events(job_id)
         record = await client.job(job_id)
 
         async def rewrite(events: list[Event], last: Event) -> None:
-            await client.bus.js.purge_stream(subjects.EVENTS_STREAM, subject=subject)
+            await insider.bus.js.purge_stream(subjects.EVENTS_STREAM, subject=subject)
             for event in events:  # one message per event, as plain publishes (no dedup id)
-                await client.bus.js.publish(subject, encode_events([event]))
+                await insider.bus.js.publish(subject, encode_events([event]))
             record.event_seq, record.last_hash = last.seq, last.hash
-            await client.bus.save_job(record)
+            await insider.bus.save_job(record)
 
         signed = reseal(await client.history(job_id), 1, REQUESTER)
         await rewrite(signed, signed[-1])
@@ -397,7 +403,7 @@ async def test_history_verify_uses_the_published_or_pinned_key_and_reports_attac
         assert f"signed by {ATTACKER.key_id}, which is not a trusted requester key" in done.stdout
 
         # whoever can write bacq-keys can add a key there; a pin wins over what is published
-        await publish_requester_keys(client.bus.js, ATTACKER)
+        await publish_requester_keys(insider.bus.js, ATTACKER)
         done = run_cli(stack, "history", job_id, "--verify")
         assert done.returncode == 0, done.stdout  # the published keys now list the forger's
         env_pin = {**os.environ, REQUESTER_KEY_ENV: REQUESTER.key_id}

@@ -30,7 +30,7 @@ async def _submit(stack: Devstack, client: Client, tmp_path: Path, **spec_fields
 
 
 async def _run(stack: Devstack, tmp_path: Path, **spec_fields: object) -> tuple[Client, str]:
-    client = await Client.connect(stack.nats.url)
+    client = await Client.connect(stack.nats.url, options=stack.client_options())
     return client, await _submit(stack, client, tmp_path, **spec_fields)
 
 

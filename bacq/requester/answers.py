@@ -57,8 +57,6 @@ def answer_key(spec: JobSpec) -> str | None:
     deterministic, or ``no_cache``)."""
     if getattr(spec, "no_cache", False) or not is_deterministic(spec):
         return None
-    what: dict[str, Any] = {
-        k: v for k, v in spec.model_dump(mode="json").items() if k not in _HOW
-    }
+    what: dict[str, Any] = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _HOW}
     text = json.dumps(what, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(b"bacq-answer-v1|" + text.encode()).hexdigest()[:48]

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from functools import partial
 
-from bacq import metrics, subjects
+from bacq import metrics, sdnotify, subjects
 from bacq.bus import ensure_bucket
 from bacq.errors import Fenced
 from bacq.lease import Lease
@@ -74,7 +74,9 @@ class Requester(Intake):
 
     async def _term(self, stop: asyncio.Event) -> None:
         self.lease = Lease(self.bus, "requester")
-        standby = partial(self.log.info, "service.ready", service="requester", standby=True)
+        standby = sdnotify.also_ready(
+            partial(self.log.info, "service.ready", service="requester", standby=True)
+        )
         if not await self.lease.acquire(stop, on_standby=standby):
             return
         try:
@@ -121,6 +123,7 @@ class Requester(Intake):
         ]
         await self.bus.nc.flush()
         self.log.info("service.ready", service="requester", instance=self.lease.holder.instance)
+        sdnotify.ready()
         ends = [
             asyncio.create_task(stop.wait()),
             asyncio.create_task(self.lease.lost.wait()),

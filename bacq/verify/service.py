@@ -34,7 +34,7 @@ from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
-from bacq import metrics, subjects
+from bacq import metrics, sdnotify, subjects
 from bacq.bus import Bus, ensure_bucket, last_delivery, new_nonce
 from bacq.errors import Fenced
 from bacq.faults import crash_point
@@ -417,7 +417,9 @@ class Verifier:
 
     async def _term(self, stop: asyncio.Event) -> None:
         lease = Lease(self.bus, "verifier")
-        standby = partial(self.log.info, "service.ready", service="verifier", standby=True)
+        standby = sdnotify.also_ready(
+            partial(self.log.info, "service.ready", service="verifier", standby=True)
+        )
         if not await lease.acquire(stop, on_standby=standby):
             return
         try:
@@ -458,6 +460,7 @@ class Verifier:
         tasks = [asyncio.create_task(loop()), asyncio.create_task(sweep())]
         await self.bus.nc.flush()
         self.log.info("service.ready", service="verifier", instance=lease.holder.instance)
+        sdnotify.ready()
         ends = [asyncio.create_task(stop.wait()), asyncio.create_task(lease.lost.wait())]
         try:
             await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)

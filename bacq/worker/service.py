@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
-from bacq import metrics, subjects
+from bacq import metrics, sdnotify, subjects
 from bacq.bus import Bus, new_nonce
 from bacq.errors import BacqError
 from bacq.log import get_logger
@@ -588,6 +588,7 @@ class Worker:
         await self.bus.nc.flush()
         await self._heartbeat()
         self.log.info("service.ready", service="worker", labels=self.config.labels)
+        sdnotify.ready()
         try:
             while not stop.is_set():
                 self._expire_reservations()
