@@ -50,6 +50,7 @@ EXECUTION_KEYS = {
     "exit_code",
     "result_cid",
     "assigned_at",
+    "fuel_used",
 }
 NODE_KEYS = {
     "node_id",
@@ -64,6 +65,11 @@ NODE_KEYS = {
     "seconds_since_heartbeat",
     "verified",
     "rejected",
+    "quarantined",
+    "offences",
+    "forged",
+    "malformed",
+    "bad_reveals",
 }
 
 
