@@ -68,7 +68,7 @@ def startup(stack: Devstack, runs: int) -> dict[str, Any]:
 
 def _await(stack: Devstack, job_ids: list[str], timeout: float = 600.0) -> dict[str, int]:
     async def wait() -> dict[str, int]:
-        async with await Client.connect(stack.nats.url) as client:
+        async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
             done = await client.wait_all(job_ids, timeout=timeout)
         states: dict[str, int] = {}
         for job in done.values():

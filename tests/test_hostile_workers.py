@@ -371,7 +371,7 @@ async def test_an_input_over_the_workers_limit_is_refused_before_it_is_downloade
     stack = make_stack(workers=1, worker_args=["--max-input-size", "1m"])
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(2 * 1024**2))
-    async with await Client.connect(stack.nats.url) as client:
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         storage = await Storage.connect(stack.ipfs_api)
         try:
             cid = await storage.add(big)

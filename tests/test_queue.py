@@ -60,7 +60,9 @@ async def test_a_thousand_noop_jobs_on_few_slots_are_none_lost(
         ids = await asyncio.gather(*(submit() for _ in range(1000)))
         jobs = list((await client.wait_all(ids, timeout=600)).values())
     outcomes = {j.state for j in jobs}
-    assert outcomes == {JobState.ACCEPTED}, [(j.state, j.reason) for j in jobs if not j.final][:5]
+    assert outcomes == {JobState.ACCEPTED}, [
+        (j.id, j.state, j.reason) for j in jobs if j.state != JobState.ACCEPTED
+    ][:5]
 
 
 async def test_queued_jobs_survive_a_requester_restart(

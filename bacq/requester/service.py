@@ -107,11 +107,13 @@ class Requester(Intake):
         self.reputations.bucket = await reputation_bucket(self.bus)
         await self.reputations.load_all()
         self.reputations.start()
+        # no queue group: only the lease holder serves, and a frozen or cut-off one that is
+        # still subscribed must not take requests away from it (the first answer wins)
         subs = [
-            await self.bus.subscribe(subjects.SUBMIT, self.on_submit, queue="requester"),
-            await self.bus.subscribe(subjects.SUBMIT_MANY, self.on_submit_many, queue="requester"),
-            await self.bus.subscribe(subjects.CANCEL, self.on_cancel, queue="requester"),
-            await self.bus.subscribe(subjects.RELEASE, self.on_release, queue="requester"),
+            await self.bus.subscribe(subjects.SUBMIT, self.on_submit),
+            await self.bus.subscribe(subjects.SUBMIT_MANY, self.on_submit_many),
+            await self.bus.subscribe(subjects.CANCEL, self.on_cancel),
+            await self.bus.subscribe(subjects.RELEASE, self.on_release),
             await self.bus.subscribe(subjects.HEARTBEATS_ALL, self.on_heartbeat),
             await self.bus.subscribe(subjects.BIDS_ALL, self.on_bid),
         ]

@@ -173,6 +173,8 @@ class Worker:
         # per execution, a secret chosen when it is accepted: its message ids and commitment
         self._nonces: dict[str, str] = {}
         self._committed: dict[str, _Committed] = {}  # job → result awaiting its reveal
+        self._revealing: set[str] = set()
+        self._reveal_tasks: set[asyncio.Task[None]] = set()
 
     # -- capacity ---------------------------------------------------------------------------------
     def _free(self) -> tuple[float, int, int]:
@@ -334,6 +336,21 @@ class Worker:
             await msg.respond(encode(RevealReply(ok=False, error=f"no result kept for {job_id}")))
             return
         await msg.respond(encode(RevealReply(ok=True)))
+        if job_id in self._revealing:  # asked again while the first reveal is under way
+            return
+        # a subscription's callback runs one message at a time: reveal in a task of its own
+        self._revealing.add(job_id)
+        task = asyncio.create_task(self._reveal(job_id, committed), name=f"reveal-{job_id}")
+        self._reveal_tasks.add(task)
+        task.add_done_callback(self._reveal_tasks.discard)
+
+    async def _reveal(self, job_id: str, committed: _Committed) -> None:
+        try:
+            await self._publish_reveal(job_id, committed)
+        finally:
+            self._revealing.discard(job_id)
+
+    async def _publish_reveal(self, job_id: str, committed: _Committed) -> None:
         try:
             if committed.results_dir.exists():
                 cid = await self.storage.add(committed.results_dir)
