@@ -98,6 +98,7 @@ class Lease:
         self._revision = 0
         self._task: asyncio.Task[None] | None = None
         self._last_ok = 0.0  # monotonic time of the last successful write of the lease
+        self._renewing = asyncio.Lock()
 
     def valid(self) -> bool:
         """True while this process may act: it holds the lease and renewed it recently enough
@@ -108,6 +109,29 @@ class Lease:
             and self._revision > 0
             and time.monotonic() - self._last_ok < LEASE_TTL - RENEW_EVERY
         )
+
+    async def ensure(self) -> bool:
+        """True when this process may act now: its lease is fresh, or a renewal made now
+        succeeds (a process whose event loop was busy for a few seconds is not deposed for
+        that, as long as nobody took the lease meanwhile). False, and ``lost`` set, otherwise."""
+        if self.valid():
+            return True
+        async with self._renewing:  # one renewal at a time: each needs the latest revision
+            if self.valid():
+                return True
+            if self.lost.is_set() or self._bucket is None or not self._revision:
+                return False
+            self.holder.renewed = now()
+            try:
+                self._revision = await self._bucket.update(
+                    self.role, encode(self.holder), last=self._revision
+                )
+            except (nats.errors.Error, TimeoutError):
+                log.error("lease.lost", role=self.role, instance=self.holder.instance)
+                self.lost.set()
+                return False
+            self._last_ok = time.monotonic()
+            return True
 
     async def acquire(
         self, stop: asyncio.Event, on_standby: Callable[[], None] | None = None
@@ -152,12 +176,13 @@ class Lease:
         assert self._bucket is not None  # noqa: S101
         while True:
             await asyncio.sleep(RENEW_EVERY)
-            self.holder.renewed = now()
             try:
-                self._revision = await self._bucket.update(
-                    self.role, encode(self.holder), last=self._revision
-                )
-                self._last_ok = time.monotonic()
+                async with self._renewing:
+                    self.holder.renewed = now()
+                    self._revision = await self._bucket.update(
+                        self.role, encode(self.holder), last=self._revision
+                    )
+                    self._last_ok = time.monotonic()
                 continue
             except nats.js.errors.KeyWrongLastSequenceError:
                 why = "another instance holds it now"

@@ -32,7 +32,7 @@ class Ledger(Core):
 
         Fenced: a requester whose lease has run out writes nothing, and one whose record was
         changed by another (the one that replaced it) stops (``self.fenced``)."""
-        if self.lease is not None and not self.lease.valid():
+        if self.lease is not None and not await self.lease.ensure():
             self.fenced.set()
             raise Fenced("this requester's lease ran out: another one may be active")
         try:

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import re
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from functools import partial
 from typing import Any
 
@@ -172,11 +172,18 @@ class Verifier:
                 f"on the subject of job {job_id} node {node_id}",
                 "forged",
             )
+        async with self._job_lock(job_id):
+            await self._handle(result)
+
+    @contextlib.asynccontextmanager
+    async def _job_lock(self, job_id: str) -> AsyncIterator[None]:
+        """One job's messages and its sweep, one at a time; the lock is dropped with its last
+        user."""
         lock, users = self._locks.get(job_id, (asyncio.Lock(), 0))
         self._locks[job_id] = (lock, users + 1)
         try:
             async with lock:
-                await self._handle(result)
+                yield
         finally:
             lock, users = self._locks[job_id]
             if users == 1:
@@ -309,19 +316,11 @@ class Verifier:
         Forget undecided jobs that ended without a verdict (failed, cancelled)."""
         loop = asyncio.get_running_loop()
         for job_id, collected in list(self._collected.items()):
-            lock, users = self._locks.get(job_id, (asyncio.Lock(), 0))
-            self._locks[job_id] = (lock, users + 1)
             try:
-                async with lock:
+                async with self._job_lock(job_id):
                     await self._sweep_one(job_id, collected, loop.time())
             except (nats.errors.Error, TimeoutError) as exc:
                 self.log.warning("sweep.failed", job=job_id, error=type(exc).__name__)
-            finally:
-                lock, users = self._locks[job_id]
-                if users == 1:
-                    del self._locks[job_id]
-                else:
-                    self._locks[job_id] = (lock, users - 1)
 
     async def _sweep_one(self, job_id: str, collected: Collected, t: float) -> None:
         if collected.decided:
@@ -446,9 +445,8 @@ class Verifier:
                 subjects.VERIFY_ALL, subjects.VERIFIER_CONSUMER, batch=IN_FLIGHT
             ):
                 await slots.acquire()
-                if not lease.valid():  # frozen or cut off: another verifier may be active
+                if not await lease.ensure():  # frozen or cut off: another may be active
                     slots.release()
-                    lease.lost.set()
                     return
                 self._spawn(self._handle_and_ack(msg, slots), "result")
 
