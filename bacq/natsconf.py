@@ -15,7 +15,10 @@ from typing import Any
 
 from bacq import subjects
 
-__all__ = ["render", "role_permissions", "worker_permissions"]
+__all__ = ["EXAMPLE_NODES", "password_var", "render", "role_permissions", "worker_permissions"]
+
+# the worker nodes of the shipped deploy/nats/auth.conf (`python -m bacq.natsconf w1 w2 w3`)
+EXAMPLE_NODES = ("w1", "w2", "w3")
 
 P = subjects.PREFIX
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")  # as the worker checks its --node-id
@@ -210,7 +213,12 @@ def _var(name: str) -> str:
     return re.sub(r"[^A-Z0-9_]", "_", name.upper())
 
 
-def render(workers: list[str] | None = None) -> str:
+def password_var(user: str, *, node: bool = False) -> str:
+    """The nats-server environment variable holding ``user``'s password in the rendered file."""
+    return f"BACQ_WORKER_{_var(user)}_PASSWORD" if node else f"BACQ_{_var(user)}_PASSWORD"
+
+
+def render(workers: list[str] | tuple[str, ...] | None = None) -> str:
     """auth.conf: shared role users, or with ``workers`` one user per worker node."""
     blocks: dict[str, dict[str, Any]] = {
         _var(role): perms for role, perms in role_permissions().items()

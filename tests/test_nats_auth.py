@@ -25,14 +25,19 @@ from bacq.auth import NatsOptions
 from bacq.client import Client
 from bacq.devstack import Devstack
 from bacq.models import ResultMessage, encode
-from bacq.natsconf import render
+from bacq.natsconf import EXAMPLE_NODES, password_var, render
 from bacq.states import JobState
 from bacq.storage import Storage
 from tests.scenarios import BUSYBOX, HELLO_WORLD, setup_storage
 
 ROOT = Path(__file__).parent.parent
+# the shipped auth.conf: a user per role, and one per worker node (w1, w2, w3)
 PASSWORDS = {
-    role: f"{role}-secret-{os.getpid()}" for role in ("client", "requester", "verifier", "worker")
+    user: f"{user}-secret-{os.getpid()}"
+    for user in ("client", "requester", "verifier", *EXAMPLE_NODES)
+}
+SERVER_ENV = {
+    password_var(user, node=user in EXAMPLE_NODES): pw for user, pw in PASSWORDS.items()
 }
 
 
@@ -44,8 +49,8 @@ DEVSTACK = {
     "workers": 2,
     "kubo_nodes": 1,
     "nats_args": ["-c", str(ROOT / "deploy" / "nats" / "nats-server.conf")],
-    "nats_env": {f"BACQ_{role.upper()}_PASSWORD": pw for role, pw in PASSWORDS.items()},
-    "role_env": {role: role_env(role) for role in ("requester", "verifier", "worker")},
+    "nats_env": SERVER_ENV,
+    "role_env": {user: role_env(user) for user in ("requester", "verifier", "w1", "w2")},
 }
 
 
@@ -62,7 +67,8 @@ class Conn:
             self.errors.append(str(exc))
             self._error.set()
 
-        options = NatsOptions(role=role, user=role, password=PASSWORDS[role])
+        kind = "worker" if role in EXAMPLE_NODES else role
+        options = NatsOptions(role=kind, user=role, password=PASSWORDS[role])
         self.nc = await nats.connect(url, error_cb=on_error, **options.connect_kwargs())
         return self.nc
 
@@ -94,7 +100,7 @@ async def conn() -> AsyncIterator[Callable[[str, str], Awaitable[tuple[NatsClien
 async def test_a_worker_cannot_subscribe_to_the_verification_subject(
     stack: Devstack, conn: Callable[[str, str], Awaitable[tuple[NatsClient, Conn]]]
 ) -> None:
-    worker, watcher = await conn(stack.nats.url, "worker")
+    worker, watcher = await conn(stack.nats.url, "w1")
     seen: list[bytes] = []
 
     async def spy(msg: nats.aio.msg.Msg) -> None:
@@ -104,7 +110,7 @@ async def test_a_worker_cannot_subscribe_to_the_verification_subject(
     error = await watcher.violation('Subscription to "bacq.verify.>"')
     assert "permissions violation" in error
     # another worker's result goes by and the refused subscription gets nothing
-    other, _ = await conn(stack.nats.url, "worker")
+    other, _ = await conn(stack.nats.url, "w2")
     await other.publish(
         subjects.verify("job1", "w9"), encode(ResultMessage(job_id="job1", node_id="w9", cid="x"))
     )
@@ -116,7 +122,7 @@ async def test_a_worker_cannot_subscribe_to_the_verification_subject(
 async def test_a_worker_cannot_read_results_through_jetstream_or_the_verifiers_inbox(
     stack: Devstack, conn: Callable[[str, str], Awaitable[tuple[NatsClient, Conn]]]
 ) -> None:
-    worker, watcher = await conn(stack.nats.url, "worker")
+    worker, watcher = await conn(stack.nats.url, "w1")
     with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
         await worker.jetstream(timeout=2).pull_subscribe(
             subjects.VERIFY_ALL, durable="spy", stream=subjects.STREAM
@@ -144,7 +150,7 @@ async def test_a_client_cannot_impersonate_a_worker(
 
 async def test_a_connection_without_or_with_wrong_credentials_is_refused(stack: Devstack) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BACQ_NATS_")}
-    for extra in ({}, {"BACQ_NATS_USER": "worker", "BACQ_NATS_PASSWORD": "wrong"}):
+    for extra in ({}, {"BACQ_NATS_USER": "w1", "BACQ_NATS_PASSWORD": "wrong"}):
         done = subprocess.run(
             [sys.executable, "-m", "bacq", "list", "--nats", stack.nats.url],
             capture_output=True,
@@ -251,7 +257,9 @@ async def test_jobs_flow_end_to_end_with_every_role_authenticated(
 
 def test_the_shipped_auth_conf_is_what_natsconf_renders() -> None:
     shipped = (ROOT / "deploy" / "nats" / "auth.conf").read_text()
-    assert shipped == render(), "regenerate: python -m bacq.natsconf > deploy/nats/auth.conf"
+    assert shipped == render(EXAMPLE_NODES), (
+        "regenerate: python -m bacq.natsconf w1 w2 w3 > deploy/nats/auth.conf"
+    )
 
 
 async def test_with_a_user_per_worker_node_no_worker_sends_results_in_anothers_name(

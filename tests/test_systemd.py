@@ -32,6 +32,7 @@ import pytest
 from bacq.auth import NatsOptions
 from bacq.client import Client
 from bacq.devstack import KuboNode, NatsServer, find_ipfs, find_nats_server
+from bacq.natsconf import EXAMPLE_NODES, password_var
 from bacq.states import ExecState, JobState
 from bacq.storage import Storage
 
@@ -40,8 +41,10 @@ UNITS = ROOT / "deploy" / "systemd"
 IMAGE = "bacq-test/systemd:bookworm"
 # `systemd-analyze security --offline=yes` exposure (0 best, 10 worst) recorded in deploy/README.md;
 # a change to a unit that raises one fails here until the README says why.
-ROLES = ("client", "requester", "verifier", "worker")
-PASSWORDS = {role: f"{role}-sd-{os.getpid()}" for role in ROLES}
+# the shipped auth.conf: a user per role and per example worker node (w1, w2, w3)
+USERS = ("client", "requester", "verifier", *EXAMPLE_NODES)
+PASSWORDS = {user: f"{user}-sd-{os.getpid()}" for user in USERS}
+SERVER_ENV = {password_var(u, node=u in EXAMPLE_NODES): pw for u, pw in PASSWORDS.items()}
 RECORDED_EXPOSURE = {
     "bacq-worker@w1.service": 1.5,
     "bacq-requester.service": 1.4,
@@ -232,7 +235,7 @@ def servers(tmp_path: Path) -> Iterator[tuple[NatsServer, KuboNode]]:
         tmp_path / "nats",
         tmp_path / "nats.log",
         args=["-c", str(ROOT / "deploy" / "nats" / "nats-server.conf")],
-        env={f"BACQ_{role.upper()}_PASSWORD": pw for role, pw in PASSWORDS.items()},
+        env=SERVER_ENV,
     )
     kubo = KuboNode(tmp_path / "kubo", tmp_path / "kubo.log")
     try:
@@ -252,14 +255,14 @@ async def test_units_under_real_systemd_report_ready_run_a_job_and_stop_cleanly(
     machine: Machine, servers: tuple[NatsServer, KuboNode], tmp_path: Path
 ) -> None:
     nats_server, kubo = servers
-    node = f"sd{uuid.uuid4().hex[:6]}"
+    node = "w1"  # a node of the shipped auth.conf, with its own user
     unit = f"bacq-worker@{node}.service"
     machine.sh(
         f"""
         printf 'BACQ_NATS_URL={nats_server.url}\\nBACQ_IPFS_API={kubo.api}\\n' > /etc/bacq/bacq.env
         printf '{_credentials("requester")}' > /etc/bacq/requester.env
         printf '{_credentials("verifier")}' > /etc/bacq/verifier.env
-        printf '{_credentials("worker")}BACQ_WORKER_ARGS=--cpu 1 --memory 1g --max-jobs 2\\n' \\
+        printf '{_credentials(node)}BACQ_WORKER_ARGS=--cpu 1 --memory 1g --max-jobs 2\\n' \\
             > /etc/bacq/worker-{node}.env
         chmod 0640 /etc/bacq/*.env && chgrp bacq /etc/bacq/*.env
         """
@@ -363,7 +366,7 @@ async def test_the_nats_server_and_kubo_example_units_run_under_real_systemd(
     machine: Machine,
 ) -> None:
     port = _free_port()
-    passwords = "".join(f"BACQ_{r.upper()}_PASSWORD={pw}\\n" for r, pw in PASSWORDS.items())
+    passwords = "".join(f"{var}={pw}\\n" for var, pw in SERVER_ENV.items())
     machine.sh(
         f"""
         install -d -m 0750 -o nats -g nats /etc/nats
