@@ -343,7 +343,15 @@ async def test_units_under_real_systemd_report_ready_run_a_job_and_stop_cleanly(
             assert long_job.final
             # drained: the job finished (and was verified) before the worker left
             assert long_job.executions[node].state == ExecState.VERIFIED, long_job.reason
-            leftovers = _run("docker", "ps", "-aq", "--filter", f"label=bacq.node={node}")
+            leftovers = _run(
+                "docker",
+                "ps",
+                "-aq",
+                "--filter",
+                f"label=bacq.node={node}",
+                "--filter",
+                f"label=bacq.work_dir=/var/lib/bacq/worker-{node}",
+            )
             assert leftovers.stdout.strip() == ""
         finally:
             await client.close()
