@@ -64,7 +64,11 @@ async def read_nodes(bus: Bus) -> list[NodeInfo]:
             entry = await bucket.get(key)
         except (nats.js.errors.KeyNotFoundError, nats.errors.Error):
             return None
-        return None if entry.value is None else decode(NodeInfo, entry.value)
+        try:  # each worker writes its own key: a bad one must not hide the others
+            info = None if entry.value is None else decode(NodeInfo, entry.value)
+        except ValueError:
+            return None
+        return info if info is None or info.node_id == key else None
 
     found = await asyncio.gather(*(one(k) for k in keys))
     return sorted((n for n in found if n is not None), key=lambda n: n.node_id)
