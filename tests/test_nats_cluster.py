@@ -22,13 +22,15 @@ from bacq import streams, subjects
 from bacq.auth import NatsOptions
 from bacq.client import Client
 from bacq.devstack import Devstack, NatsServer
+from bacq.natsconf import EXAMPLE_NODES, password_var
 from bacq.states import JobState
 from bacq.storage import Storage
 from tests.scenarios import BUSYBOX, HELLO_WORLD, setup_storage
 
 ROOT = Path(__file__).parent.parent
-ROLES = ("client", "requester", "verifier", "worker")
-PASSWORDS = {role: f"{role}-cluster-{os.getpid()}" for role in ROLES}
+# the shipped auth.conf: a user per role and per example worker node (w1, w2, w3)
+USERS = ("client", "requester", "verifier", *EXAMPLE_NODES)
+PASSWORDS = {user: f"{user}-cluster-{os.getpid()}" for user in USERS}
 LEADER_WAIT = 60.0  # seconds the three servers have to elect a JetStream meta leader
 JOB_WAIT = 180.0  # seconds a job may take to its verdict (a failover included); a bound, not a goal
 
@@ -57,7 +59,7 @@ def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
             "BACQ_NATS_LISTEN": f"127.0.0.1:{client_ports[i]}",
             "BACQ_NATS_CLUSTER_LISTEN": f"127.0.0.1:{route_ports[i]}",
             **routes,
-            **{f"BACQ_{role.upper()}_PASSWORD": pw for role, pw in PASSWORDS.items()},
+            **{password_var(u, node=u in EXAMPLE_NODES): pw for u, pw in PASSWORDS.items()},
         }
         servers.append(
             NatsServer(
@@ -154,7 +156,7 @@ async def test_jobs_continue_when_one_of_three_clustered_nats_servers_dies(
         workers=2,
         kubo_nodes=1,
         nats_url=url,
-        role_env={role: _env(role) for role in ("requester", "verifier", "worker")},
+        role_env={user: _env(user) for user in ("requester", "verifier", "w1", "w2")},
     )
     with stack:
         storage = await Storage.connect(stack.ipfs_api)
