@@ -1,6 +1,7 @@
 """Audit commands of the CLI: ``bacq history``, ``bacq events`` and ``bacq cancel``.
 
-Touches NATS through ``bacq.client`` and prints to the terminal; ``bacq.cli`` registers the parsers.
+Touches NATS through ``bacq.client`` and prints to the terminal; ``bacq.commands.jobs`` registers
+the parsers (and reads ``--since``) and calls these.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 from typing import Any
 
 from rich.console import Console
@@ -18,7 +18,6 @@ from rich.table import Table
 
 from bacq import subjects
 from bacq.client import Client
-from bacq.errors import ConfigError
 from bacq.events import Event, HistoryCheck, verify_history
 from bacq.signing import (
     KEYS_BUCKET,
@@ -28,29 +27,8 @@ from bacq.signing import (
     parse_public_keys,
 )
 
-__all__ = ["add_parsers", "parse_since"]
+__all__ = ["cmd_cancel", "cmd_events", "cmd_history"]
 
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-class _UsageError(ConfigError):
-    """A malformed argument: the CLI exits 2."""
-
-
-def parse_since(text: str) -> dt.datetime:
-    """``10m``, ``2h``, ``1d`` ago, or an ISO 8601 time (UTC when no zone is given)."""
-    match = _RELATIVE.match(text.strip())
-    if match:
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
-        return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
-    try:
-        when = dt.datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise _UsageError(
-            f"--since {text!r} is not a time; write 10m, 2h, 1d or 2026-11-24T10:00:00Z"
-        ) from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 def _what(event: Event) -> str:
@@ -148,7 +126,8 @@ async def cmd_history(args: argparse.Namespace, client: Client, out: Console) ->
 
 
 async def cmd_events(args: argparse.Namespace, client: Client, out: Console) -> int:
-    since = parse_since(args.since) if args.since else None
+    # bacq.commands.jobs read --since with the CLI's one parser and handed it on as ISO 8601
+    since = dt.datetime.fromisoformat(args.since) if args.since else None
     async for stream_seq, event in client.events(
         from_seq=args.from_seq, since=since, follow=args.follow
     ):
@@ -168,40 +147,3 @@ async def cmd_cancel(args: argparse.Namespace, client: Client, out: Console) -> 
     stopped = ", ".join(reply.stopped) or "no worker was running it"
     out.print(f"cancelled {args.job_id} (stopped on: {stopped})")
     return 0
-
-
-def add_parsers(sub: Any, connection_flags: Any) -> None:
-    """Register history, events and cancel on the ``bacq`` parser's subcommands."""
-    history = sub.add_parser("history", help="a job's full event history, replayed from JetStream")
-    history.add_argument("job_id", metavar="JOB_ID")
-    history.add_argument(
-        "--verify",
-        action="store_true",
-        help="check the hash chain, every event's signature and that the history ends at the"
-        " job record's last event; names each problem (exit 1)",
-    )
-    history.add_argument(
-        "--requester-key",
-        metavar="KEY[,KEY]",
-        help="the requester's public signing key(s) to trust with --verify, instead of those it"
-        f" publishes in bucket {KEYS_BUCKET} (env {REQUESTER_KEY_ENV})",
-    )
-    history.add_argument("--output", choices=["table", "json"], default="table")
-    connection_flags(history)
-    history.set_defaults(client_func=cmd_history)
-
-    events = sub.add_parser("events", help="every job's events from a point on, optionally live")
-    start = events.add_mutually_exclusive_group()
-    start.add_argument("--since", metavar="TIME", help="10m, 2h, 1d or an ISO 8601 time")
-    start.add_argument("--from-seq", type=int, metavar="N", help="from stream sequence N")
-    events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
-    events.add_argument(
-        "--output", choices=["table", "json"], default="table", help="json: one object per line"
-    )
-    connection_flags(events)
-    events.set_defaults(client_func=cmd_events)
-
-    cancel = sub.add_parser("cancel", help="cancel a job: stop its containers, free the workers")
-    cancel.add_argument("job_id", metavar="JOB_ID")
-    connection_flags(cancel)
-    cancel.set_defaults(client_func=cmd_cancel)
