@@ -18,6 +18,7 @@ from bacq.states import JOB_FINAL, ExecState, JobState
 
 __all__ = [
     "GENESIS",
+    "REVEAL_BATCH_MAX",
     "Announcement",
     "Assignment",
     "AssignmentReply",
@@ -199,8 +200,15 @@ def commit_reveal(spec: JobSpec) -> bool:
     return spec.concurrency > 1 or spec.verifier != "noop"
 
 
+REVEAL_BATCH_MAX = 256  # jobs one reveal request may name
+
+
 class RevealRequest(_Msg):
+    """The verifier asks a worker to reveal its results: ``job_ids`` (one request for several
+    jobs; ``job_id`` is the first of them, for a worker that reads only that)."""
+
     job_id: str
+    job_ids: list[str] = Field(default_factory=list, max_length=REVEAL_BATCH_MAX)
 
 
 class RevealReply(_Msg):

@@ -232,6 +232,15 @@ async def test_a_flood_of_malformed_messages_delays_no_job_and_quarantines_its_s
         assert "not quarantined" in again.stderr
 
 
+async def test_dead_letters_of_a_fresh_network_are_none(
+    make_stack: Callable[..., Devstack],
+) -> None:
+    stack = make_stack(workers=0)
+    dead = await asyncio.to_thread(run_cli, stack, "events", "--dead-letters", "-n", "5")
+    assert dead.returncode == 0, dead.stderr
+    assert "no dead letters" in dead.stderr
+
+
 async def test_a_lazy_worker_is_outvoted_in_every_job_it_runs(
     make_stack: Callable[..., Devstack],
 ) -> None:

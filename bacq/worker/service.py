@@ -60,6 +60,8 @@ NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 RESERVATION_GRACE = 30.0  # seconds a bid's reservation outlives the bid deadline without an answer
 REVEAL_KEEP = 3600.0  # seconds a committed result waits for the verifier to ask for it
 REVEAL_MAX = 64  # committed results kept at once (the oldest is dropped past it)
+PROGRESS_LINGER = 0.25  # seconds a step's report waits for a later one that replaces it
+_STEPS = frozenset({ExecState.DOWNLOADING, ExecState.RUNNING, ExecState.PUBLISHING})
 
 
 @dataclass
@@ -187,6 +189,9 @@ class Worker:
         self._committed: dict[str, _Committed] = {}  # job → result awaiting its reveal
         self._revealing: set[str] = set()
         self._reveal_tasks: set[asyncio.Task[None]] = set()
+        # per execution, the step report waiting to go out (see _update) and its task
+        self._progress: dict[str, ExecUpdate] = {}
+        self._progress_tasks: dict[str, asyncio.Task[None]] = {}
 
     # -- capacity ---------------------------------------------------------------------------------
     def _free(self) -> tuple[float, int, int]:
@@ -296,11 +301,41 @@ class Worker:
         return f"{job_id}.{self.config.node_id}.{nonce}.{what}"
 
     async def _update(self, job_id: str, state: ExecState, **fields: object) -> None:
+        """Report how far an execution got. A step on the way (downloading, running,
+        publishing) waits ``PROGRESS_LINGER`` seconds and goes out only if no later report
+        replaced it: a short job reports its end alone, a long one each step a moment late."""
         update = ExecUpdate(job_id=job_id, node_id=self.config.node_id, state=state, **fields)
+        if state in _STEPS:
+            self._progress[job_id] = update
+            if job_id not in self._progress_tasks:
+                self._progress_tasks[job_id] = asyncio.create_task(
+                    self._report_later(job_id), name=f"progress-{job_id}"
+                )
+            return
+        # an end: the step still waiting is replaced; one being sent goes first (in order)
+        waiting = self._progress.pop(job_id, None)
+        task = self._progress_tasks.pop(job_id, None)
+        if task is not None:
+            if waiting is not None:
+                task.cancel()
+            await asyncio.wait({task})  # (its own outcome is not ours to raise)
+        await self._publish_update(update)
+
+    async def _report_later(self, job_id: str) -> None:
+        try:
+            await asyncio.sleep(PROGRESS_LINGER)
+            update = self._progress.pop(job_id, None)
+            if update is not None:
+                await self._publish_update(update)
+        finally:
+            if self._progress_tasks.get(job_id) is asyncio.current_task():
+                del self._progress_tasks[job_id]
+
+    async def _publish_update(self, update: ExecUpdate) -> None:
         await self.bus.publish_durable(
-            subjects.exec_update(job_id, self.config.node_id),
+            subjects.exec_update(update.job_id, self.config.node_id),
             update,
-            msg_id=self._msg_id(job_id, state.value),
+            msg_id=self._msg_id(update.job_id, update.state.value),
         )
 
     async def _send_result(self, result: ResultMessage) -> None:
@@ -338,26 +373,30 @@ class Worker:
             remove_tree(committed.job_dir)
 
     async def on_reveal(self, msg: Msg) -> None:
-        """The verifier holds every chosen worker's commitment: publish the result and say
-        what it is (its CID, exit code and the nonce that proves the commitment)."""
+        """The verifier holds every chosen worker's commitment for these jobs: publish each
+        result and say what it is (its CID, exit code and the nonce that proves the
+        commitment)."""
         try:
             request = decode(RevealRequest, msg.data)
         except ValueError as exc:
             await msg.respond(encode(RevealReply(ok=False, error=f"malformed: {exc}")))
             return
-        job_id = request.job_id
-        committed = self._committed.get(job_id)
-        if committed is None:
-            await msg.respond(encode(RevealReply(ok=False, error=f"no result kept for {job_id}")))
-            return
-        await msg.respond(encode(RevealReply(ok=True)))
-        if job_id in self._revealing:  # asked again while the first reveal is under way
-            return
-        # a subscription's callback runs one message at a time: reveal in a task of its own
-        self._revealing.add(job_id)
-        task = asyncio.create_task(self._reveal(job_id, committed), name=f"reveal-{job_id}")
-        self._reveal_tasks.add(task)
-        task.add_done_callback(self._reveal_tasks.discard)
+        asked = list(dict.fromkeys(request.job_ids or [request.job_id]))
+        missing = []
+        for job_id in asked:
+            committed = self._committed.get(job_id)
+            if committed is None:
+                missing.append(job_id)
+                continue
+            if job_id in self._revealing:  # asked again while the first reveal is under way
+                continue
+            # a subscription's callback runs one message at a time: reveal in a task of its own
+            self._revealing.add(job_id)
+            task = asyncio.create_task(self._reveal(job_id, committed), name=f"reveal-{job_id}")
+            self._reveal_tasks.add(task)
+            task.add_done_callback(self._reveal_tasks.discard)
+        error = f"no result kept for {', '.join(missing[:20])}" if missing else None
+        await msg.respond(encode(RevealReply(ok=len(missing) < len(asked), error=error)))
 
     async def _reveal(self, job_id: str, committed: _Committed) -> None:
         try:
@@ -451,9 +490,7 @@ class Worker:
                 if job_dir.exists():  # a noop job has none
                     await asyncio.shield(asyncio.to_thread(remove_tree, job_dir))
 
-    async def _execute(
-        self, job_id: str, spec: JobSpec, job_dir: Path, log: object
-    ) -> _Done:
+    async def _execute(self, job_id: str, spec: JobSpec, job_dir: Path, log: object) -> _Done:
         try:
             return await self._execute_job(job_id, spec, job_dir, log)
         finally:
@@ -461,9 +498,7 @@ class Worker:
             # which counts slots from those reports, finds it free when it invites the next bid
             self._reservations.pop(job_id, None)
 
-    async def _execute_job(
-        self, job_id: str, spec: JobSpec, job_dir: Path, log: object
-    ) -> _Done:
+    async def _execute_job(self, job_id: str, spec: JobSpec, job_dir: Path, log: object) -> _Done:
         if self.config.lazy:
             return await self._copy_instead(job_id, spec, job_dir / "results")
         streamer: LogStreamer | None = None
