@@ -18,7 +18,8 @@ Also reads the fenced blocks of a page for tests/test_docs_runnable.py (``fenced
 right after a ``<!-- runnable -->`` line runs against a devstack (``page_script``: a page's runnable
 shell and python blocks as one bash script); a shell block that runs ``bacq`` but cannot run there
 says why in a ``<!-- not-runnable: REASON -->`` line, and ``unmarked_commands`` names the blocks
-with neither mark (the shell blocks of fleet.md get the fleet's mark here).
+with neither mark (the shell blocks of fleet.md get the fleet's mark here); a block after an
+``<!-- output -->`` line shows what they print (``expected_output``), and the test checks it.
 
 Touches only the files above (under the repository given by ``--root``, default this checkout),
 a temporary folder for the built site, and the ``mkdocs`` and ``chromium`` processes it starts.
@@ -47,6 +48,7 @@ __all__ = [
     "Block",
     "bacq_commands",
     "cli_reference",
+    "expected_output",
     "fenced_blocks",
     "job_spec_reference",
     "main",
@@ -63,6 +65,7 @@ __all__ = [
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNNABLE_MARKER = "<!-- runnable -->"
+OUTPUT_MARKER = "<!-- output -->"  # a block of what the runnable blocks before it print
 NOT_RUNNABLE = re.compile(r"<!-- not-runnable: (\S.*?) -->")
 SHELL_LANGUAGES = frozenset({"", "sh", "bash", "shell", "console", "zsh"})
 # a bacq command in a shell line: `bacq run ...`, `x=$(bacq ipfs add ...)`, `... | bacq create`
@@ -768,16 +771,20 @@ def fenced_blocks(markdown: str) -> list[Block]:
     while i < len(lines):
         line = lines[i].strip()
         fence = re.match(r"(`{3,}|~{3,})\s*([^`\s]*)", line)
-        if line == RUNNABLE_MARKER or line.startswith("<!-- not-runnable"):
+        if line in (RUNNABLE_MARKER, OUTPUT_MARKER) or line.startswith("<!-- not-runnable"):
             if mark:
                 raise ValueError(f"line {mark_line}: {mark!r} is not followed by a fenced block")
             found = NOT_RUNNABLE.fullmatch(line)
-            if line != RUNNABLE_MARKER and not found:
+            if line.startswith("<!-- not-runnable") and not found:
                 raise ValueError(
                     f"line {i + 1}: write the reason: <!-- not-runnable: why a devstack cannot "
                     "run this block -->"
                 )
-            mark = "runnable" if line == RUNNABLE_MARKER else f"not-runnable: {found and found[1]}"
+            mark = (
+                f"not-runnable: {found[1]}"
+                if found
+                else ("runnable" if line == RUNNABLE_MARKER else "output")
+            )
             mark_line = i + 1
         elif fence:
             opening, language = fence[1], fence[2].lower()
@@ -803,6 +810,19 @@ def fenced_blocks(markdown: str) -> list[Block]:
 def runnable_blocks(markdown: str) -> list[str]:
     """The body of every fenced block marked ``<!-- runnable -->``, in page order."""
     return [block.body for block in fenced_blocks(markdown) if block.mark == "runnable"]
+
+
+def expected_output(markdown: str) -> list[re.Pattern[str]]:
+    """A pattern for each line of the blocks marked ``<!-- output -->``: what the page's runnable
+    blocks print (stdout or stderr) must contain a match of each, where ``...`` stands for any text
+    (a job id, a CID, a time)."""
+    return [
+        re.compile(".*".join(re.escape(part) for part in line.strip().split("...")))
+        for block in fenced_blocks(markdown)
+        if block.mark == "output"
+        for line in block.body.splitlines()
+        if line.strip()
+    ]
 
 
 def bacq_commands(block: Block) -> list[str]:

@@ -168,3 +168,25 @@ def test_the_fleet_pages_shell_blocks_say_they_need_a_fleet() -> None:
     assert reason
     assert all(b.mark == f"not-runnable: {reason[1]}" for b in shell)
     assert not docgen.unmarked_commands(docgen.fleet_page())
+
+
+def test_an_output_block_is_a_pattern_per_line_with_dots_for_any_text() -> None:
+    text = "\n".join(
+        [
+            docgen.RUNNABLE_MARKER,
+            "```sh",
+            "bacq run bacq-test/busybox -- true",
+            "```",
+            docgen.OUTPUT_MARKER,
+            "```text",
+            "accepted: 1 of 1 results agree ...",
+            "",
+            "  fetch it: bacq get j-... (1+1)",
+            "```",
+        ]
+    )
+    first, second = docgen.expected_output(text)
+    assert first.search("accepted: 1 of 1 results agree  (after 0:01)")
+    assert not first.search("accepted: 2 of 3 results agree")
+    assert second.search("fetch it: bacq get j-1234 (1+1)")
+    assert not second.search("fetch it: bacq get j-1234 (11)")

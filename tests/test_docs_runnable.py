@@ -6,8 +6,9 @@ they are, python blocks fed to ``python -``) in a fresh folder, and the script m
 block that runs ``bacq`` but cannot run there (it needs root, a lab, a fleet, or runs until Ctrl-C)
 carries ``<!-- not-runnable: REASON -->``; a shell block with neither mark fails the rule test, and
 every bacq command the docs show must be run by some runnable block unless it is listed in
-``NOT_ON_A_DEVSTACK`` with the reason. The examples make their own inputs (heredocs), so a reader
-can paste them as they are.
+``NOT_ON_A_DEVSTACK`` with the reason. A block after ``<!-- output -->`` shows what the page's
+runnable blocks print: each of its lines must be printed (``...`` matches anything). The examples
+make their own inputs (heredocs), so a reader can paste them as they are.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ import pytest
 
 from bacq.cli import build_parser
 from bacq.devstack import Devstack
-from bacq.docgen import bacq_commands, fenced_blocks, page_script, unmarked_commands
+from bacq.docgen import (
+    bacq_commands,
+    expected_output,
+    fenced_blocks,
+    page_script,
+    unmarked_commands,
+)
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 DEVSTACK = {"workers": 3}
@@ -110,6 +117,12 @@ def test_every_bacq_command_the_docs_show_is_run_by_a_runnable_block() -> None:
     assert not ran_anyway, f"runnable now, drop them from NOT_ON_A_DEVSTACK: {ran_anyway}"
 
 
+def test_every_output_block_follows_runnable_blocks() -> None:
+    for page, text in TEXTS.items():
+        if expected_output(text):
+            assert page in PAGES, f"docs/{page} shows output but runs nothing that prints it"
+
+
 def test_the_runnable_set_covers_a_first_job_end_to_end() -> None:
     script = "\n".join(PAGES.values())
     for command in (
@@ -158,7 +171,12 @@ def test_runnable_blocks_of_page_succeed(page: str, stack: Devstack, tmp_path: P
         timeout=600,
         check=False,
     )
+    printed = f"--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
     assert done.returncode == 0, (
-        f"{page}: a runnable block failed (exit {done.returncode})\n"
-        f"--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+        f"{page}: a runnable block failed (exit {done.returncode})\n{printed}"
     )
+    for pattern in expected_output(TEXTS[page]):
+        assert pattern.search(done.stdout) or pattern.search(done.stderr), (
+            f"{page}: an output block shows a line the commands did not print: "
+            f"{pattern.pattern}\n{printed}"
+        )
