@@ -41,6 +41,7 @@ __all__ = [
     "SubmitReply",
     "SubmitRequest",
     "Verdict",
+    "commit_reveal",
     "commitment_of",
     "decode",
     "encode",
@@ -186,6 +187,16 @@ def commitment_of(cid: str, exit_code: int | None, node_id: str, nonce: str) -> 
     """What a worker commits to before it may learn anything of the others' results."""
     text = f"bacq-commit-v1|{cid}|{exit_code}|{node_id}|{nonce}"
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def commit_reveal(spec: JobSpec) -> bool:
+    """Whether a job's workers commit first and reveal when asked, or send their result at once.
+
+    Commit-reveal keeps a worker from learning another's result before it is bound to its own:
+    it matters when several workers answer one job. A job on one worker with the noop verifier
+    has no other answer to copy, so its worker publishes its result and sends it in one message
+    (a reveal nobody asked for), which saves the verifier a write and a round trip per job."""
+    return spec.concurrency > 1 or spec.verifier != "noop"
 
 
 class RevealRequest(_Msg):

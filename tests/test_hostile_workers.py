@@ -314,7 +314,7 @@ async def test_a_verifier_killed_between_deciding_and_publishing_publishes_on_re
     async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit(DETERMINISTIC)
         await _exited(stack, "verifier")
-        assert not (await client.job(job_id)).final  # decided, saved, never published
+        assert not (await client.job(job_id)).final  # decided, never published
         stack.services["verifier"].env.pop("BACQ_CRASH_AT")
         stack.restart("verifier")
         job = await client.wait(job_id, timeout=120)

@@ -11,7 +11,8 @@ node id and a secret nonce) and publishes no block of its results. Once the veri
 answer from every chosen worker (``concurrency`` of them; the first one for the noop verifier), it
 asks the committed ones to reveal; a reveal that does not match its commitment, or that does not
 come within ``REVEAL_TIMEOUT``, counts as that worker's error and against its node. So no worker
-can learn another's result before it has committed to its own.
+can learn another's result before it has committed to its own. A job with nothing to copy (one
+worker, the noop verifier: ``commit_reveal``) skips the round: its worker sends its result at once.
 
 Every message is checked: job and node come from the subject and must equal the payload's, the
 job must exist and have chosen that node. What does not fit is dead-lettered (``BACQ_DEAD``) and
@@ -46,6 +47,7 @@ from bacq.models import (
     RevealReply,
     RevealRequest,
     Verdict,
+    commit_reveal,
     commitment_of,
     decode,
     encode,
@@ -212,7 +214,9 @@ class Verifier:
             await self._save(job_id, collected)
             return
         if result.kind == "reveal":
-            if not self._take_reveal(collected, result, log):
+            if not commit_reveal(job.spec) and node_id not in collected.commitments:
+                self._take_open(collected, result)
+            elif not self._take_reveal(collected, result, log):
                 return
         elif collected.answered(node_id):
             log.debug("result.duplicate")  # a commitment is never replaced
@@ -225,6 +229,15 @@ class Verifier:
             error = (result.error or "")[:MAX_ERROR]
             collected.results.append(result.model_copy(update={"error": error, "cid": None}))
         await self._progress(job, collected)
+
+    def _take_open(self, collected: Collected, result: ResultMessage) -> None:
+        """The result of a job with no commit-reveal (one worker, the noop verifier): the one
+        worker says its result at once."""
+        if collected.revealed(result.node_id):
+            raise _Dropped(f"a second result from {result.node_id}")
+        if result.cid is None:
+            raise _Dropped(f"a result from {result.node_id} without a CID")
+        collected.results.append(result.model_copy(update={"commitment": None}))
 
     def _take_reveal(self, collected: Collected, result: ResultMessage, log: object) -> bool:
         node_id = result.node_id
@@ -268,12 +281,18 @@ class Verifier:
         verdict = None
         if not waiting or spec.verifier == "noop":
             verdict = decide(job.id, spec.verifier, spec.concurrency, spec.confidence, results)
-        if verdict is not None:
-            collected.decided, collected.verdict = True, verdict
-        await self._save(job.id, collected)
-        if verdict is not None:
-            crash_point("verifier.decided")
-            await self._publish(job.id, collected)
+        if verdict is None:
+            await self._save(job.id, collected)
+            return
+        # published, then saved once: a crash in between leaves the message that decided it
+        # unacknowledged (it comes again and decides the same, under the same message id when
+        # the commitments were saved with their nonce) or, for a sweep's decision, the saved
+        # state that the next sweep decides from again
+        collected.decided, collected.verdict = True, verdict
+        if job.id in self._collected:
+            self._collected[job.id] = collected  # the sweep publishes it if the publish fails
+        crash_point("verifier.decided")
+        await self._publish(job.id, collected)
 
     async def _publish(self, job_id: str, collected: Collected) -> None:
         verdict = collected.verdict

@@ -36,6 +36,7 @@ from bacq.models import (
     ResultMessage,
     RevealReply,
     RevealRequest,
+    commit_reveal,
     commitment_of,
     decode,
     encode,
@@ -71,6 +72,17 @@ class _Committed:
     exit_code: int
     nonce: str
     expires: float
+    published: bool = False  # its blocks are in IPFS already (no second add at the reveal)
+
+
+@dataclass
+class _Done:
+    """An execution's result folder: its CID, and whether its blocks are in IPFS already."""
+
+    cid: str
+    exit_code: int
+    fuel_used: int | None
+    published: bool
 
 
 @dataclass
@@ -236,7 +248,7 @@ class Worker:
             running=len(self._tasks),
         )
         await self.bus.publish(subjects.bid(self.config.node_id, job_id), bid)
-        self.log.info("bid.sent", job=job_id)
+        self.log.debug("bid.sent", job=job_id)  # one per invitation: not worth a line each
 
     async def on_assign(self, msg: Msg) -> None:
         try:
@@ -298,7 +310,9 @@ class Worker:
             msg_id=self._msg_id(result.job_id, result.kind),
         )
 
-    def _commit(self, job_id: str, job_dir: Path, cid: str, exit_code: int) -> ResultMessage:
+    def _commit(
+        self, job_id: str, job_dir: Path, cid: str, exit_code: int, *, published: bool = False
+    ) -> ResultMessage:
         """Keep the result (unpublished) until the verifier asks for it; the commitment."""
         nonce = self._nonces.setdefault(job_id, new_nonce())
         self._committed[job_id] = _Committed(
@@ -308,6 +322,7 @@ class Worker:
             exit_code=exit_code,
             nonce=nonce,
             expires=time.monotonic() + REVEAL_KEEP,
+            published=published,
         )
         while len(self._committed) > REVEAL_MAX:
             oldest = next(iter(self._committed))
@@ -352,7 +367,7 @@ class Worker:
 
     async def _publish_reveal(self, job_id: str, committed: _Committed) -> None:
         try:
-            if committed.results_dir.exists():
+            if not committed.published and committed.results_dir.exists():
                 cid = await self.storage.add(committed.results_dir)
                 if cid != committed.cid:  # kubo gave another CID than --only-hash did
                     self.log.error("result.cid_changed", job=job_id, committed=committed.cid)
@@ -388,7 +403,8 @@ class Worker:
         outcome = "failed"
         try:
             try:
-                cid, exit_code = await self._execute(job_id, spec, job_dir, log)
+                done = await self._execute(job_id, spec, job_dir, log)
+                cid, exit_code = done.cid, done.exit_code
                 outcome = "completed"
             except asyncio.CancelledError:
                 # the container is gone already (the executor kills it on cancellation)
@@ -409,13 +425,21 @@ class Worker:
                 await self._send_result(ResultMessage(job_id=job_id, node_id=node, error=error))
                 await self._update(job_id, ExecState.FAILED, error=error)
             else:
-                # the commitment only: neither the CID nor the exit code leaves this worker
-                # before the verifier holds every chosen worker's commitment (both in flight
-                # at once; they leave in this order on the one connection)
-                await asyncio.gather(
-                    self._send_result(self._commit(job_id, job_dir, cid, exit_code)),
-                    self._update(job_id, ExecState.COMPLETED),
-                )
+                if commit_reveal(spec):
+                    # the commitment only: neither the CID nor the exit code leaves this worker
+                    # before the verifier holds every chosen worker's commitment (both in
+                    # flight at once; they leave in this order on the one connection)
+                    await asyncio.gather(
+                        self._send_result(self._commit(job_id, job_dir, cid, exit_code)),
+                        self._update(job_id, ExecState.COMPLETED, fuel_used=done.fuel_used),
+                    )
+                else:  # the only worker: its result is published already, say it at once
+                    self._commit(job_id, job_dir, cid, exit_code, published=done.published)
+                    self._revealing.add(job_id)
+                    await asyncio.gather(
+                        self._reveal(job_id, self._committed[job_id]),
+                        self._update(job_id, ExecState.COMPLETED, fuel_used=done.fuel_used),
+                    )
                 log.info("job.completed", cid=cid, exit_code=exit_code)
         finally:  # (its reservation was freed by _execute, once the container was gone)
             metrics.EXECUTION_SECONDS.labels(outcome).observe(time.monotonic() - started)
@@ -429,7 +453,7 @@ class Worker:
 
     async def _execute(
         self, job_id: str, spec: JobSpec, job_dir: Path, log: object
-    ) -> tuple[str, int]:
+    ) -> _Done:
         try:
             return await self._execute_job(job_id, spec, job_dir, log)
         finally:
@@ -439,7 +463,7 @@ class Worker:
 
     async def _execute_job(
         self, job_id: str, spec: JobSpec, job_dir: Path, log: object
-    ) -> tuple[str, int]:
+    ) -> _Done:
         if self.config.lazy:
             return await self._copy_instead(job_id, spec, job_dir / "results")
         streamer: LogStreamer | None = None
@@ -493,9 +517,9 @@ class Worker:
             if streamer is not None:
                 await streamer.close()
 
-        await self._update(job_id, ExecState.PUBLISHING, fuel_used=result.fuel_used)
         if result.cid is not None:  # published by the engine itself (noop: one fixed result)
-            return result.cid, result.exit_code
+            return _Done(result.cid, result.exit_code, result.fuel_used, published=True)
+        await self._update(job_id, ExecState.PUBLISHING, fuel_used=result.fuel_used)
         results_dir = job.results_dir
         results_dir.mkdir(parents=True, exist_ok=True)
         if self.config.tamper:
@@ -510,11 +534,12 @@ class Worker:
         )
         if skipped:
             self.log.warning("results.skipped_entries", job=job_id, entries=skipped[:20])
-        # the CID only: no block is published until the verifier asks for the reveal
-        cid = await self.storage.add(results_dir, only_hash=True)
-        return cid, result.exit_code
+        # with commit-reveal, the CID only: no block is published until the verifier asks
+        only_hash = commit_reveal(spec)
+        cid = await self.storage.add(results_dir, only_hash=only_hash)
+        return _Done(cid, result.exit_code, result.fuel_used, published=not only_hash)
 
-    async def _copy_instead(self, job_id: str, spec: JobSpec, results_dir: Path) -> tuple[str, int]:
+    async def _copy_instead(self, job_id: str, spec: JobSpec, results_dir: Path) -> _Done:
         """The lazy worker: try every channel a worker can read for the others' output, then
         commit to a folder built from what it found (or a guess). Each channel is closed to it
         before the verdict: its NATS user may read neither job records nor the live output
@@ -534,7 +559,7 @@ class Worker:
         self.log.warning("lazy.channels", job=job_id, found=found)
         await asyncio.to_thread(_write_guess, results_dir, [o.name for o in spec.outputs])
         await self._update(job_id, ExecState.PUBLISHING)
-        return await self.storage.add(results_dir, only_hash=True), 0
+        return _Done(await self.storage.add(results_dir, only_hash=True), 0, None, published=False)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def info(self) -> NodeInfo:
