@@ -91,6 +91,9 @@ class Bus:
         self.js = js
         self.jobs = jobs
         self.reconnects = 0  # since the process started (bacq.metrics reads them)
+        self.servers: list[str] = []
+        self.name = ""
+        self.options = NatsOptions()
         self.dead_letters: collections.Counter[str] = collections.Counter()  # per consumer
 
     @classmethod
@@ -179,6 +182,9 @@ class Bus:
                 f"NATS at {url} has no usable JetStream ({exc}); start nats-server with -js"
             ) from None
         bus = cls(nc, js, jobs)
+        # how to open another connection like this one (bacq.lease renews on its own)
+        bus.servers = [u.strip() for u in url.split(",") if u.strip()]
+        bus.name, bus.options = name, options
         return bus
 
     async def close(self) -> None:
