@@ -92,6 +92,9 @@ class SubmitManyRequest(_Msg):
     specs: list[dict[str, object]]
     # one per spec (None: no key); a retry of the whole batch with the same keys submits once
     idempotency_keys: list[str | None] | None = None
+    # one for the whole batch (cheaper than a key per spec): a retry of the same batch with the
+    # same key gets the same job ids, and a spec the first attempt did not record is recorded
+    batch_key: str | None = Field(default=None, max_length=200)
 
 
 class CancelRequest(_Msg):
