@@ -203,7 +203,9 @@ class Verifier:
         if taken:
             async with self._job_lock(job_id):
                 job = await self.bus.load_job(job_id)
-                collected = (await self._load(job_id) or Collected()) if job else None
+                # changes are made to a copy: what is kept is what was saved
+                found = await self._load(job_id) if job else None
+                collected = found.model_copy(deep=True) if found else Collected() if job else None
                 changed = False
                 for msg, result in taken:
                     try:
