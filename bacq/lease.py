@@ -118,10 +118,11 @@ class Lease:
 
     async def ensure(self) -> bool:
         """True when this process may act now: its lease is fresh, or the renewing thread
-        renews it within ``RENEW_EVERY`` more seconds. False, and ``lost`` set, otherwise."""
+        renews it (or takes it back) within ``LEASE_TTL`` more seconds. False, and ``lost``
+        set, otherwise."""
         if self.valid():
             return True
-        deadline = time.monotonic() + RENEW_EVERY
+        deadline = time.monotonic() + LEASE_TTL
         while not self.lost.is_set() and self._revision and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
             if self.valid():
@@ -211,6 +212,8 @@ class Lease:
                     self._last_ok = time.monotonic()
                     continue
                 except nats.js.errors.KeyWrongLastSequenceError:
+                    if await self._take_back(bucket):
+                        continue
                     why = "another instance holds it now"
                 except (nats.errors.Error, TimeoutError) as exc:
                     if time.monotonic() - self._last_ok < LEASE_TTL:
@@ -229,6 +232,34 @@ class Lease:
         log.error("lease.lost", role=self.role, instance=self.holder.instance, reason=why)
         with contextlib.suppress(RuntimeError):  # the owner's loop is closed: nothing to tell
             owner.call_soon_threadsafe(self.lost.set)
+
+    async def _take_back(self, bucket: KeyValue) -> bool:
+        """(In the renewing thread.) A renewal found another revision: when the entry is still
+        this instance's (an earlier renewal was applied, its answer lost), go on from its
+        revision; when it expired and nobody took it (this process stood still for longer
+        than ``LEASE_TTL``, in a long garbage collection, say), take it again. False when
+        another instance holds it."""
+        try:
+            entry = await bucket.get(self.role)
+            holder = decode(LeaseHolder, entry.value) if entry.value else None
+        except nats.js.errors.KeyNotFoundError:
+            holder = None
+        except (nats.errors.Error, TimeoutError, ValueError):
+            return False
+        if holder is not None:
+            if holder.instance != self.holder.instance:
+                return False
+            self._revision = entry.revision or self._revision
+            log.warning("lease.revision_adopted", role=self.role, instance=self.holder.instance)
+            return True
+        try:
+            self.holder.renewed = now()
+            self._revision = await bucket.create(self.role, encode(self.holder))
+        except (nats.errors.Error, TimeoutError):
+            return False
+        self._last_ok = time.monotonic()
+        log.warning("lease.taken_back", role=self.role, instance=self.holder.instance)
+        return True
 
     async def release(self) -> None:
         """Give the lease up at once (a clean stop), so that a standby need not wait."""
