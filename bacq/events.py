@@ -337,13 +337,14 @@ def verify_history(
     late_unsigned: list[int] = []
     untrusted: dict[str, list[int]] = {}
     forged: list[int] = []
-    # a signed event vouches for itself and, through the chain, for the events before it that
-    # name its key without a signature of their own (the rest of its commit)
-    vouched: dict[int, str] = {}  # seq → "ok", "untrusted", "forged" or "unsigned"
+    # a signed event vouches for itself and, through the chain (each hash covers the one before
+    # it), for the events before it that name a key but carry no signature (the rest of its
+    # commit): they are found as the signature after them is, and counted as signed by its key
+    vouched: dict[int, tuple[str, str | None]] = {}  # seq → what was found, and by which key
     cover: tuple[str, str] | None = None  # the next signed event's key and what it was found
     for seq, event in sorted(chain.items(), reverse=True):
         if event.key is None:
-            vouched[seq] = "unsigned" if event.sig is None else "forged"
+            vouched[seq] = ("unsigned" if event.sig is None else "forged", None)
         elif event.sig is not None:
             if event.key not in trusted:
                 found = "untrusted"
@@ -351,24 +352,22 @@ def verify_history(
                 found = "ok"
             else:
                 found = "forged"
-            vouched[seq], cover = found, (event.key, found)
+            vouched[seq], cover = (found, event.key), (event.key, found)
         elif cover is None:
-            vouched[seq] = "tail"  # names a key, but no signature comes after it
-        else:  # a key no later signature is by: nothing of that key vouches for it
-            vouched[seq] = cover[1] if cover[0] == event.key else "forged"
-    for seq, event in sorted(chain.items()):
-        found = vouched[seq]
-        if found == "unsigned":
+            vouched[seq] = ("tail", None)  # names a key, but no signature comes after it
+        else:
+            vouched[seq] = (cover[1], cover[0])
+    for seq, _event in sorted(chain.items()):
+        found, by = vouched[seq]
+        if found in ("unsigned", "tail"):
             (late_unsigned if check.signers else unsigned).append(seq)
             continue
-        if found == "tail":
-            (late_unsigned if check.signers else unsigned).append(seq)
-        elif found == "forged":
+        if found == "forged":
             forged.append(seq)
-        elif found == "untrusted" and event.key is not None:
-            untrusted.setdefault(event.key, []).append(seq)
-        if event.key is not None and found != "tail" and event.key not in check.signers:
-            check.signers.append(event.key)
+        elif found == "untrusted" and by is not None:
+            untrusted.setdefault(by, []).append(seq)
+        if by is not None and by not in check.signers:
+            check.signers.append(by)
     check.unsigned = len(unsigned) + len(late_unsigned)
     if unsigned and require_signatures:
         problems.append(f"{_seqs(unsigned)} not signed: the requester signs every event it writes")
