@@ -26,6 +26,7 @@ from bacq.commands.common import (
     ipfs_api,
     job_exit_code,
     key_values,
+    lean_nats,
     nats_url,
     out,
     output_flag,
@@ -320,9 +321,13 @@ async def _wasm_spec(args: argparse.Namespace, target: str) -> JobSpec:
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
+    target = _wasm_target(args)
+    if target is None and not args.dry_run and (args.id_only or not args.wait):
+        # submitted as the arguments wrote it: the requester checks it with the same parse_spec
+        # and answers the same problems, so this path never builds the spec's pydantic models
+        return await submit_raw(args, spec_from_run_args(args))
     from bacq.spec import parse_spec
 
-    target = _wasm_target(args)
     spec = (
         parse_spec(spec_from_run_args(args)) if target is None else await _wasm_spec(args, target)
     )
@@ -412,6 +417,31 @@ async def _preload_storage() -> None:
 
     storage = await asyncio.to_thread(importlib.import_module, "bacq.storage")
     await storage.preload()
+
+
+async def submit_raw(args: argparse.Namespace, fields: dict[str, Any]) -> int:
+    """Submit ``fields`` (a spec as ``bacq run``'s arguments wrote it, unchecked) and print the
+    job id. The requester checks it (SpecError with its problems, as ``parse_spec`` here would
+    raise); should NATS be out of reach, the spec is checked here first, so that a bad spec is
+    reported as such rather than as the connection's failure."""
+    lean_nats()
+    from bacq import submission
+    from bacq.errors import NatsUnavailable
+
+    url = nats_url(args)
+    try:
+        nc = await submission.connect(url)
+    except NatsUnavailable:
+        from bacq.spec import parse_spec
+
+        parse_spec(fields)  # raises SpecError for a bad spec
+        raise
+    try:
+        job_id = await submission.submit_one(nc, url, fields, idempotency_key=args.idempotency_key)
+    finally:
+        await nc.close()
+    print(job_id, flush=True)
+    return EXIT_OK
 
 
 async def submit_and_follow(args: argparse.Namespace, spec: JobSpec, *, wait: bool) -> int:
