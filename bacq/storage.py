@@ -316,32 +316,11 @@ class Storage:
     async def _measure(
         self, cid: str, max_bytes: int, max_entries: int, timeout: float
     ) -> TreeSize:
-        info = await self.stat(cid, timeout=timeout)
-        kind = info.get("Type")
-        size = TreeSize(entries=1)
-        if kind == "file":
-            size.bytes = _nonneg(info.get("Size"), cid)
-            _check_limits(cid, size, max_bytes, max_entries)
-            return size
-        if kind != "directory":
-            raise StorageError(f"{cid} is a {kind}, not a file or a folder; nothing to fetch")
-        pending = [cid]
-        while pending:
-            batch, pending = pending[:_LS_BATCH], pending[_LS_BATCH:]
-            for entry in await self._ls(batch, cid, timeout):
-                size.entries += 1
-                name, kind_code = entry.get("Name", ""), entry.get("Type")
-                _check_name(cid, name)
-                if kind_code == _UNIXFS_DIR:
-                    pending.append(str(entry.get("Hash", "")))
-                elif kind_code == _UNIXFS_FILE:
-                    size.bytes += _nonneg(entry.get("Size"), cid)
-                elif kind_code != _UNIXFS_SYMLINK:
-                    raise StorageError(
-                        f"{cid} holds {name!r}, which is not a UnixFS file, folder or symlink"
-                    )
-                _check_limits(cid, size, max_bytes, max_entries)
-        return size
+        walk = Walk(cid, max_bytes, max_entries)
+        walk.start(await self.stat(cid, timeout=timeout))
+        while batch := walk.next_batch():
+            walk.feed(await self._ls(batch, cid, timeout))
+        return walk.size
 
     async def _ls(self, folders: list[str], root: str, timeout: float) -> list[dict[str, Any]]:
         """The links of ``folders`` (one ls call; aioipfs's core.ls takes one path, no options)."""
@@ -353,13 +332,7 @@ class Storage:
             links: list[dict[str, Any]] = []
             async with self._post("ls", params, what) as response:
                 async for line in _lines(response, what):
-                    try:
-                        for obj in json.loads(line).get("Objects") or []:
-                            links.extend(obj.get("Links") or [])
-                    except (ValueError, AttributeError, TypeError):
-                        raise StorageError(
-                            f"a listing of {root} is not JSON: {line[:80]!r}"
-                        ) from None
+                    links.extend(ls_links(line, root))
                     if len(links) > DEFAULT_MAX_ENTRIES * 10:
                         raise StorageError(f"a listing of {root} is too long")
             return links
@@ -432,6 +405,63 @@ class Storage:
                     "bytes); refused"
                 )
             await asyncio.to_thread(_move_into_place, staging / cid, target)
+
+
+class Walk:
+    """The pre-download walk of a CID's DAG, without I/O (this module's client and the CLI's
+    blocking one, ``bacq.kubo``, feed it kubo's answers): ``start`` with the root's ``files/stat``,
+    then ``feed`` the ``ls`` links of each ``next_batch`` of folders until it is empty; ``size``
+    is what the DAG holds. Raises StorageError as soon as it holds more than ``max_entries``
+    entries or ``max_bytes`` bytes, an unsafe name, or something else than files, folders and
+    symlinks."""
+
+    def __init__(self, cid: str, max_bytes: int, max_entries: int) -> None:
+        self.cid = cid
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.size = TreeSize(entries=1)
+        self._pending: list[str] = []
+
+    def start(self, info: dict[str, Any]) -> None:
+        kind = info.get("Type")
+        if kind == "file":
+            self.size.bytes = _nonneg(info.get("Size"), self.cid)
+            _check_limits(self.cid, self.size, self.max_bytes, self.max_entries)
+        elif kind == "directory":
+            self._pending = [self.cid]
+        else:
+            raise StorageError(f"{self.cid} is a {kind}, not a file or a folder; nothing to fetch")
+
+    def next_batch(self) -> list[str]:
+        batch, self._pending = self._pending[:_LS_BATCH], self._pending[_LS_BATCH:]
+        return batch
+
+    def feed(self, links: list[dict[str, Any]]) -> None:
+        cid, size = self.cid, self.size
+        for entry in links:
+            size.entries += 1
+            name, kind_code = entry.get("Name", ""), entry.get("Type")
+            _check_name(cid, name)
+            if kind_code == _UNIXFS_DIR:
+                self._pending.append(str(entry.get("Hash", "")))
+            elif kind_code == _UNIXFS_FILE:
+                size.bytes += _nonneg(entry.get("Size"), cid)
+            elif kind_code != _UNIXFS_SYMLINK:
+                raise StorageError(
+                    f"{cid} holds {name!r}, which is not a UnixFS file, folder or symlink"
+                )
+            _check_limits(cid, size, self.max_bytes, self.max_entries)
+
+
+def ls_links(line: bytes, root: str) -> list[dict[str, Any]]:
+    """The links of one line of kubo's streamed ``ls`` answer."""
+    links: list[dict[str, Any]] = []
+    try:
+        for obj in json.loads(line).get("Objects") or []:
+            links.extend(obj.get("Links") or [])
+    except (ValueError, AttributeError, TypeError):
+        raise StorageError(f"a listing of {root} is not JSON: {line[:80]!r}") from None
+    return links
 
 
 # -- kubo's answers -------------------------------------------------------------------------------
