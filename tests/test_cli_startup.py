@@ -1,6 +1,7 @@
 """What the quick commands load: `bacq version`, `bacq --help` and `bacq run --no-wait` must not
-import the live view, aiohttp, Docker (and version/--help no NATS or pydantic either). A check of
-the module set each one leaves in ``sys.modules``, not a timing (start-up times are bench rows)."""
+import the live view, aiohttp, Docker (and version/--help no NATS or pydantic either; run
+--no-wait neither nats-py nor asyncio: it submits over bacq.corenats). A check of the module set
+each one leaves in ``sys.modules``, not a timing (start-up times are bench rows)."""
 
 from __future__ import annotations
 
@@ -72,11 +73,11 @@ def test_run_no_wait_loads_only_what_submission_needs(stack: Devstack, tmp_path:
     loaded = loaded_by(
         tmp_path, "run", "--no-wait", "bacq-test/busybox", "--", "true", env=stack.env()
     )
-    assert "nats" in packages(loaded)  # it did submit
-    unwanted = NEVER | {"rich", "yaml", "pydantic", "pydantic_core"}
+    assert "bacq.corenats" in loaded  # it did submit, over a plain socket
+    unwanted = NEVER | {"rich", "yaml", "pydantic", "pydantic_core", "nats", "asyncio", "ssl"}
     assert not packages(loaded) & unwanted, sorted(packages(loaded) & unwanted)
     # no live view, no kubo client, no job records, no spec models (the requester checks the
-    # spec), no JetStream (nats-py's nats.js stays a stand-in), the parser of its group alone
+    # spec), no nats-py (a devstack's user and password need none), the parser of its group
     assert (
         not {
             "bacq.render",
@@ -141,3 +142,15 @@ def test_each_command_builds_the_parser_of_its_group_alone() -> None:
             assert alone_sub.choices[command].format_help() == sub.choices[command].format_help()
     assert command_of(["--help"]) is None
     assert command_of(["nope"]) is None
+
+
+def test_run_no_wait_through_nats_py_when_corenats_cannot(stack: Devstack, tmp_path: Path) -> None:
+    """A server URL bacq.corenats leaves to nats-py (here: credentials in the URL) still
+    submits, through nats-py without its JetStream modules."""
+    env = stack.env()
+    url = env["BACQ_NATS_URL"].replace("nats://", "nats://nobody:nothing@")
+    env = {**env, "BACQ_NATS_URL": url}
+    loaded = loaded_by(tmp_path, "run", "--no-wait", *BUSYBOX_TRUE, env=env)
+    assert "nats" in packages(loaded)
+    assert "bacq.corenats" in loaded
+    assert not {"nats.js", "nats.js.api", "bacq.spec", "bacq.client"} & loaded

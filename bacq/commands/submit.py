@@ -320,12 +320,19 @@ async def _wasm_spec(args: argparse.Namespace, target: str) -> JobSpec:
         await storage.close()
 
 
-async def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace) -> Any:
     target = _wasm_target(args)
     if target is None and not args.dry_run and (args.id_only or not args.wait):
         # submitted as the arguments wrote it: the requester checks it with the same parse_spec
-        # and answers the same problems, so this path never builds the spec's pydantic models
-        return await submit_raw(args, spec_from_run_args(args))
+        # and answers the same problems, so this path never builds the spec's pydantic models;
+        # over a blocking connection (bacq.corenats) when it can: no asyncio, no nats-py
+        fields = spec_from_run_args(args)
+        done = submit_quick(args, fields)
+        return submit_raw(args, fields) if done is None else done
+    return _run(args, target)
+
+
+async def _run(args: argparse.Namespace, target: str | None) -> int:
     from bacq.spec import parse_spec
 
     spec = (
@@ -417,6 +424,31 @@ async def _preload_storage() -> None:
 
     storage = await asyncio.to_thread(importlib.import_module, "bacq.storage")
     await storage.preload()
+
+
+def submit_quick(args: argparse.Namespace, fields: dict[str, Any]) -> int | None:
+    """``submit_raw`` over ``bacq.corenats``; None when the connection needs nats-py (TLS,
+    creds, nkeys)."""
+    from bacq import corenats, submission
+    from bacq.auth import NatsOptions
+    from bacq.errors import NatsUnavailable
+
+    url = nats_url(args)
+    try:
+        conn = corenats.connect(url, NatsOptions.from_env("client"), name="bacq-client")
+    except corenats.Unsupported:
+        return None
+    except NatsUnavailable:
+        from bacq.spec import parse_spec
+
+        parse_spec(fields)  # a bad spec is reported as such (SpecError)
+        raise
+    with conn:
+        job_id = submission.submit_one_quick(
+            conn, url, fields, idempotency_key=args.idempotency_key
+        )
+    print(job_id, flush=True)
+    return EXIT_OK
 
 
 async def submit_raw(args: argparse.Namespace, fields: dict[str, Any]) -> int:
