@@ -1,9 +1,9 @@
 """A blocking kubo RPC client for the CLI's data path: ``bacq ipfs add`` and ``bacq get``.
 
 The same operations as ``bacq.storage.Storage.add`` and ``Storage.fetch``, with the same form, the
-same CIDs, the same pre-download walk and limits, and the same strict extractor (all of them
-``bacq.storage``'s own), over the standard library's ``http.client`` instead of aioipfs and
-aiohttp, whose import alone took a third of a second of the CLI's time; file contents go to kubo
+same CIDs, the same pre-download walk and limits, and the same strict extractor (``bacq.unixfs``,
+which both use), over the standard library's ``http.client`` instead of aioipfs, aiohttp and
+asyncio, whose import alone took a third of a second of the CLI's time; file contents go to kubo
 with ``sendfile(2)``. A command uses it when the kubo address is a plain TCP multiaddr
 (``KuboHttp.for_maddr``); services keep ``Storage``.
 
@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from bacq.errors import IpfsUnavailable, StorageError
-from bacq.storage import (
+from bacq.unixfs import (
     _COPY,
     _ERROR_BODY,
     _HEADER_ALLOWANCE,

@@ -193,13 +193,45 @@ def test_a_file_that_shrinks_while_it_is_added_is_named(stack: Devstack, tmp_pat
         kubo._send_form(form, {"cid-version": "1"}, "adding", time.monotonic() + 30)
 
 
-def test_bacq_ipfs_add_and_get_use_neither_aiohttp_nor_aioipfs(
-    stack: Devstack, tmp_path: Path
+async def test_bacq_ipfs_add_and_get_use_neither_aiohttp_nor_aioipfs(
+    stack: Devstack, storage: Storage, tmp_path: Path
 ) -> None:
-    """The CLI's data path is the blocking client: no aiohttp, aioipfs or pydantic to import."""
+    """The CLI's data path is the blocking client: no asyncio, aiohttp, aioipfs, nats-py or
+    pydantic to import, for `bacq ipfs add` and for `bacq get` of a job's results."""
+
+    from bacq.bus import Bus
+    from bacq.models import JobRecord, encode
+    from bacq.spec import JobSpec
+    from bacq.states import JobState
     from tests.test_cli_startup import loaded_by, packages
 
     (tmp_path / "in.txt").write_text("data\n")
     loaded = loaded_by(tmp_path, "ipfs", "add", str(tmp_path / "in.txt"), env=stack.env())
-    assert not packages(loaded) & {"aiohttp", "aioipfs", "pydantic", "nats", "rich"}
+    assert not packages(loaded) & {"aiohttp", "aioipfs", "pydantic", "nats", "rich", "asyncio"}
+    assert "bacq.storage" not in loaded
+
+    results = tmp_path / "results"
+    (results / "out").mkdir(parents=True)
+    (results / "stdout").write_text("hi\n")
+    (results / "out" / "f.txt").write_text("f\n")
+    cid = await storage.add(results)
+    bus = await Bus.connect(
+        stack.nats.url, name="bacq-requester-test", options=stack.nats_options("requester")
+    )
+    try:
+        job = JobRecord(
+            id="j-leanget",
+            spec=JobSpec(image="x", outputs=[{"name": "out", "path": "/out"}]),
+            state=JobState.ACCEPTED,
+            result_cid=cid,
+        )
+        await bus.jobs.put(job.id, encode(job))
+    finally:
+        await bus.close()
+    got = tmp_path / "got"
+    loaded = loaded_by(tmp_path, "get", "j-leanget", "--output-dir", str(got), env=stack.env())
+    assert not packages(loaded) & {"aiohttp", "aioipfs", "pydantic", "nats", "rich", "asyncio"}
     assert "bacq.kubo" in loaded
+    assert "bacq.storage" not in loaded  # bacq.unixfs: the walk and extractor, no asyncio
+    assert (got / "out" / "f.txt").read_text() == "f\n"
+    assert (got / "stdout").read_text() == "hi\n"
