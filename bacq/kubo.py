@@ -212,6 +212,41 @@ class KuboHttp:
                 root = str(entry.get("Hash", ""))
         return root
 
+    def read_tail(self, path: str, *, limit: int = 64 * 1024) -> bytes:
+        """The last ``limit`` bytes of the file at ``path`` (``CID/stdout``), as
+        ``Storage.read_tail``."""
+        deadline = time.monotonic() + self.timeout
+        what = f"reading {path} from IPFS"
+        try:
+            info = self._json(
+                "files/stat", [("arg", f"/ipfs/{path}")], f"kubo cannot stat {path}", deadline
+            )
+            size = int(info.get("Size", 0)) if isinstance(info, dict) else 0
+            params = [
+                ("arg", path),
+                ("offset", str(max(0, size - limit))),
+                ("length", str(limit)),
+            ]
+            conn, response = self._post("cat", params, f"kubo cannot read {path}", deadline)
+            try:
+                data = b""
+                while True:
+                    _timeout_socket(response, deadline)
+                    chunk = response.read1(_COPY)
+                    if not chunk:
+                        return data
+                    data += chunk
+                    if len(data) > limit:
+                        raise StorageError(
+                            f"{what}: kubo's answer is larger than the {limit} bytes expected"
+                        )
+            finally:
+                conn.close()
+        except (_Expired, TimeoutError):
+            raise StorageError(f"{what} took longer than {self.timeout:g}s") from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise StorageError(f"{what} failed: {exc}") from None
+
     # -- fetch ------------------------------------------------------------------------------------
     def fetch(
         self,

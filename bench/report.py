@@ -166,11 +166,12 @@ def rows(results: dict[str, Any]) -> list[Row]:
             ("bacq_add", "ipfs_add", "`bacq ipfs add` vs `ipfs add`", 1.3),
             ("api_add", "ipfs_add", "Storage.add (API, no CLI start-up) vs `ipfs add`", None),
             ("bacq_run", None, "job (fetch input, cp, publish output)", None),
-            ("bacq_get", "ipfs_get", "`bacq get` vs `ipfs get`", 1.3),
+            ("bacq_get", "ipfs_get_result", "`bacq get` vs `ipfs get` of the result", 1.3),
+            ("bacq_get", "ipfs_get", "  `bacq get` vs `ipfs get` of the file (same node)", None),
             ("api_get", "ipfs_get", "Storage.fetch (API, no CLI start-up) vs `ipfs get`", None),
         ):
-            if bacq_key not in data:
-                continue
+            if bacq_key not in data or (base_key and base_key not in data):
+                continue  # (a run before ipfs_get_result was measured)
             base = data[base_key]["p50"] if base_key else None
             share = _ratio(data[bacq_key]["p50"], base)
             out.append(
@@ -182,7 +183,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     ratio=share,
                     target=f"≤ {goal:.2f}x" if goal else "",
                     met=_le(share, goal) if goal else None,
-                    key=f"data.{bacq_key}",
+                    key=f"data.{bacq_key}" + ("" if goal or not base_key else f".{base_key}"),
                 )
             )
         out.append(

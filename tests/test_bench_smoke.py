@@ -84,6 +84,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     for key in (
         "ipfs_add",
         "ipfs_get",
+        "ipfs_get_result",
         "bacq_add",
         "bacq_run",
         "bacq_get",

@@ -235,3 +235,20 @@ async def test_bacq_ipfs_add_and_get_use_neither_aiohttp_nor_aioipfs(
     assert "bacq.storage" not in loaded  # bacq.unixfs: the walk and extractor, no asyncio
     assert (got / "out" / "f.txt").read_text() == "f\n"
     assert (got / "stdout").read_text() == "hi\n"
+
+
+async def test_read_tail_gives_the_end_of_a_file_as_storage_does(
+    stack: Devstack, storage: Storage, tmp_path: Path
+) -> None:
+    folder = tmp_path / "result"
+    folder.mkdir()
+    (folder / "stdout").write_bytes(b"".join(b"line %d\n" % i for i in range(20_000)))
+    (folder / "stderr").write_bytes(b"")
+    cid = await storage.add(folder)
+    kubo = _kubo(stack.ipfs_api)
+    for name, limit in (("stdout", 1000), ("stdout", 64 * 1024), ("stderr", 1000)):
+        got = await asyncio.to_thread(kubo.read_tail, f"{cid}/{name}", limit=limit)
+        assert got == await storage.read_tail(f"{cid}/{name}", limit=limit)
+        assert got == (folder / name).read_bytes()[-limit:]
+    with pytest.raises(StorageError, match="kubo cannot stat"):
+        await asyncio.to_thread(kubo.read_tail, f"{cid}/missing")

@@ -392,20 +392,40 @@ def cmd_validate(args: argparse.Namespace) -> int:
 async def output_tails(
     args: argparse.Namespace, job: JobRecord
 ) -> tuple[bytes | None, bytes | None, str]:
-    """The ends of the accepted result's stdout and stderr, read from kubo (best effort)."""
-    from bacq.errors import BacqError
-    from bacq.storage import Storage
+    """The ends of the accepted result's stdout and stderr, read from kubo (best effort): with
+    the blocking client (bacq.kubo, in a thread), or Storage for another kind of address."""
+    import asyncio
+
+    from bacq.errors import BacqError, IpfsUnavailable
+    from bacq.kubo import KuboHttp
 
     if job.result_cid is None:
         return None, None, ""
+    unreachable = f"(output not shown: no kubo at {ipfs_api(args)}; try `bacq logs {job.id}`)"
+    kubo = KuboHttp.for_maddr(ipfs_api(args), timeout=15.0)
+    if kubo is None:
+        return await _output_tails_storage(args, job, unreachable)
+    tails: list[bytes | None] = []
+    for name in ("stdout", "stderr"):
+        try:
+            tails.append(await asyncio.to_thread(kubo.read_tail, f"{job.result_cid}/{name}"))
+        except IpfsUnavailable:
+            return None, None, unreachable
+        except BacqError:
+            tails.append(None)
+    return tails[0], tails[1], ""
+
+
+async def _output_tails_storage(
+    args: argparse.Namespace, job: JobRecord, unreachable: str
+) -> tuple[bytes | None, bytes | None, str]:
+    from bacq.errors import BacqError
+    from bacq.storage import Storage
+
     try:
         storage = await Storage.connect(ipfs_api(args), timeout=15.0)
     except BacqError:
-        return (
-            None,
-            None,
-            f"(output not shown: no kubo at {ipfs_api(args)}; try `bacq logs {job.id}`)",
-        )
+        return None, None, unreachable
     try:
         tails: list[bytes | None] = []
         for name in ("stdout", "stderr"):
@@ -416,14 +436,6 @@ async def output_tails(
         return tails[0], tails[1], ""
     finally:
         await storage.close()
-
-
-async def _preload_storage() -> None:
-    import asyncio
-    import importlib
-
-    storage = await asyncio.to_thread(importlib.import_module, "bacq.storage")
-    await storage.preload()
 
 
 def submit_quick(args: argparse.Namespace, fields: dict[str, Any]) -> int | None:
@@ -619,8 +631,6 @@ async def follow(args: argparse.Namespace, client: Any, job_id: str) -> int:
 
     from bacq.render import plain_progress, render_verdict
 
-    # the output is read from kubo at the end: import its client while the job runs
-    preloading = asyncio.create_task(_preload_storage())
     started = time.monotonic()
     machine = args.output in ("json", "yaml")
     live = None
@@ -652,17 +662,14 @@ async def follow(args: argparse.Namespace, client: Any, job_id: str) -> int:
         else:
             job = await client.wait(job_id, on_change=on_change)
     except (KeyboardInterrupt, asyncio.CancelledError):
-        preloading.cancel()
         err().print(
             f"detached: job {job_id} goes on. Follow it with `bacq logs -f {job_id}`, "
             f"see it with `bacq describe {job_id}`"
         )
         return EXIT_INTERRUPTED
     if machine:
-        preloading.cancel()
         emit(job.model_dump(mode="json"), args.output)
         return job_exit_code(job)
-    await preloading
     stdout, stderr, note = await output_tails(args, job)
     render_verdict(
         out(),
