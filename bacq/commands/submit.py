@@ -629,8 +629,7 @@ async def follow(args: argparse.Namespace, client: Any, job_id: str) -> int:
     import time
     from collections.abc import Callable
 
-    from bacq.render import plain_progress, render_verdict
-
+    # the live view and the verdict (rich) only for a human: --output json|yaml needs neither
     started = time.monotonic()
     machine = args.output in ("json", "yaml")
     live = None
@@ -646,6 +645,8 @@ async def follow(args: argparse.Namespace, client: Any, job_id: str) -> int:
     else:
         seen: dict[str, str] = {}
         if not machine:
+            from bacq.render import plain_progress
+
             err().print(
                 f"job [bold]{job_id}[/] submitted; waiting (Ctrl-C detaches, the job goes on)"
             )
@@ -671,6 +672,8 @@ async def follow(args: argparse.Namespace, client: Any, job_id: str) -> int:
         emit(job.model_dump(mode="json"), args.output)
         return job_exit_code(job)
     stdout, stderr, note = await output_tails(args, job)
+    from bacq.render import render_verdict
+
     render_verdict(
         out(),
         job,
