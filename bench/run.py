@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--markdown",
         type=Path,
         help="the table as Markdown (default: the JSON's path with .md; docs/benchmarks.md "
-        "includes docs/bench/issue11.md, a copy of one)",
+        "includes bench/issue11.md, one of them)",
     )
     p.add_argument(
         "--before",
