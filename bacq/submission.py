@@ -227,6 +227,10 @@ async def submit_many(
 
     if idempotency_keys is not None and len(idempotency_keys) != len(specs):
         raise ValueError("idempotency_keys must have one key per spec")
+    # without keys of the caller's, each batch carries one key of its own (batch_key: one
+    # idempotency write per batch on the requester, not one per spec; a retry of the batch gets
+    # the same jobs); with them, each spec its key (a fresh one where it has none)
+    per_spec = idempotency_keys is not None and any(k is not None for k in idempotency_keys)
     keys = [
         (idempotency_keys[i] if idempotency_keys is not None else None) or fresh_key()
         for i in range(len(specs))
@@ -236,7 +240,7 @@ async def submit_many(
     ]
     quoted = [json.dumps(k).encode() for k in keys]
     max_bytes = max(1024, (nc.max_payload or 1024 * 1024) - PAYLOAD_MARGIN)
-    sizes = [len(e) + len(q) + 2 for e, q in zip(encoded, quoted, strict=True)]
+    sizes = [len(e) + (len(q) + 2 if per_spec else 1) for e, q in zip(encoded, quoted, strict=True)]
     outcomes = [Outcome(i) for i in range(len(specs))]
     for index, size in enumerate(sizes):
         if size > max_bytes:
@@ -255,13 +259,12 @@ async def submit_many(
         wanted = [i for i in run if outcomes[i].error is None]
         if not wanted:
             return
-        payload = (
-            b'{"specs":['
-            + b",".join(encoded[i] for i in wanted)
-            + b'],"idempotency_keys":['
-            + b",".join(quoted[i] for i in wanted)
-            + b"]}"
+        keyed = (
+            b'"idempotency_keys":[' + b",".join(quoted[i] for i in wanted) + b"]"
+            if per_spec
+            else b'"batch_key":' + json.dumps(fresh_key()).encode()
         )
+        payload = b'{"specs":[' + b",".join(encoded[i] for i in wanted) + b"]," + keyed + b"}"
         async with gate:
             reply = await _request(
                 nc,
