@@ -227,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.plot = args.out.with_suffix(".png")
     if args.markdown is None:
         args.markdown = args.out.with_suffix(".md")
+        if "docs" in args.out.resolve().parts:  # a .md there would be a page of the docs site
+            args.markdown = DEFAULT_OUT.parent / args.out.with_suffix(".md").name
     if args.before is not None and not args.before.is_file():
         build_parser().error(f"--before {args.before}: no such file (a JSON of python -m bench)")
     return args
