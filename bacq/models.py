@@ -73,7 +73,7 @@ def decode(model: type[M], data: bytes) -> M:
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
 
 class Problem(_Msg):
