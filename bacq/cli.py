@@ -14,6 +14,7 @@ Exit codes: 0 the job was accepted (and its command exited 0) or the command suc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 
 from bacq.commands.common import (
     EPILOG,
+    EXIT_BROKEN_PIPE,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -128,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(result or 0)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (`bacq events | head`): stop quietly, as a tool killed by
+        # SIGPIPE does, and keep Python from complaining about stdout at exit
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:
         if debug:
             raise

@@ -70,7 +70,7 @@ async def _check_nats(url: str) -> list[Check]:
             holder = leases.get(role)
             checks.append(
                 Check(
-                    f"{role[:5]}.lease",
+                    f"{role} lease",
                     holder is not None,
                     f"active {role}: {holder.instance} since {holder.since:%H:%M:%S}"
                     if holder

@@ -29,6 +29,7 @@ __all__ = [
     "PYTHON_RUNTIME",
     "add_module",
     "add_python",
+    "check_script",
     "cli_spec",
     "python_spec",
     "run_python",
@@ -111,6 +112,18 @@ def _header(path: Path) -> bytes:
         return handle.read(4)
 
 
+def check_script(script: Path) -> None:
+    """SpecError unless ``script`` is a file (an option given after ``python`` is named)."""
+    if not script.is_file():
+        hint = (
+            "; options go before `python` (bacq run -v CID:/in -o out:/out python script.py"
+            " ARGS): after it, everything is the script and its arguments"
+            if str(script).startswith("-")
+            else ""
+        )
+        raise SpecError([("command", f"{script} is not a file{hint}")])
+
+
 async def add_python(
     storage: Storage,
     script: Path | None = None,
@@ -127,8 +140,7 @@ async def add_python(
         folder.mkdir()
         if script is not None:
             script = Path(script)
-            if not script.is_file():
-                raise SpecError([("command", f"{script} is not a file")])
+            check_script(script)
             name = script.name
             shutil.copyfile(script, folder / name)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -375,3 +376,35 @@ def test_verdict_of_a_void_job_names_the_reason_and_where_to_look() -> None:
     assert "w1: image gone" in text
     assert "bacq describe j-2" in text
     assert "bacq get" not in text
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly_with_141() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line (`bacq ... | head -0`)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "bacq", "completion", "bash"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141
+    assert done.stderr == ""  # no "unexpected BrokenPipeError", no "Exception ignored"
+
+
+def test_the_completion_script_names_no_outside_site() -> None:
+    for shell in ("bash", "zsh"):
+        done = run_cli(None, "completion", shell)
+        assert done.returncode == 0, done.stderr
+        assert "://" not in done.stdout
+
+
+def test_run_python_with_an_option_after_python_says_where_options_go(tmp_path: Path) -> None:
+    done = run_cli(None, "run", "python", "-v", "bafyinput:/in", "count.py", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "-v is not a file; options go before `python`" in done.stderr
+    assert "kubo" not in done.stderr  # said before any node is reached

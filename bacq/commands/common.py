@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_NATS_URL",
     "DIRECTORY_COMPLETION",
     "EPILOG",
+    "EXIT_BROKEN_PIPE",
     "EXIT_COMMAND_FAILED",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_COMMAND_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a command that SIGPIPE ended
 
 # the same values as bacq.bus.DEFAULT_NATS_URL and bacq.storage.DEFAULT_IPFS_API (a test checks),
 # written out here so that --help need not import NATS or aiohttp
@@ -65,7 +67,8 @@ FORMATS = ("table", "json", "yaml")
 
 EPILOG = (
     "Exit codes: 0 ok/accepted, 1 failed/void/cancelled/error, 2 bad usage or spec, "
-    "3 accepted but the command exited non-zero, 130 interrupted (the job goes on)."
+    "3 accepted but the command exited non-zero, 130 interrupted (the job goes on), "
+    "141 its output was closed (| head)."
 )
 
 

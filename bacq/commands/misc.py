@@ -168,6 +168,10 @@ _bacq_job_ids() {
 }
 
 
+def _NAMES_A_SITE(line: str) -> bool:
+    return line.lstrip().startswith("#") and "://" in line
+
+
 def cmd_completion(args: argparse.Namespace) -> int:
     import shtab
 
@@ -176,5 +180,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
     script = shtab.complete(
         build_parser(), shell=args.shell, preamble=COMPLETION_PREAMBLE[args.shell]
     )
-    print(script)
+    # shtab's header comments point at outside sites: a script installed on a user's machine
+    # carries no address bacq did not choose
+    print("\n".join(line for line in script.splitlines() if not _NAMES_A_SITE(line)))
     return EXIT_OK

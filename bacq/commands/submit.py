@@ -287,7 +287,7 @@ async def _wasm_spec(args: argparse.Namespace, target: str) -> JobSpec:
     from pathlib import Path
 
     from bacq.storage import Storage
-    from bacq.wasmjobs import cli_spec
+    from bacq.wasmjobs import check_script, cli_spec
 
     fields = spec_from_run_args(args)
     for docker_only in ("image", "command", "entrypoint", "working_dir", "network"):
@@ -302,6 +302,8 @@ async def _wasm_spec(args: argparse.Namespace, target: str) -> JobSpec:
         if len(command) < 2:
             raise UsageError("-c needs the code to run: bacq run python -c 'print(42)'")
         code, command = command[1], command[2:]
+    if target == "python" and code is None and command:
+        check_script(Path(command[0]))  # a missing script is said before kubo is reached
     inputs = [(v["cid"], v["path"]) for v in fields.pop("inputs")]
     outputs = [(v["name"], v["path"]) for v in fields.pop("outputs")]
     storage = await Storage.connect(ipfs_api(args))
