@@ -64,6 +64,10 @@ DUPLICATE_WINDOW = streams.DUPLICATE_WINDOW
 DEAD_KEEP = 64 * 1024  # bytes of a dead-lettered message kept
 DEAD_MAX_AGE = streams.STREAMS[subjects.DEAD_STREAM].max_age  # dead letters: 30 days …
 DEAD_MAX_BYTES = streams.STREAMS[subjects.DEAD_STREAM].max_bytes  # … or 256 MiB
+# a server that stops answering (cut off, not closed: no FIN, no RST) is left for another of the
+# cluster after PING_INTERVAL * MAX_OUTSTANDING_PINGS seconds (nats-py's default: 4 minutes)
+PING_INTERVAL = 5
+MAX_OUTSTANDING_PINGS = 3
 
 JS_RETRY_FOR = 30.0  # seconds a job-record read/write retries while JetStream is away (failover)
 # the server or the stream's leader is away (restart, network, a cluster electing a new leader)
@@ -141,6 +145,8 @@ class Bus:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
                     allow_reconnect=True,
+                    ping_interval=PING_INTERVAL,
+                    max_outstanding_pings=MAX_OUTSTANDING_PINGS,
                     error_cb=on_error,
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote_plus
 
-from bacq.errors import IpfsUnavailable, ResultsTooLarge, StorageError
+from bacq.errors import InputUnavailable, IpfsUnavailable, ResultsTooLarge, StorageError
 
 if TYPE_CHECKING:
     import aiohttp
@@ -392,7 +392,7 @@ class Storage:
             async with asyncio.timeout(deadline):
                 await self._fetch(cid, target, deadline, max_bytes, max_entries)
         except TimeoutError:
-            raise StorageError(
+            raise InputUnavailable(
                 f"could not fetch {cid} from IPFS within {deadline:g}s: no reachable node has it "
                 "(add it with `bacq ipfs add` on a node of this network)"
             ) from None
