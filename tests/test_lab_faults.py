@@ -21,6 +21,7 @@ import pytest
 
 from bacq import subjects
 from bacq.auth import NatsOptions
+from bacq.bus import again
 from bacq.client import Client
 from bacq.events import Event, verify_history
 from bacq.lab import Lab
@@ -91,7 +92,10 @@ async def _node_in(client: Client, job_id: str, states: set[ExecState]) -> str:
 
 
 async def _events(client: Client, job_id: str) -> list[Event]:
-    return [e async for _, e in client.bus.replay_events(subjects.events(job_id))]
+    async def read() -> list[Event]:
+        return [e async for _, e in client.bus.replay_events(subjects.events(job_id))]
+
+    return await again(read)  # (JetStream may be electing a leader just then)
 
 
 async def _decided_once_and_verifies(client: Client, job: JobRecord) -> None:
@@ -174,7 +178,11 @@ async def test_jobs_keep_flowing_through_two_nats_servers_when_the_third_is_cut_
     async with await _connect(lab) as client:
         lab.cut("nats-1")
         try:
-            ids = [await client.submit(_hello(f"two of three {i}")) for i in range(4)]
+            # (this client may have been on the cut server: it moves to another after 15 s)
+            ids = [
+                await client.submit(_hello(f"two of three {i}"), timeout=20, attempts=10)
+                for i in range(4)
+            ]
             jobs = [await client.wait(j, timeout=300) for j in ids]
             for job in jobs:
                 assert job.state == JobState.ACCEPTED, job.reason
@@ -188,8 +196,14 @@ async def test_the_standby_requester_takes_over_from_a_cut_off_one_and_no_job_is
     lab: Lab,
 ) -> None:
     async with await _connect(lab) as client:
-        old = await _active(client, lab, "requester")
-        assert old is not None
+        found: list[str] = []
+
+        async def one_active() -> bool:
+            found[:] = [h for h in [await _active(client, lab, "requester")] if h]
+            return bool(found)
+
+        await _until("a requester holding the lease", one_active, 60)
+        old = found[0]
         (standby,) = [h.name for h in lab.hosts() if h.role == "requester" and h.name != old]
         job_id = await client.submit(SLOW)
         await _node_in(client, job_id, {ExecState.RUNNING})

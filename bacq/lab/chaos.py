@@ -202,9 +202,10 @@ async def chaos(lab: Lab, args: argparse.Namespace) -> ChaosFigures:
 
     from bacq import subjects
     from bacq.auth import NatsOptions
+    from bacq.bus import again
     from bacq.client import Client
     from bacq.errors import ConfigError
-    from bacq.events import verify_history
+    from bacq.events import Event, verify_history
     from bacq.signing import fetch_requester_keys
     from bacq.states import JobState
 
@@ -268,8 +269,12 @@ async def chaos(lab: Lab, args: argparse.Namespace) -> ChaosFigures:
                 figures.states["unfinished"] += 1
                 continue
             figures.states[str(state)] += 1
-            record = await client.job(job_id)
-            events = [e async for _, e in client.bus.replay_events(subjects.events(job_id))]
+            record = await again(lambda j=job_id: client.job(j))  # type: ignore[misc]
+
+            async def read(job_id: str = job_id) -> list[Event]:
+                return [e async for _, e in client.bus.replay_events(subjects.events(job_id))]
+
+            events = await again(read)  # (JetStream may be electing a leader just then)
             decided = [e for e in events if e.kind == "job" and e.state in FINAL_STATES]
             accepted = [e for e in decided if e.state == "accepted"]
             if len(decided) > 1 or len(accepted) > 1:
