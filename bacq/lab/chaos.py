@@ -289,7 +289,8 @@ async def chaos(lab: Lab, args: argparse.Namespace) -> ChaosFigures:
             if record.state == JobState.FAILED:
                 figures.failed_reasons[record.reason.split(";")[0][:100]] += 1
         # exactly the jobs submitted: a retried submission made no second job
-        ours = [r.id for r in await client.jobs() if r.spec.labels.get("bacq.chaos") == run_id]
+        every = await again(client.jobs)
+        ours = [r.id for r in every if r.spec.labels.get("bacq.chaos") == run_id]
         extra = sorted(set(ours) - set(ids))
         figures.duplicated += [f"{j}: a job nobody submitted (a second one?)" for j in extra]
     return figures
