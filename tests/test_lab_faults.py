@@ -24,7 +24,7 @@ from bacq.auth import NatsOptions
 from bacq.bus import again
 from bacq.client import Client
 from bacq.events import Event, verify_history
-from bacq.lab import Lab
+from bacq.lab import Lab, net
 from bacq.lab.chaos import chaos
 from bacq.lease import LEASE_TTL, RENEW_EVERY, read_leases
 from bacq.models import JobRecord
@@ -64,6 +64,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield the_lab
     finally:
         the_lab.down()
+    # nothing of it is left: namespaces (with their rules), veths (with their qdiscs), the bridge
+    assert net.namespaces(the_lab.prefix + "-") == []
+    assert net.host_veths(f"bl{the_lab.index}h") == []
+    assert net.host_veths(the_lab.bridge) == []
 
 
 async def _connect(lab: Lab) -> Client:

@@ -232,6 +232,7 @@ async def chaos(lab: Lab, args: argparse.Namespace) -> ChaosFigures:
         faults = asyncio.create_task(_faults(lab, client, kinds, rng, args, figures, stop))
         gate = asyncio.Semaphore(args.parallel)
         ids: list[str] = [""] * args.jobs
+        done = [0]  # jobs final so far
         spec: dict[str, Any] = {
             "image": "bacq-test/busybox",
             "command": ["echo", "chaos"],
@@ -249,7 +250,16 @@ async def chaos(lab: Lab, args: argparse.Namespace) -> ChaosFigures:
                     timeout=30,
                     attempts=20,
                 )
-                return (await client.wait(ids[i], timeout=args.timeout)).state.value
+                state = (await client.wait(ids[i], timeout=args.timeout)).state.value
+            done[0] += 1
+            if done[0] % max(1, args.jobs // 10) == 0:
+                print(
+                    f"chaos: {done[0]}/{args.jobs} jobs final after "
+                    f"{time.monotonic() - started:.0f}s, {sum(figures.faults.values())} faults",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return state
 
         try:
             async with asyncio.timeout(args.timeout):
