@@ -159,6 +159,8 @@ async def _faults(
     """Inject one fault at a time until ``stop`` is set; each is undone before the next."""
     import asyncio
 
+    import nats.errors
+
     from bacq.errors import BacqError
 
     workers = [h.name for h in lab.hosts() if h.role == "worker"]
@@ -177,7 +179,11 @@ async def _faults(
         elif role == "nats":
             host = rng.choice(servers)
         else:
-            host = await _active_host(lab, client, role)
+            try:
+                async with asyncio.timeout(20):
+                    host = await _active_host(lab, client, role)
+            except (nats.errors.Error, TimeoutError):  # JetStream electing a leader: next time
+                host = None
         if host is None:
             continue  # a takeover is under way: leave it be
         hold = rng.uniform(args.hold / 3, args.hold)
