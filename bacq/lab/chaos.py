@@ -39,6 +39,7 @@ FAULT_KINDS = (
     "kill-requester",
     "kill-verifier",
 )
+TOO_MANY_CONSUMERS = 10026  # JetStream: "maximum consumers limit reached"
 FINAL_STATES = ("accepted", "void", "failed", "cancelled")
 
 
@@ -206,6 +207,8 @@ async def chaos(lab: Lab, args: argparse.Namespace) -> ChaosFigures:
     """Run the chaos run against the running ``lab``; the figures."""
     import asyncio
 
+    import nats.js.errors
+
     from bacq import subjects
     from bacq.auth import NatsOptions
     from bacq.bus import again
@@ -288,6 +291,16 @@ async def chaos(lab: Lab, args: argparse.Namespace) -> ChaosFigures:
             record = await again(lambda j=job_id: client.job(j))  # type: ignore[misc]
 
             async def read(job_id: str = job_id) -> list[Event]:
+                # each read makes a consumer that lingers a minute; the server refuses more than
+                # it allows (err_code 10026) while thousands of histories are read: wait a little
+                for _ in range(60):
+                    try:
+                        stream = client.bus.replay_events(subjects.events(job_id))
+                        return [e async for _, e in stream]
+                    except nats.js.errors.BadRequestError as exc:
+                        if exc.err_code != TOO_MANY_CONSUMERS:
+                            raise
+                        await asyncio.sleep(2)
                 return [e async for _, e in client.bus.replay_events(subjects.events(job_id))]
 
             events = await again(read)  # (JetStream may be electing a leader just then)
