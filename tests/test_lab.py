@@ -253,7 +253,7 @@ async def test_the_chaos_run_names_an_unknown_fault_kind(tmp_path: Path) -> None
 
     from bacq.lab.chaos import chaos
 
-    args = argparse.Namespace(jobs=1, parallel=1, faults="cut-worker,unplug-moon")
+    args = argparse.Namespace(jobs=1, parallel=1, rate=0, faults="cut-worker,unplug-moon")
     with pytest.raises(ConfigError, match="--faults: unknown kind 'unplug-moon'; the kinds: "):
         await chaos(Lab(state_dir=tmp_path / "none"), args)
 

@@ -291,8 +291,9 @@ async def test_a_small_chaos_run_loses_no_job_and_decides_none_twice(lab: Lab) -
         jobs=40,
         seed=7,
         parallel=8,
-        fault_every=4.0,
-        hold=10.0,
+        rate=1.0,  # about 40 s of jobs, so that several faults meet them
+        fault_every=3.0,
+        hold=8.0,
         faults="cut-worker,kill-worker,cut-nats,kill-nats,cut-requester,kill-requester,"
         "kill-verifier",
         timeout=900.0,
@@ -300,7 +301,7 @@ async def test_a_small_chaos_run_loses_no_job_and_decides_none_twice(lab: Lab) -
     figures = await chaos(lab, args)
     print(figures.table())
     assert figures.ok, figures.as_dict()
-    assert sum(figures.faults.values()) >= 1
+    assert sum(figures.faults.values()) >= 2
     assert sum(figures.states.values()) == 40
     assert figures.fault_errors == []
     _assert_whole(lab)

@@ -50,6 +50,12 @@ def add_chaos_arguments(parser: argparse.ArgumentParser) -> None:
         "--parallel", type=int, default=40, help="jobs in flight at once (default 40)"
     )
     parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="submit at most this many jobs a second (default 0: as fast as they finish)",
+    )
+    parser.add_argument(
         "--fault-every",
         type=float,
         default=10.0,
@@ -224,8 +230,8 @@ async def chaos(lab: Lab, args: argparse.Namespace) -> ChaosFigures:
         raise ConfigError(
             f"--faults: unknown kind {unknown[0]!r}; the kinds: {', '.join(FAULT_KINDS)}"
         )
-    if args.jobs < 1 or args.parallel < 1:
-        raise ConfigError("--jobs and --parallel must be at least 1")
+    if args.jobs < 1 or args.parallel < 1 or args.rate < 0:
+        raise ConfigError("--jobs and --parallel must be at least 1, --rate at least 0")
     report = await asyncio.to_thread(lab.status)
     if not report["up"]:
         raise ConfigError(f"no lab in {lab.state_dir}; start one with `bacq lab up`")
@@ -252,6 +258,8 @@ async def chaos(lab: Lab, args: argparse.Namespace) -> ChaosFigures:
         }
 
         async def one(i: int) -> str:
+            if args.rate:  # spread over time, so that the faults meet the jobs
+                await asyncio.sleep(i / args.rate)
             async with gate:
                 ids[i] = await client.submit(
                     {**spec, "command": ["echo", f"chaos {run_id} {i}"]},
