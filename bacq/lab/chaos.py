@@ -39,7 +39,6 @@ FAULT_KINDS = (
     "kill-requester",
     "kill-verifier",
 )
-TOO_MANY_CONSUMERS = 10026  # JetStream: "maximum consumers limit reached"
 FINAL_STATES = ("accepted", "void", "failed", "cancelled")
 
 
@@ -212,14 +211,15 @@ async def _faults(
 async def chaos(lab: Lab, args: argparse.Namespace) -> ChaosFigures:
     """Run the chaos run against the running ``lab``; the figures."""
     import asyncio
+    import contextlib
 
-    import nats.js.errors
+    import nats.errors
 
     from bacq import subjects
     from bacq.auth import NatsOptions
     from bacq.bus import again
     from bacq.client import Client
-    from bacq.errors import ConfigError
+    from bacq.errors import ConfigError, RequestRejected
     from bacq.events import Event, verify_history
     from bacq.signing import fetch_requester_keys
     from bacq.states import JobState
@@ -261,13 +261,22 @@ async def chaos(lab: Lab, args: argparse.Namespace) -> ChaosFigures:
             if args.rate:  # spread over time, so that the faults meet the jobs
                 await asyncio.sleep(i / args.rate)
             async with gate:
-                ids[i] = await client.submit(
-                    {**spec, "command": ["echo", f"chaos {run_id} {i}"]},
-                    idempotency_key=f"chaos-{run_id}-{i}",
-                    timeout=30,
-                    attempts=20,
-                )
-                state = (await client.wait(ids[i], timeout=args.timeout)).state.value
+                # the client's own trouble with NATS (a server cut off under it) is retried: the
+                # same idempotency key gives the same job, and waiting again loses nothing
+                while not ids[i]:
+                    with contextlib.suppress(nats.errors.Error, RequestRejected):
+                        ids[i] = await client.submit(
+                            {**spec, "command": ["echo", f"chaos {run_id} {i}"]},
+                            idempotency_key=f"chaos-{run_id}-{i}",
+                            timeout=30,
+                            attempts=20,
+                        )
+                state = ""
+                while not state:
+                    with contextlib.suppress(nats.errors.Error):
+                        state = (await client.wait(ids[i], timeout=args.timeout)).state.value
+                    if not state:
+                        await asyncio.sleep(1)
             done[0] += 1
             if done[0] % max(1, args.jobs // 10) == 0:
                 print(
@@ -300,18 +309,17 @@ async def chaos(lab: Lab, args: argparse.Namespace) -> ChaosFigures:
 
             async def read(job_id: str = job_id) -> list[Event]:
                 # each read makes a consumer that lingers a minute; the server refuses more than
-                # it allows (err_code 10026) while thousands of histories are read: wait a little
-                for _ in range(60):
+                # it allows (err_code 10026) while thousands of histories are read, and JetStream
+                # may be electing a leader: wait a little and read again
+                for _ in range(90):
                     try:
                         stream = client.bus.replay_events(subjects.events(job_id))
                         return [e async for _, e in stream]
-                    except nats.js.errors.BadRequestError as exc:
-                        if exc.err_code != TOO_MANY_CONSUMERS:
-                            raise
+                    except (nats.errors.Error, TimeoutError):
                         await asyncio.sleep(2)
                 return [e async for _, e in client.bus.replay_events(subjects.events(job_id))]
 
-            events = await again(read)  # (JetStream may be electing a leader just then)
+            events = await read()
             decided = [e for e in events if e.kind == "job" and e.state in FINAL_STATES]
             accepted = [e for e in decided if e.state == "accepted"]
             if len(decided) > 1 or len(accepted) > 1:
