@@ -23,14 +23,16 @@ Password and token may also be given as files: ``BACQ_NATS_PASSWORD_FILE``, ``BA
 from __future__ import annotations
 
 import os
-import ssl
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bacq.errors import ConfigError
+
+if TYPE_CHECKING:
+    import ssl  # imported when a TLS context is made: the CLI's quick commands need none
 
 __all__ = ["ROLES", "NatsOptions", "new_user_nkey"]
 
@@ -101,6 +103,8 @@ class NatsOptions:
     def tls_context(self) -> ssl.SSLContext | None:
         if not (self.tls_ca or self.tls_cert):
             return None
+        import ssl
+
         try:
             context = ssl.create_default_context(cafile=self.tls_ca)
             if self.tls_cert and self.tls_key:

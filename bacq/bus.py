@@ -96,6 +96,9 @@ class Bus:
         self.js = js
         self.jobs = jobs
         self.reconnects = 0  # since the process started (bacq.metrics reads them)
+        self.servers: list[str] = []
+        self.name = ""
+        self.options = NatsOptions()
         self.dead_letters: collections.Counter[str] = collections.Counter()  # per consumer
 
     @classmethod
@@ -186,6 +189,9 @@ class Bus:
                 f"NATS at {url} has no usable JetStream ({exc}); start nats-server with -js"
             ) from None
         bus = cls(nc, js, jobs)
+        # how to open another connection like this one (bacq.lease renews on its own)
+        bus.servers = [u.strip() for u in url.split(",") if u.strip()]
+        bus.name, bus.options = name, options
         return bus
 
     async def close(self) -> None:
@@ -263,22 +269,6 @@ class Bus:
         with contextlib.suppress(nats.errors.Error, TimeoutError):
             await msg.term()
 
-    async def consume(
-        self,
-        filter_subject: str,
-        durable: str,
-        *,
-        stream: str = subjects.STREAM,
-        batch: int = 64,
-        ack_wait: float = 30.0,
-    ) -> AsyncIterator[Msg]:
-        """Yield messages of a durable pull consumer forever; the caller acks each one."""
-        async for msgs in self.consume_batches(
-            filter_subject, durable, stream=stream, batch=batch, ack_wait=ack_wait
-        ):
-            for msg in msgs:
-                yield msg
-
     async def consume_batches(
         self,
         filter_subject: str | list[str],
@@ -327,7 +317,9 @@ class Bus:
             info = await self.js.stream_info(subjects.DEAD_STREAM)
         except nats.js.errors.NotFoundError:
             return []
-        first = max(info.state.first_seq, info.state.last_seq - last + 1)
+        if not info.state.messages or last <= 0:
+            return []  # (an empty stream reports sequence 0, which no message has)
+        first = max(info.state.first_seq, info.state.last_seq - last + 1, 1)
         letters: list[DeadLetter] = []
         for seq in range(first, info.state.last_seq + 1):
             try:

@@ -91,16 +91,18 @@ def decode_events(data: bytes) -> list[Event]:
 
 def seal(events: list[Event], prev_hash: str, signer: Signer | None = None) -> list[Event]:
     """Chain ``events`` after ``prev_hash``: set each one's prev_hash and hash, in order, and with
-    a ``signer`` its key and signature (without one the events are unsigned, and ``verify_history``
-    says so)."""
+    a ``signer`` its key, and the last one its signature, which covers the others through the
+    chain (without a signer the events are unsigned, and ``verify_history`` says so)."""
     for event in events:
         event.prev_hash = prev_hash
         event.key = signer.key_id if signer is not None else None
         event.sig = None
         event.hash = event.digest()
-        if signer is not None:
-            event.sig = signer.sign_hash(event.hash)
         prev_hash = event.hash
+    # one signature per commit, on its last event: each hash covers the one before it, so the
+    # signature vouches for the whole commit (and every event carries the key in its hash)
+    if signer is not None and events:
+        events[-1].sig = signer.sign_hash(events[-1].hash)
     return events
 
 
@@ -335,18 +337,37 @@ def verify_history(
     late_unsigned: list[int] = []
     untrusted: dict[str, list[int]] = {}
     forged: list[int] = []
-    for seq, event in sorted(chain.items()):
-        if event.key is None and event.sig is None:
+    # a signed event vouches for itself and, through the chain (each hash covers the one before
+    # it), for the events before it that name a key but carry no signature (the rest of its
+    # commit): they are found as the signature after them is, and counted as signed by its key
+    vouched: dict[int, tuple[str, str | None]] = {}  # seq → what was found, and by which key
+    cover: tuple[str, str] | None = None  # the next signed event's key and what it was found
+    for seq, event in sorted(chain.items(), reverse=True):
+        if event.key is None:
+            vouched[seq] = ("unsigned" if event.sig is None else "forged", None)
+        elif event.sig is not None:
+            if event.key not in trusted:
+                found = "untrusted"
+            elif signature_valid(event.key, event.hash, event.sig):
+                found = "ok"
+            else:
+                found = "forged"
+            vouched[seq], cover = (found, event.key), (event.key, found)
+        elif cover is None:
+            vouched[seq] = ("tail", None)  # names a key, but no signature comes after it
+        else:
+            vouched[seq] = (cover[1], cover[0])
+    for seq, _event in sorted(chain.items()):
+        found, by = vouched[seq]
+        if found in ("unsigned", "tail"):
             (late_unsigned if check.signers else unsigned).append(seq)
             continue
-        if event.key is None or event.sig is None:
+        if found == "forged":
             forged.append(seq)
-        elif event.key not in trusted:
-            untrusted.setdefault(event.key, []).append(seq)
-        elif not signature_valid(event.key, event.hash, event.sig):
-            forged.append(seq)
-        if event.key is not None and event.key not in check.signers:
-            check.signers.append(event.key)
+        elif found == "untrusted" and by is not None:
+            untrusted.setdefault(by, []).append(seq)
+        if by is not None and by not in check.signers:
+            check.signers.append(by)
     check.unsigned = len(unsigned) + len(late_unsigned)
     if unsigned and require_signatures:
         problems.append(f"{_seqs(unsigned)} not signed: the requester signs every event it writes")

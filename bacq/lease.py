@@ -8,6 +8,10 @@ a compare-and-set on the entry's revision; when a renewal finds another holder, 
 for ``LEASE_TTL`` seconds, the lease is lost and ``lost`` is set: the service stops (its
 supervisor starts it again, as a standby). A deposed holder that comes back cannot undo the new
 holder's work either: every job record write is a compare-and-set too (``bacq.bus``).
+
+The holder renews from a thread of its own, on a NATS connection of its own: a service whose event
+loop is busy for seconds (a flood of submissions on a loaded machine) is still alive and must not
+lose its lease for that; a frozen or cut-off process stops renewing and loses it.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import contextlib
 import datetime as dt
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 
+import nats
 import nats.errors
 import nats.js.errors
 from nats.js.api import KeyValueConfig, StorageType
@@ -96,9 +102,9 @@ class Lease:
         self.lost = asyncio.Event()
         self._bucket: KeyValue | None = None
         self._revision = 0
-        self._task: asyncio.Task[None] | None = None
+        self._renewer: threading.Thread | None = None
+        self._stop_renewing = threading.Event()
         self._last_ok = 0.0  # monotonic time of the last successful write of the lease
-        self._renewing = asyncio.Lock()
 
     def valid(self) -> bool:
         """True while this process may act: it holds the lease and renewed it recently enough
@@ -111,27 +117,20 @@ class Lease:
         )
 
     async def ensure(self) -> bool:
-        """True when this process may act now: its lease is fresh, or a renewal made now
-        succeeds (a process whose event loop was busy for a few seconds is not deposed for
-        that, as long as nobody took the lease meanwhile). False, and ``lost`` set, otherwise."""
+        """True when this process may act now: its lease is fresh, or the renewing thread
+        renews it (or takes it back) within ``LEASE_TTL`` more seconds. False, and ``lost``
+        set, otherwise."""
         if self.valid():
             return True
-        async with self._renewing:  # one renewal at a time: each needs the latest revision
+        deadline = time.monotonic() + LEASE_TTL
+        while not self.lost.is_set() and self._revision and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
             if self.valid():
                 return True
-            if self.lost.is_set() or self._bucket is None or not self._revision:
-                return False
-            self.holder.renewed = now()
-            try:
-                self._revision = await self._bucket.update(
-                    self.role, encode(self.holder), last=self._revision
-                )
-            except (nats.errors.Error, TimeoutError):
-                log.error("lease.lost", role=self.role, instance=self.holder.instance)
-                self.lost.set()
-                return False
-            self._last_ok = time.monotonic()
-            return True
+        if not self.lost.is_set():
+            log.error("lease.lost", role=self.role, instance=self.holder.instance, reason="stale")
+            self.lost.set()
+        return False
 
     async def acquire(
         self, stop: asyncio.Event, on_standby: Callable[[], None] | None = None
@@ -147,7 +146,7 @@ class Lease:
                 self._revision = await self._bucket.create(self.role, encode(self.holder))
                 self._last_ok = time.monotonic()
                 log.info("lease.acquired", role=self.role, instance=self.holder.instance)
-                self._task = asyncio.create_task(self._renew(), name=f"lease-{self.role}")
+                self._start_renewing()
                 return True
             except nats.js.errors.KeyWrongLastSequenceError:
                 if not announced:
@@ -174,35 +173,101 @@ class Lease:
             return None
         return decode(LeaseHolder, entry.value) if entry.value else None
 
-    async def _renew(self) -> None:
-        assert self._bucket is not None  # noqa: S101
-        while True:
-            await asyncio.sleep(RENEW_EVERY)
-            try:
-                async with self._renewing:
+    def _start_renewing(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop_renewing = threading.Event()
+        self._renewer = threading.Thread(
+            target=lambda: asyncio.run(self._renew(loop)), name=f"lease-{self.role}", daemon=True
+        )
+        self._renewer.start()
+
+    async def _renew(self, owner: asyncio.AbstractEventLoop) -> None:
+        """(In the renewing thread, on its own loop and connection.) Renew every
+        ``RENEW_EVERY`` seconds until stopped; on loss set ``lost`` in the owner's loop."""
+        why = "stopped"
+        nc = None
+        try:
+            bus = self.bus
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    bus.servers,
+                    name=f"{bus.name}-lease",
+                    connect_timeout=min(RENEW_EVERY, 2.0),
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    allow_reconnect=True,
+                    **bus.options.connect_kwargs(),
+                ),
+                timeout=LEASE_TTL - RENEW_EVERY,
+            )
+            bucket = await nc.jetstream().key_value(subjects.LEASES_BUCKET)
+            while not self._stop_renewing.is_set():
+                await asyncio.sleep(RENEW_EVERY)
+                if self._stop_renewing.is_set():
+                    return
+                try:
                     self.holder.renewed = now()
-                    self._revision = await self._bucket.update(
-                        self.role, encode(self.holder), last=self._revision
+                    self._revision = await asyncio.wait_for(
+                        bucket.update(self.role, encode(self.holder), last=self._revision),
+                        timeout=LEASE_TTL,
                     )
                     self._last_ok = time.monotonic()
-                continue
-            except nats.js.errors.KeyWrongLastSequenceError:
-                why = "another instance holds it now"
-            except (nats.errors.Error, TimeoutError) as exc:
-                if time.monotonic() - self._last_ok < LEASE_TTL:
-                    log.warning("lease.renew_failed", role=self.role, error=type(exc).__name__)
                     continue
-                why = f"not renewed for {LEASE_TTL:g}s ({type(exc).__name__})"
-            log.error("lease.lost", role=self.role, instance=self.holder.instance, reason=why)
-            self.lost.set()
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    if await self._take_back(bucket):
+                        continue
+                    why = "another instance holds it now"
+                except (nats.errors.Error, TimeoutError) as exc:
+                    if time.monotonic() - self._last_ok < LEASE_TTL:
+                        log.warning("lease.renew_failed", role=self.role, error=type(exc).__name__)
+                        continue
+                    why = f"not renewed for {LEASE_TTL:g}s ({type(exc).__name__})"
+                break
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            why = f"the renewing connection failed ({type(exc).__name__})"
+        finally:
+            if nc is not None:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+        if self._stop_renewing.is_set():
             return
+        log.error("lease.lost", role=self.role, instance=self.holder.instance, reason=why)
+        with contextlib.suppress(RuntimeError):  # the owner's loop is closed: nothing to tell
+            owner.call_soon_threadsafe(self.lost.set)
+
+    async def _take_back(self, bucket: KeyValue) -> bool:
+        """(In the renewing thread.) A renewal found another revision: when the entry is still
+        this instance's (an earlier renewal was applied, its answer lost), go on from its
+        revision; when it expired and nobody took it (this process stood still for longer
+        than ``LEASE_TTL``, in a long garbage collection, say), take it again. False when
+        another instance holds it."""
+        try:
+            entry = await bucket.get(self.role)
+            holder = decode(LeaseHolder, entry.value) if entry.value else None
+        except nats.js.errors.KeyNotFoundError:
+            holder = None
+        except (nats.errors.Error, TimeoutError, ValueError):
+            return False
+        if holder is not None:
+            if holder.instance != self.holder.instance:
+                return False
+            self._revision = entry.revision or self._revision
+            log.warning("lease.revision_adopted", role=self.role, instance=self.holder.instance)
+            return True
+        try:
+            self.holder.renewed = now()
+            self._revision = await bucket.create(self.role, encode(self.holder))
+        except (nats.errors.Error, TimeoutError):
+            return False
+        self._last_ok = time.monotonic()
+        log.warning("lease.taken_back", role=self.role, instance=self.holder.instance)
+        return True
 
     async def release(self) -> None:
         """Give the lease up at once (a clean stop), so that a standby need not wait."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._renewer is not None:
+            self._stop_renewing.set()
+            await asyncio.to_thread(self._renewer.join, RENEW_EVERY + LEASE_TTL)
         if self._bucket is not None and not self.lost.is_set() and self._revision:
             with contextlib.suppress(nats.errors.Error, TimeoutError, nats.js.errors.APIError):
                 await self._bucket.delete(self.role, last=self._revision)

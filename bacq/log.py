@@ -53,7 +53,9 @@ def _apply(*, json: bool | None, level: str | None) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
+        # services log per job: a logger is built once, not on every call (a process configures
+        # once, at start)
+        cache_logger_on_first_use=json,
     )
 
 

@@ -18,6 +18,7 @@ from bacq.states import JOB_FINAL, ExecState, JobState
 
 __all__ = [
     "GENESIS",
+    "REVEAL_BATCH_MAX",
     "Announcement",
     "Assignment",
     "AssignmentReply",
@@ -41,6 +42,7 @@ __all__ = [
     "SubmitReply",
     "SubmitRequest",
     "Verdict",
+    "commit_reveal",
     "commitment_of",
     "decode",
     "encode",
@@ -71,7 +73,7 @@ def decode(model: type[M], data: bytes) -> M:
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
 
 class Problem(_Msg):
@@ -90,6 +92,9 @@ class SubmitManyRequest(_Msg):
     specs: list[dict[str, object]]
     # one per spec (None: no key); a retry of the whole batch with the same keys submits once
     idempotency_keys: list[str | None] | None = None
+    # one for the whole batch (cheaper than a key per spec): a retry of the same batch with the
+    # same key gets the same job ids, and a spec the first attempt did not record is recorded
+    batch_key: str | None = Field(default=None, max_length=200)
 
 
 class CancelRequest(_Msg):
@@ -188,8 +193,25 @@ def commitment_of(cid: str, exit_code: int | None, node_id: str, nonce: str) -> 
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def commit_reveal(spec: JobSpec) -> bool:
+    """Whether a job's workers commit first and reveal when asked, or send their result at once.
+
+    Commit-reveal keeps a worker from learning another's result before it is bound to its own:
+    it matters when several workers answer one job. A job on one worker with the noop verifier
+    has no other answer to copy, so its worker publishes its result and sends it in one message
+    (a reveal nobody asked for), which saves the verifier a write and a round trip per job."""
+    return spec.concurrency > 1 or spec.verifier != "noop"
+
+
+REVEAL_BATCH_MAX = 256  # jobs one reveal request may name
+
+
 class RevealRequest(_Msg):
+    """The verifier asks a worker to reveal its results: ``job_ids`` (one request for several
+    jobs; ``job_id`` is the first of them, for a worker that reads only that)."""
+
     job_id: str
+    job_ids: list[str] = Field(default_factory=list, max_length=REVEAL_BATCH_MAX)
 
 
 class RevealReply(_Msg):

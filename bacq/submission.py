@@ -10,22 +10,21 @@ with the options and error messages of ``Bus.connect`` (the ``Client`` passes it
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import nats
-import nats.errors
-
-from bacq import subjects
+from bacq import corenats, subjects
 from bacq.auth import NatsOptions
-from bacq.errors import NatsUnavailable, RequestRejected, SpecError
+from bacq.errors import RequestRejected, SpecError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
+
+# asyncio and nats-py are imported by the functions that use them: `bacq run --no-wait` submits
+# through bacq.corenats (submit_one_quick) and needs neither
 
 __all__ = ["Outcome", "batches", "connect", "fresh_key", "submit_many", "submit_one"]
 
@@ -46,6 +45,11 @@ def fresh_key() -> str:
 
 async def connect(url: str, *, name: str = "bacq-client", wait: float = 5.0) -> NatsClient:
     """A plain NATS connection for submitting (a client's credentials, as ``Bus.connect``)."""
+    import asyncio
+
+    import nats
+    import nats.errors
+
     options = NatsOptions.from_env("client")
     refused: list[str] = []
 
@@ -68,15 +72,8 @@ async def connect(url: str, *, name: str = "bacq-client", wait: float = 5.0) -> 
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         why = f"no answer within {wait:g}s" if isinstance(exc, TimeoutError) else str(exc)
         if refused or isinstance(exc, nats.errors.AuthorizationError):
-            raise NatsUnavailable(
-                f"NATS at {url} refused {name} ({options.describe()}): authorization "
-                "violation; check the "
-                "credentials (BACQ_NATS_USER/_PASSWORD, _TOKEN, _CREDS or _NKEY)"
-            ) from None
-        raise NatsUnavailable(
-            f"cannot reach NATS at {url} ({why}); start one with "
-            "`bacq devstack` or set BACQ_NATS_URL / --nats to a running server"
-        ) from None
+            raise corenats.refused(url, name, options) from None
+        raise corenats.not_reached(url, why) from None
     return nc
 
 
@@ -93,6 +90,10 @@ async def _request(
     """Ask the requester, again on no answer (``attempts`` times), and again while nobody
     listens on ``subject`` (for ``patience`` seconds: a requester restarting, failing over or
     reconnecting); the same payload, so the same idempotency keys, every time."""
+    import asyncio
+
+    import nats.errors
+
     loop = asyncio.get_running_loop()
     give_up = loop.time() + patience
     delay, attempt = 0.5, 0
@@ -101,10 +102,8 @@ async def _request(
             msg = await nc.request(subject, payload, timeout=timeout)
         except nats.errors.NoRespondersError:
             if loop.time() + delay > give_up:
-                what = "bulk submissions" if subject == subjects.SUBMIT_MANY else "submissions"
-                raise RequestRejected(
-                    f"no requester answers {what} ({subject}) on NATS at {url}; start one "
-                    "(`bacq devstack`, or `bacq requester`), or update one older than this client"
+                raise corenats.no_requester(
+                    subject, url, many=subject == subjects.SUBMIT_MANY
                 ) from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 4.0)
@@ -112,18 +111,19 @@ async def _request(
         except (TimeoutError, nats.errors.TimeoutError):
             attempt += 1
             if attempt >= attempts:
-                raise RequestRejected(
-                    f"the requester did not answer {attempts} times in {timeout:g}s; "
-                    "is it overloaded or stuck?"
-                ) from None
+                raise corenats.unanswered(attempts, timeout) from None
             continue
-        try:
-            reply = json.loads(msg.data)
-        except ValueError:
-            reply = None
-        if not isinstance(reply, dict):
-            raise RequestRejected(f"the requester's answer on {subject} is not a JSON object")
-        return reply
+        return _reply(msg.data, subject)
+
+
+def _reply(data: bytes, subject: str) -> dict[str, Any]:
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise RequestRejected(f"the requester's answer on {subject} is not a JSON object")
+    return reply
 
 
 def _problems(reply: dict[str, Any]) -> list[tuple[str, str]]:
@@ -149,6 +149,28 @@ async def submit_one(
         {"spec": spec, "idempotency_key": idempotency_key or fresh_key()}, separators=(",", ":")
     ).encode()
     reply = await _request(nc, url, subjects.SUBMIT, payload, timeout=timeout, attempts=attempts)
+    return _job_id(reply)
+
+
+def submit_one_quick(
+    conn: corenats.Connection,
+    url: str,
+    spec: dict[str, Any],
+    *,
+    idempotency_key: str | None = None,
+    timeout: float = 10.0,
+    attempts: int = 3,
+) -> str:
+    """``submit_one`` over a blocking ``bacq.corenats`` connection (no asyncio, no nats-py)."""
+    payload = json.dumps(
+        {"spec": spec, "idempotency_key": idempotency_key or fresh_key()}, separators=(",", ":")
+    ).encode()
+    data = corenats.request(conn, url, subjects.SUBMIT, payload, timeout=timeout, attempts=attempts)
+    return _job_id(_reply(data, subjects.SUBMIT))
+
+
+def _job_id(reply: dict[str, Any]) -> str:
+    """The job id of a submission's reply, or its problems (SpecError) or error."""
     problems = _problems(reply)
     if problems:
         raise SpecError(problems)
@@ -201,8 +223,14 @@ async def submit_many(
     """Submit checked specs (their JSON forms, as dicts or encoded) in batches under the count
     and the server's payload limits, a few batches at a time; the outcomes are in the order of
     ``specs``."""
+    import asyncio
+
     if idempotency_keys is not None and len(idempotency_keys) != len(specs):
         raise ValueError("idempotency_keys must have one key per spec")
+    # without keys of the caller's, each batch carries one key of its own (batch_key: one
+    # idempotency write per batch on the requester, not one per spec; a retry of the batch gets
+    # the same jobs); with them, each spec its key (a fresh one where it has none)
+    per_spec = idempotency_keys is not None and any(k is not None for k in idempotency_keys)
     keys = [
         (idempotency_keys[i] if idempotency_keys is not None else None) or fresh_key()
         for i in range(len(specs))
@@ -212,7 +240,7 @@ async def submit_many(
     ]
     quoted = [json.dumps(k).encode() for k in keys]
     max_bytes = max(1024, (nc.max_payload or 1024 * 1024) - PAYLOAD_MARGIN)
-    sizes = [len(e) + len(q) + 2 for e, q in zip(encoded, quoted, strict=True)]
+    sizes = [len(e) + (len(q) + 2 if per_spec else 1) for e, q in zip(encoded, quoted, strict=True)]
     outcomes = [Outcome(i) for i in range(len(specs))]
     for index, size in enumerate(sizes):
         if size > max_bytes:
@@ -231,13 +259,12 @@ async def submit_many(
         wanted = [i for i in run if outcomes[i].error is None]
         if not wanted:
             return
-        payload = (
-            b'{"specs":['
-            + b",".join(encoded[i] for i in wanted)
-            + b'],"idempotency_keys":['
-            + b",".join(quoted[i] for i in wanted)
-            + b"]}"
+        keyed = (
+            b'"idempotency_keys":[' + b",".join(quoted[i] for i in wanted) + b"]"
+            if per_spec
+            else b'"batch_key":' + json.dumps(fresh_key()).encode()
         )
+        payload = b'{"specs":[' + b",".join(encoded[i] for i in wanted) + b"]," + keyed + b"}"
         async with gate:
             reply = await _request(
                 nc,

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -36,6 +37,7 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 IMAGE = "bacq-test/busybox"
 TRIVIAL = ["echo", "hello"]
 FINAL_STATES = frozenset(s.value for s in JOB_FINAL)
+_STATE = re.compile(rb'"state":"([a-z_]+)"')
 
 
 def say(message: str) -> None:
@@ -77,7 +79,22 @@ def bacq_cli(*args: str) -> list[str]:
 
 
 def stack_env(stack: Devstack) -> dict[str, str]:
-    return {**os.environ, **stack.env(), "COLUMNS": "200"}
+    """The CLI's environment against ``stack``. Bytecode caches are written and read as in a
+    normal install (a PYTHONDONTWRITEBYTECODE of the caller's would make every CLI start-up
+    compile bacq's modules again)."""
+    env = {**os.environ, **stack.env(), "COLUMNS": "200"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def compile_bacq() -> None:
+    """Write the bytecode caches of bacq's modules (what installing it does), so that the CLI's
+    start-up is measured as users see it."""
+    import compileall
+
+    import bacq
+
+    compileall.compile_dir(Path(bacq.__file__).parent, quiet=1)
 
 
 def timed(
@@ -157,6 +174,58 @@ def cpu_seconds(pid: int) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return 0.0
+
+
+# -- NATS's own counters -------------------------------------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def monitor_nats(stack: Devstack) -> int:
+    """Give the (not yet started) devstack's nats-server an HTTP monitoring port; returns it.
+    ``/varz`` then counts every message in and out of the server, JetStream's included."""
+    port = free_port()
+    nats = stack.nats
+    start = nats.start
+
+    def start_with_monitor(timeout: float = 20.0) -> str:
+        # Devstack.start sets the server's arguments (its config) just before this call
+        nats.args = [*nats.args, "-m", str(port)]
+        return start(timeout)
+
+    nats.start = start_with_monitor  # type: ignore[method-assign]  # this devstack's alone
+    return port
+
+
+def nats_counters(port: int | None) -> dict[str, int]:
+    """nats-server's message and byte counters, and its JetStream API calls (empty when the
+    monitoring port does not answer)."""
+    import urllib.request
+
+    if port is None:
+        return {}
+    found: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/varz", timeout=10) as answer:
+            varz = json.loads(answer.read())
+        for key in ("in_msgs", "out_msgs", "in_bytes", "out_bytes"):
+            found[key] = int(varz.get(key, 0))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/jsz", timeout=10) as answer:
+            jsz = json.loads(answer.read())
+        found["js_api_calls"] = int((jsz.get("api") or {}).get("total", 0))
+    return found
+
+
+def per_job(before: dict[str, int], after: dict[str, int], jobs: int) -> dict[str, float]:
+    """Counter deltas divided by ``jobs``."""
+    if jobs <= 0:
+        return {}
+    return {k: (after[k] - before[k]) / jobs for k in after if k in before}
 
 
 def _own_cpu() -> float:
@@ -263,6 +332,8 @@ class FinalWatcher:
         self.final: dict[str, tuple[float, str, str]] = {}  # id → (unix time, state, reason)
         self.updates = 0
         self.verified_by: collections.Counter[str] = collections.Counter()  # node → results
+        self.verified_count: dict[str, int] = {}  # id → verified executions when first final
+        self.changed_after_final: set[str] = set()  # ids whose state changed once final
         self.changed = asyncio.Event()
         self._watcher: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -282,17 +353,28 @@ class FinalWatcher:
             if entry is None or not entry.value:
                 continue
             self.updates += 1
-            record = json.loads(entry.value)
-            state = record.get("state")
+            # the job's state without decoding the record (at 100,000 jobs the watch delivers
+            # about a million updates to this process, which shares the cores it measures): the
+            # record's first "state" key is the job's (the spec has none, executions come after,
+            # and a quote inside a string is escaped); the whole record only once final
+            found = _STATE.search(entry.value)
+            state = found.group(1).decode() if found else json.loads(entry.value).get("state")
+            seen = self.final.get(entry.key)
+            if seen is not None and state != seen[1]:
+                self.changed_after_final.add(entry.key)  # e.g. accepted, then accepted again
             if state in FINAL_STATES and entry.key not in self.final:
+                record = json.loads(entry.value)
                 # when NATS stored the update (same machine, same clock): a client that falls
                 # behind in reading the watch does not lengthen the measured times
                 created = getattr(entry, "created", None)
                 at = created.timestamp() if created is not None else time.time()
                 self.final[entry.key] = (at, state, record.get("reason", ""))
+                verified = 0
                 for node, execution in (record.get("executions") or {}).items():
                     if execution.get("state") == "verified":
                         self.verified_by[node] += 1
+                        verified += 1
+                self.verified_count[entry.key] = verified
                 self.changed.set()
 
     async def wait_for(self, ids: set[str], *, stall: float, timeout: float) -> None:
@@ -341,10 +423,25 @@ class Batch:
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process in the batch
     watch_updates: int = 0
     verified_by: dict[str, int] = field(default_factory=dict)  # verified results per worker
+    submission: str = "each"  # "each": one request per job; "bulk": submit_many
+    duplicate_ids: int = 0  # ids the requester gave twice for distinct submissions
+    changed_after_final: int = 0  # jobs whose state changed after it was final
+    over_verified: int = 0  # jobs with more verified executions than their concurrency
+    nats: dict[str, float] = field(default_factory=dict)  # nats-server counters per job
 
     def as_dict(self) -> dict[str, Any]:
         final = sum(self.states.values())
         return {
+            "submission": self.submission,
+            "duplicate_ids": self.duplicate_ids,
+            "changed_after_final": self.changed_after_final,
+            "over_verified": self.over_verified,
+            # none accepted twice: no id twice, no verdict changed, no extra verified execution
+            "accepted_twice": self.duplicate_ids + self.changed_after_final + self.over_verified,
+            "nats_per_job": {k: round(v, 2) for k, v in self.nats.items()},
+            "cpu_ms_per_job": {
+                k: round(1000 * v / self.jobs, 3) for k, v in self.cpu.items() if self.jobs
+            },
             "jobs": self.jobs,
             "seconds": round(self.seconds, 4),
             "jobs_per_s": final / self.seconds if self.seconds > 0 else None,
@@ -373,13 +470,19 @@ async def run_batch(
     parallel: int = 200,
     stall: float = 120.0,
     timeout: float = 3600.0,
+    bulk: bool = False,
+    nats_port: int | None = None,
 ) -> Batch:
-    """Submit ``jobs`` copies of ``spec`` at once (at most ``parallel`` submissions in flight),
-    then wait until each is final. Jobs not final when it gives up are counted as lost."""
-    batch = Batch(jobs=jobs)
+    """Submit ``jobs`` copies of ``spec`` at once (at most ``parallel`` submissions in flight;
+    ``bulk``: in batches, ``Client.submit_many``, and every job's latency counts from the start
+    of the submission), then wait until each is final. Jobs not final when it gives up are
+    counted as lost. ``nats_port``: nats-server's monitoring port, for messages per job."""
+    batch = Batch(jobs=jobs, submission="bulk" if bulk else "each")
+    concurrency = int(spec.get("concurrency", 1))
     pids = service_pids(stack)
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     own_before = _own_cpu()
+    counters_before = nats_counters(nats_port)
     async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         watcher = FinalWatcher(client)
         await watcher.start()
@@ -397,8 +500,21 @@ async def run_batch(
                         return
                     submitted[job_id] = started
 
+            async def many() -> None:
+                try:
+                    ids = await client.submit_many([spec] * jobs, timeout=120.0)
+                except Exception as exc:
+                    batch.submit_errors[f"{type(exc).__name__}: {str(exc)[:80]}"] += jobs
+                    return
+                batch.duplicate_ids = len(ids) - len(set(ids))
+                submitted.update((job_id, start) for job_id in ids)
+
             start = time.time()
-            await asyncio.gather(*(one() for _ in range(jobs)))
+            if bulk:
+                await many()
+            else:
+                await asyncio.gather(*(one() for _ in range(jobs)))
+                batch.duplicate_ids = jobs - sum(batch.submit_errors.values()) - len(submitted)
             batch.submit_seconds = time.time() - start
             await watcher.wait_for(set(submitted), stall=stall, timeout=timeout)
             last = start
@@ -421,8 +537,13 @@ async def run_batch(
             batch.seconds = last - start
             batch.watch_updates = watcher.updates
             batch.verified_by = dict(watcher.verified_by)
+            batch.changed_after_final = len(watcher.changed_after_final & set(submitted))
+            batch.over_verified = sum(
+                1 for i in submitted if watcher.verified_count.get(i, 0) > concurrency
+            )
         finally:
             await watcher.stop()
+    batch.nats = per_job(counters_before, nats_counters(nats_port), jobs)
     batch.cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
     batch.cpu["bench (client)"] = _own_cpu() - own_before
     return batch

@@ -248,6 +248,7 @@ def data(stack: Devstack, megabytes: int, runs: int) -> dict[str, Any]:
             "ipfs_add",
             "ipfs_get",
             "ipfs_get_other_node",
+            "ipfs_get_result",
             "baseline_total",
             "bacq_add",
             "bacq_run",
@@ -317,6 +318,18 @@ def data(stack: Devstack, megabytes: int, runs: int) -> dict[str, Any]:
             )
             if _sha256(got / "out" / "data.bin") != bacq_sum:
                 raise RuntimeError("bacq get returned different bytes than were added")
+            # the baseline of `bacq get`: kubo's CLI getting the same result from the same node,
+            # from the same state: the blocks bacq get brought over from the worker's node are
+            # collected first (the worker pins the result on its own node)
+            subprocess.run(
+                [ipfs, "repo", "gc", "--quiet"], env=node0, capture_output=True, check=True
+            )
+            out_result = scratch / f"result{run}-get"
+            t_result, _ = timed([ipfs, "get", job["result_cid"], "-o", str(out_result)], env=node0)
+            if _sha256(out_result / "out" / "data.bin") != bacq_sum:
+                raise RuntimeError("ipfs get of the result returned different bytes")
+            samples["ipfs_get_result"].append(t_result)
+            shutil.rmtree(out_result, ignore_errors=True)
 
             # the same data path through the Python API: no CLI start-up, no NATS
             api_file, api_got = scratch / f"api{run}.bin", scratch / f"api{run}-get"
@@ -335,8 +348,9 @@ def data(stack: Devstack, megabytes: int, runs: int) -> dict[str, Any]:
             samples["bacq_get"].append(b_get)
             samples["bacq_total"].append(b_add + b_run + b_get)
             say(
-                f"  ipfs add {t_add:.2f}s + get {t_get:.2f}s (other node {t_other:.2f}s); "
-                f"bacq add {b_add:.2f}s + run {b_run:.2f}s + get {b_get:.2f}s; "
+                f"  ipfs add {t_add:.2f}s + get {t_get:.2f}s (other node {t_other:.2f}s, the "
+                f"job's result {t_result:.2f}s); bacq add {b_add:.2f}s + run {b_run:.2f}s + get "
+                f"{b_get:.2f}s; "
                 f"API add {a_add:.2f}s + get {a_get:.2f}s"
             )
             for path in (base_file, bacq_file, out, out_other):

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
 from bacq.devstack import Devstack
-from bench.common import IMAGE, memory_report, run_batch, say
+from bench.common import IMAGE, memory_report, monitor_nats, run_batch, say
+
+# each noop devstack's nats-server monitoring port (/varz: messages per job)
+NATS_PORTS: weakref.WeakKeyDictionary[Devstack, int] = weakref.WeakKeyDictionary()
 
 
 def noop_spec(concurrency: int, bid_timeout: float | None) -> dict[str, Any]:
@@ -50,6 +54,7 @@ def noop_stack(workers: int, max_jobs: int, state_root: Path | None) -> Devstack
         ],
         state_dir=state_dir,
     )
+    NATS_PORTS[stack] = monitor_nats(stack)
     stack.start()
     say(f"  devstack with {workers} noop workers up in {time.monotonic() - started:.1f}s")
     return stack
@@ -64,6 +69,10 @@ def _batch(stack: Devstack, jobs: int, concurrency: int, args: Any, label: str) 
             jobs,
             parallel=args.submit_parallel,
             stall=args.stall,
+            # from --bulk-from jobs on (10,000), in bulk as `bacq create -f` submits: "queued
+            # at once", where one request per job would take minutes at 100,000 jobs
+            bulk=jobs >= args.bulk_from,
+            nats_port=NATS_PORTS.get(stack),
         )
     )
     result = batch.as_dict()
@@ -84,8 +93,21 @@ def _batch(stack: Devstack, jobs: int, concurrency: int, args: Any, label: str) 
         say(f"  failures: {result['failure_reasons']}")
     if result["lost_states"]:
         say(f"  lost (not final), by state: {result['lost_states']}")
-    cpu = ", ".join(f"{k} {v:.0f}s" for k, v in sorted(result["cpu_seconds"].items()) if v >= 1)
-    say(f"  CPU seconds: {cpu}")
+    cpu = ", ".join(f"{k} {v:.2f}" for k, v in sorted(result["cpu_ms_per_job"].items()))
+    say(f"  CPU ms per job: {cpu}")
+    nats = result["nats_per_job"]
+    if nats:
+        say(
+            f"  NATS per job: {nats.get('in_msgs', 0):.1f} messages in, "
+            f"{nats.get('out_msgs', 0):.1f} out, {nats.get('js_api_calls', 0):.1f} JetStream "
+            "API calls"
+        )
+    if result["accepted_twice"]:
+        say(
+            f"  [red]accepted twice[/]: {result['duplicate_ids']} ids given twice, "
+            f"{result['changed_after_final']} changed after final, {result['over_verified']} "
+            "with more verified executions than their concurrency"
+        )
     return result
 
 
@@ -110,19 +132,26 @@ def scale_grid(args: Any) -> list[tuple[int, int]]:
 
 
 def scale(args: Any) -> dict[str, Any]:
-    runs = []
+    """The grid of scale_grid at concurrency 1; the larger job counts (``big``) must all be
+    accepted, none lost or accepted twice, and the requester's peak memory compared across them.
+    """
+    runs: list[dict[str, Any]] = []
+    first = args.scale_jobs[0]
     for workers, jobs in scale_grid(args):
         say(f"scale: {workers} workers, {jobs} jobs")
+        big = jobs != first  # the job counts compared at --scale-big-workers
         try:
             stack = noop_stack(workers, args.max_jobs, args.state_root)
         except Exception as exc:
-            runs.append({"workers": workers, "jobs": jobs, "error": f"devstack: {exc}"[:2000]})
+            runs.append(
+                {"workers": workers, "jobs": jobs, "big": big, "error": f"devstack: {exc}"[:2000]}
+            )
             say(f"  [red]devstack failed[/]: {exc}")
             continue
         try:
-            runs.append(_batch(stack, jobs, 1, args, "scale"))
+            runs.append({**_batch(stack, jobs, 1, args, "scale"), "big": big})
         except Exception as exc:
-            runs.append({"workers": workers, "jobs": jobs, "error": repr(exc)[:2000]})
+            runs.append({"workers": workers, "jobs": jobs, "big": big, "error": repr(exc)[:2000]})
             say(f"  [red]failed[/]: {exc!r}")
         finally:
             stack.stop()

@@ -44,7 +44,7 @@ from rich.console import Console
 
 from bacq.devstack import Devstack
 from bench import cli_sections, docker_sections, noop_sections, report, wasm_sections
-from bench.common import console, machine_info, say
+from bench.common import compile_bacq, console, machine_info, say
 
 SECTIONS = (
     "overhead",
@@ -65,7 +65,7 @@ FULL = {
     "runs": 20,
     "jobs": 30,
     "noop_jobs": 2000,
-    "scale_jobs": [1000, 10000],
+    "scale_jobs": [1000, 10000, 100000],
     "scale_workers": [1, 10, 50],
     "scale_big_workers": 10,
     "data_mb": 100,
@@ -74,6 +74,7 @@ FULL = {
     "cli_runs": 10,
     "loop_jobs": 20,
     "bulk_jobs": 10000,
+    "bulk_from": 10000,
     "wasm_jobs": 300,
     "wasm_runs": 20,
 }
@@ -81,7 +82,7 @@ SMOKE = {
     "runs": 2,
     "jobs": 4,
     "noop_jobs": 20,
-    "scale_jobs": [10, 20],
+    "scale_jobs": [10, 20, 40],
     "scale_workers": [1, 2],
     "scale_big_workers": 2,
     "data_mb": 2,
@@ -90,6 +91,7 @@ SMOKE = {
     "cli_runs": 2,
     "loop_jobs": 3,
     "bulk_jobs": 50,
+    "bulk_from": 20,
     "wasm_jobs": 10,
     "wasm_runs": 1,
 }
@@ -136,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=DEFAULT_OUT, help=f"JSON file (default: {DEFAULT_OUT})"
     )
     p.add_argument("--plot", type=Path, help="PNG file (default: the JSON's path with .png)")
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        help="the table as Markdown (default: the JSON's path with .md; docs/benchmarks.md "
+        "includes bench/issue11.md, one of them)",
+    )
+    p.add_argument(
+        "--before",
+        type=Path,
+        help="the JSON of an earlier run (e.g. docs/bench/final.json): its figures in a "
+        "before column, row by row",
+    )
     size = p.add_argument_group("sizes (defaults: the issue's; --smoke makes them tiny)")
     size.add_argument("--runs", type=int, help="overhead: runs per concurrency (20)")
     size.add_argument("--jobs", type=int, help="throughput: Docker jobs submitted at once (30)")
@@ -146,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale-jobs",
         type=_ints,
         help="scale: job counts; the first at every worker count, the rest at "
-        "--scale-big-workers (1000,10000)",
+        "--scale-big-workers (1000,10000,100000; from 10,000 on submitted in bulk)",
     )
     size.add_argument("--scale-workers", type=_ints, help="scale: worker counts (1,10,50)")
     size.add_argument(
@@ -159,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--loop-jobs", type=int, help="cli: bacq run --no-wait jobs of the shell loop (20)"
     )
     size.add_argument("--bulk-jobs", type=int, help="bulk: jobs in the file (10000)")
+    size.add_argument(
+        "--bulk-from",
+        type=int,
+        help="orchestration, scale: from this many jobs on, a batch is submitted in bulk "
+        "(Client.submit_many) rather than one request per job (10000)",
+    )
     size.add_argument(
         "--wasm-jobs", type=int, help="wasm_orchestration: wasm jobs submitted at once (300)"
     )
@@ -205,6 +225,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.plot is None:
         args.plot = args.out.with_suffix(".png")
+    if args.markdown is None:
+        args.markdown = args.out.with_suffix(".md")
+        if "docs" in args.out.resolve().parts:  # a .md there would be a page of the docs site
+            args.markdown = DEFAULT_OUT.parent / args.out.with_suffix(".md").name
+    if args.before is not None and not args.before.is_file():
+        build_parser().error(f"--before {args.before}: no such file (a JSON of python -m bench)")
     return args
 
 
@@ -257,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     }
     say(f"machine: {results['meta']['machine']}")
+    compile_bacq()  # bytecode caches, as an installed bacq has them
     chosen = [s for s in SECTIONS if s in args.only]
 
     if any(s in chosen for s in DOCKER_SECTIONS):
@@ -322,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     table_rows = report.rows(results)
     results["summary"] = table_rows
     _write(results, args.out)
+    if args.before is not None:
+        table_rows = report.with_before(table_rows, json.loads(args.before.read_text()))
+        results["meta"]["before"] = str(args.before)
+    args.markdown.parent.mkdir(parents=True, exist_ok=True)
+    args.markdown.write_text(report.markdown(table_rows, f"*{report.title_of(results)}*"))
     try:
         report.plot(results, args.plot)
     except Exception as exc:
@@ -335,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         title=f"bacq benchmark{' (smoke sizes)' if args.smoke else ''}: "
         f"{results['meta']['seconds']:.0f}s on {os.cpu_count()} CPUs",
     )
-    out.print(f"raw numbers: {args.out}   plot: {args.plot}")
+    out.print(f"raw numbers: {args.out}   plot: {args.plot}   markdown: {args.markdown}")
     failed = [s for s in chosen if isinstance(results.get(s), dict) and "error" in results[s]]
     failed += [
         f"scale {r['workers']}wx{r['jobs']}"

@@ -10,11 +10,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from bacq import submission
+from bacq import subjects, submission
 from bacq.client import Client, job_ids_of
 from bacq.devstack import Devstack
 from bacq.errors import BatchRejected, SpecError
@@ -94,6 +95,43 @@ async def test_submit_many_keeps_order_across_batches_and_retries_give_the_same_
         assert [o.job_id for o in outcomes] == ids
         done = await client.wait_all(ids, timeout=180)
     assert [done[i].spec.labels["n"] for i in ids] == [str(i) for i in range(23)]
+    assert {j.state for j in done.values()} == {JobState.ACCEPTED}
+
+
+async def test_submit_many_without_keys_sends_a_batch_key_and_a_resent_batch_gets_its_jobs(
+    stack: Devstack,
+) -> None:
+    """No keys of the caller's: each batch carries one batch_key (one idempotency write on the
+    requester); the same request sent again (a retry) answers the same job ids."""
+    specs = [_job(i) for i in range(10)]
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
+        nc = client.bus.nc
+        sent: list[bytes] = []
+        request = nc.request
+
+        async def recording(subject: str, payload: bytes = b"", **kw: Any) -> Any:
+            if subject == subjects.SUBMIT_MANY:
+                sent.append(payload)
+            return await request(subject, payload, **kw)
+
+        nc.request = recording  # type: ignore[method-assign]  # a spy on the real connection
+        try:
+            outcomes = await submission.submit_many(
+                nc, stack.nats.url, specs, max_count=4, in_flight=2
+            )
+        finally:
+            nc.request = request  # type: ignore[method-assign]
+        ids = [o.job_id for o in outcomes]
+        assert len(set(ids)) == 10
+        assert None not in ids
+        assert len(sent) == 3  # 4 + 4 + 2
+        first = json.loads(sent[0])
+        assert first["batch_key"]
+        assert "idempotency_keys" not in first
+        assert len({json.loads(p)["batch_key"] for p in sent}) == 3
+        again = json.loads((await nc.request(subjects.SUBMIT_MANY, sent[0], timeout=30)).data)
+        assert [r["job_id"] for r in again["results"]] == ids[:4]
+        done = await client.wait_all([i for i in ids if i], timeout=180)
     assert {j.state for j in done.values()} == {JobState.ACCEPTED}
 
 

@@ -215,7 +215,8 @@ def test_ctrl_c_detaches_and_says_the_job_goes_on(
 
 
 def test_piped_run_prints_plain_progress_lines_and_no_animation(stack: Devstack) -> None:
-    done = run_cli(stack, "run", "bacq-test/busybox", "--", "echo", "piped")
+    # (a step is reported once it lasts PROGRESS_LINGER: this one runs for a second)
+    done = run_cli(stack, "run", "bacq-test/busybox", "--", "sh", "-c", "sleep 1; echo piped")
     assert done.returncode == 0, done.stderr
     assert "\x1b[" not in done.stdout + done.stderr  # no colours, no cursor movement
     assert re.search(r"^  w\d: running", done.stderr, re.M), done.stderr

@@ -1,9 +1,11 @@
 """What the quick commands load: `bacq version`, `bacq --help` and `bacq run --no-wait` must not
-import the live view, aiohttp, Docker (and version/--help no NATS or pydantic either). A check of
-the module set each one leaves in ``sys.modules``, not a timing (start-up times are bench rows)."""
+import the live view, aiohttp, Docker (and version/--help no NATS or pydantic either; run
+--no-wait neither nats-py nor asyncio: it submits over bacq.corenats). A check of the module set
+each one leaves in ``sys.modules``, not a timing (start-up times are bench rows)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -48,6 +50,8 @@ def packages(modules: set[str]) -> set[str]:
     return {name.split(".")[0] for name in modules}
 
 
+BACQ = [sys.executable, "-m", "bacq"]
+BUSYBOX_TRUE = ["bacq-test/busybox", "--", "true"]
 NEVER = {"aiohttp", "docker", "aioipfs", "structlog", "shtab"}
 NOT_FOR_QUICK_ONES = NEVER | {"nats", "pydantic", "rich", "yaml", "asyncio"}
 
@@ -69,7 +73,84 @@ def test_run_no_wait_loads_only_what_submission_needs(stack: Devstack, tmp_path:
     loaded = loaded_by(
         tmp_path, "run", "--no-wait", "bacq-test/busybox", "--", "true", env=stack.env()
     )
-    assert "nats" in packages(loaded)  # it did submit
-    assert not packages(loaded) & (NEVER | {"rich", "yaml"}), sorted(packages(loaded) & NEVER)
-    # no live view, no kubo client, no job records or JetStream
-    assert not {"bacq.render", "bacq.storage", "bacq.bus", "bacq.client", "bacq.models"} & loaded
+    assert "bacq.corenats" in loaded  # it did submit, over a plain socket
+    unwanted = NEVER | {"rich", "yaml", "pydantic", "pydantic_core", "nats", "asyncio", "ssl"}
+    assert not packages(loaded) & unwanted, sorted(packages(loaded) & unwanted)
+    # no live view, no kubo client, no job records, no spec models (the requester checks the
+    # spec), no nats-py (a devstack's user and password need none), the parser of its group
+    assert (
+        not {
+            "bacq.render",
+            "bacq.storage",
+            "bacq.bus",
+            "bacq.client",
+            "bacq.models",
+            "bacq.spec",
+            "nats.js",
+            "nats.js.api",
+            "bacq.commands.services",
+            "bacq.commands.jobs",
+        }
+        & loaded
+    )
+
+
+def test_run_no_wait_bad_spec_is_refused_with_each_field(stack: Devstack) -> None:
+    """The requester checks what run --no-wait sends: the same problems as a local check."""
+    done = subprocess.run(
+        [*BACQ, "run", "--no-wait", "--cpu", "-3", "--memory", "lots", *BUSYBOX_TRUE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **stack.env()},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "invalid job spec" in done.stderr
+    assert "resources.cpu" in done.stderr
+    assert "resources.memory" in done.stderr
+    assert not done.stdout.strip()
+
+
+def test_run_no_wait_bad_spec_without_nats_names_the_spec_not_the_connection() -> None:
+    done = subprocess.run(
+        [*BACQ, "run", "--no-wait", "--cpu", "-3", "--nats", "nats://127.0.0.1:1", *BUSYBOX_TRUE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "resources.cpu" in done.stderr
+    assert "cannot reach NATS" not in done.stderr
+
+
+def test_each_command_builds_the_parser_of_its_group_alone() -> None:
+    """bacq.cli.COMMANDS names the commands each group registers, all of them."""
+    from bacq.cli import COMMANDS, GROUPS, build_parser, command_of
+
+    assert tuple(COMMANDS) == GROUPS
+    full = build_parser()
+    sub = next(a for a in full._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {c for commands in COMMANDS.values() for c in commands}
+    for group, commands in COMMANDS.items():
+        for command in commands:
+            assert command_of(["--debug", command, "x"]) == command
+            alone = build_parser(command)
+            alone_sub = next(a for a in alone._actions if isinstance(a, argparse._SubParsersAction))
+            assert set(alone_sub.choices) == set(commands), group
+            assert alone_sub.choices[command].format_help() == sub.choices[command].format_help()
+    assert command_of(["--help"]) is None
+    assert command_of(["nope"]) is None
+
+
+def test_run_no_wait_through_nats_py_when_corenats_cannot(stack: Devstack, tmp_path: Path) -> None:
+    """A server URL bacq.corenats leaves to nats-py (here: credentials in the URL) still
+    submits, through nats-py without its JetStream modules."""
+    env = stack.env()
+    url = env["BACQ_NATS_URL"].replace("nats://", "nats://nobody:nothing@")
+    env = {**env, "BACQ_NATS_URL": url}
+    loaded = loaded_by(tmp_path, "run", "--no-wait", *BUSYBOX_TRUE, env=env)
+    assert "nats" in packages(loaded)
+    assert "bacq.corenats" in loaded
+    assert not {"nats.js", "nats.js.api", "bacq.spec", "bacq.client"} & loaded

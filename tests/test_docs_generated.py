@@ -100,3 +100,93 @@ def test_runnable_blocks_are_found_in_page_order() -> None:
     assert docgen.runnable_blocks(text) == ["echo one", "echo two\n```"]
     with pytest.raises(ValueError, match="line 2"):
         docgen.runnable_blocks("x\n" + docgen.RUNNABLE_MARKER + "\ntext")
+
+
+def test_a_not_runnable_mark_needs_a_reason_and_a_block() -> None:
+    text = "x\n<!-- not-runnable: needs a lab -->\n\n```sh\nbacq lab up\n```\n"
+    (block,) = docgen.fenced_blocks(text)
+    assert (block.line, block.language, block.mark) == (4, "sh", "not-runnable: needs a lab")
+    with pytest.raises(ValueError, match="line 1: write the reason"):
+        docgen.fenced_blocks("<!-- not-runnable -->\n```sh\nbacq lab up\n```\n")
+    with pytest.raises(ValueError, match="line 1"):
+        docgen.fenced_blocks("<!-- not-runnable: why -->\nsome text\n```sh\ntrue\n```\n")
+
+
+def test_shell_blocks_that_run_bacq_without_a_mark_are_named() -> None:
+    text = "\n".join(
+        [
+            "```sh",
+            "cid=$(bacq ipfs add words.txt)",
+            "```",
+            "```",
+            "echo hi | bacq create -f -",
+            "```",
+            "```text",
+            "error: start one with `bacq devstack`",  # output, not a command
+            "```",
+            "```sh",
+            "systemctl status bacq-worker@w1; ls /etc/bacq",  # no bacq command
+            "```",
+            docgen.RUNNABLE_MARKER,
+            "```bash",
+            "bacq list",
+            "```",
+        ]
+    )
+    assert docgen.unmarked_commands(text) == [
+        "line 1: cid=$(bacq ipfs add words.txt)",
+        "line 4: echo hi | bacq create -f -",
+    ]
+
+
+def test_a_page_script_runs_shell_and_python_blocks_in_page_order() -> None:
+    text = "\n".join(
+        [
+            docgen.RUNNABLE_MARKER,
+            "```sh",
+            "export GREETING=hi",
+            "```",
+            docgen.RUNNABLE_MARKER,
+            "```python",
+            "import os",
+            "print(os.environ['GREETING'])",
+            "```",
+        ]
+    )
+    script = docgen.page_script(text)
+    assert script.startswith("set -euo pipefail\nexport GREETING=hi\npython - <<'")
+    assert "print(os.environ['GREETING'])" in script
+    with pytest.raises(ValueError, match="shell or python, not 'yaml'"):
+        docgen.page_script(docgen.RUNNABLE_MARKER + "\n```yaml\na: 1\n```\n")
+
+
+def test_the_fleet_pages_shell_blocks_say_they_need_a_fleet() -> None:
+    blocks = docgen.fenced_blocks(docgen.fleet_page())
+    shell = [b for b in blocks if b.language in docgen.SHELL_LANGUAGES]
+    assert shell
+    reason = docgen.NOT_RUNNABLE.fullmatch(docgen.FLEET_MARK)
+    assert reason
+    assert all(b.mark == f"not-runnable: {reason[1]}" for b in shell)
+    assert not docgen.unmarked_commands(docgen.fleet_page())
+
+
+def test_an_output_block_is_a_pattern_per_line_with_dots_for_any_text() -> None:
+    text = "\n".join(
+        [
+            docgen.RUNNABLE_MARKER,
+            "```sh",
+            "bacq run bacq-test/busybox -- true",
+            "```",
+            docgen.OUTPUT_MARKER,
+            "```text",
+            "accepted: 1 of 1 results agree ...",
+            "",
+            "  fetch it: bacq get j-... (1+1)",
+            "```",
+        ]
+    )
+    first, second = docgen.expected_output(text)
+    assert first.search("accepted: 1 of 1 results agree  (after 0:01)")
+    assert not first.search("accepted: 2 of 3 results agree")
+    assert second.search("fetch it: bacq get j-1234 (1+1)")
+    assert not second.search("fetch it: bacq get j-1234 (11)")

@@ -232,6 +232,15 @@ async def test_a_flood_of_malformed_messages_delays_no_job_and_quarantines_its_s
         assert "not quarantined" in again.stderr
 
 
+async def test_dead_letters_of_a_fresh_network_are_none(
+    make_stack: Callable[..., Devstack],
+) -> None:
+    stack = make_stack(workers=0)
+    dead = await asyncio.to_thread(run_cli, stack, "events", "--dead-letters", "-n", "5")
+    assert dead.returncode == 0, dead.stderr
+    assert "no dead letters" in dead.stderr
+
+
 async def test_a_lazy_worker_is_outvoted_in_every_job_it_runs(
     make_stack: Callable[..., Devstack],
 ) -> None:
@@ -314,7 +323,7 @@ async def test_a_verifier_killed_between_deciding_and_publishing_publishes_on_re
     async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
         job_id = await client.submit(DETERMINISTIC)
         await _exited(stack, "verifier")
-        assert not (await client.job(job_id)).final  # decided, saved, never published
+        assert not (await client.job(job_id)).final  # decided, never published
         stack.services["verifier"].env.pop("BACQ_CRASH_AT")
         stack.restart("verifier")
         job = await client.wait(job_id, timeout=120)

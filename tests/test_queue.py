@@ -11,7 +11,9 @@ import pytest
 
 from bacq.client import Client
 from bacq.devstack import Devstack
+from bacq.models import SubmitManyReply, SubmitManyRequest
 from bacq.states import JobState
+from bacq.subjects import SUBMIT_MANY
 from tests.scenarios import BUSYBOX
 
 NOOP = ["--executor", "noop"]
@@ -98,3 +100,32 @@ async def test_a_job_that_waits_past_its_queue_timeout_fails_with_the_reason(
     assert job.state == JobState.FAILED
     assert "in the queue (queue_timeout 2s)" in job.reason, job.reason
     assert "1 live worker(s) could run it, all busy" in job.reason, job.reason
+
+
+async def test_a_retried_batch_with_its_batch_key_gets_the_same_jobs_and_runs_each_once(
+    make_stack: Callable[..., Devstack],
+) -> None:
+    stack = make_stack(workers=2, kubo_nodes=1, worker_args=NOOP)
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
+        specs: list[dict[str, object]] = [{"image": "none", "verifier": "noop"}] * 5
+        specs = [*specs, {"image": "none", "concurrency": 0}]  # refused: its problems each time
+        request = SubmitManyRequest(specs=specs, batch_key="batch-under-test")
+        first = await client.bus.request(SUBMIT_MANY, request, SubmitManyReply, timeout=30)
+        again = await client.bus.request(SUBMIT_MANY, request, SubmitManyReply, timeout=30)
+        ids = [r.job_id for r in first.results]
+        assert ids[:5] == [r.job_id for r in again.results][:5]
+        assert None not in ids[:5]
+        assert len(set(ids[:5])) == 5
+        assert ids[5] is None
+        assert again.results[5].problems, again.results[5]
+        other = SubmitManyRequest(specs=specs[:2], batch_key="batch-under-test")
+        refused = await client.bus.request(SUBMIT_MANY, other, SubmitManyReply, timeout=30)
+        assert "batch_key" in (refused.error or ""), refused
+        jobs = await client.wait_all([i for i in ids if i], timeout=120)
+        assert {j.state for j in jobs.values()} == {JobState.ACCEPTED}
+        for job_id in ids[:5]:
+            assert job_id is not None
+            history = await client.history(job_id)
+            assert [e.kind for e in history].count("submitted") == 1
+            accepted = [e for e in history if e.kind == "job" and e.state == "accepted"]
+            assert len(accepted) == 1, history

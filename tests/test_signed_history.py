@@ -122,6 +122,58 @@ def test_a_history_signed_by_the_requester_verifies_and_names_its_key() -> None:
     assert verify_chain(events) is None  # the chain check alone still holds
 
 
+def _one_commit_history() -> tuple[list[Event], JobRecord]:
+    """A job whose whole life after submission is one commit of several events."""
+    job = JobRecord(id=new_job_id(), spec=JobSpec(image="bacq-test/busybox", command=["true"]))
+    first = seal(diff(None, job, actor="client"), job.last_hash, REQUESTER)
+    job.event_seq, job.last_hash = first[-1].seq, first[-1].hash
+    before = job.model_copy(deep=True)
+    for _, change in STEPS:
+        change(job)
+    rest = seal(diff(before, job, actor="requester"), job.last_hash, REQUESTER)
+    job.event_seq, job.last_hash = rest[-1].seq, rest[-1].hash
+    return first + rest, job
+
+
+def test_one_signature_vouches_for_its_whole_commit() -> None:
+    events, record = _one_commit_history()
+    assert len(events) >= 3  # the submission, then one commit of two events or more
+    assert all(e.key == REQUESTER.key_id for e in events)
+    assert [e.sig is not None for e in events[1:]] == [False] * (len(events) - 2) + [True]
+    check = verify(events, record, [REQUESTER.key_id])
+    assert check.ok, check.problems
+    assert check.unsigned == 0
+
+
+def test_an_event_altered_inside_a_commit_fails_the_commits_signature() -> None:
+    events, record = _one_commit_history()
+    edited = [e.model_copy(deep=True) for e in events]
+    edited[1].actor = "w9"  # inside the second commit: recompute the chain, keep the signature
+    for i in range(1, len(edited)):
+        edited[i].prev_hash = edited[i - 1].hash
+        edited[i].hash = edited[i].digest()
+    text = problems(edited, record)
+    assert f"events 2-{len(events)}: the signature does not match the event" in text
+
+
+def test_events_that_name_the_key_but_no_signature_follows_are_not_signed() -> None:
+    events, record = _one_commit_history()
+    extra = Event(
+        job_id=record.id,
+        seq=len(events) + 1,
+        at=events[-1].at,
+        kind="job",
+        actor="requester",
+        state="failed",
+        reason="appended",
+    )
+    extra.prev_hash = events[-1].hash
+    extra.key = REQUESTER.key_id
+    extra.hash = extra.digest()
+    text = problems([*events, extra], record)
+    assert f"event {len(events) + 1} not signed" in text
+
+
 def test_a_record_that_lags_its_history_still_verifies() -> None:
     # the requester publishes a commit's events before it saves the record: a reader may see both
     events, record = history()
@@ -410,7 +462,8 @@ async def test_history_verify_uses_the_published_or_pinned_key_and_reports_attac
         done = run_cli_env(stack, env_pin, "history", job_id, "--verify")
         assert done.returncode == 1
         assert f"trusted key {REQUESTER.key_id} (pinned by {REQUESTER_KEY_ENV})" in done.stdout
-        assert f"event {forged[-1].seq} signed by {ATTACKER.key_id}" in done.stdout
+        # (the forger's one signature now vouches for the whole chain before it)
+        assert f"{forged[-1].seq} signed by {ATTACKER.key_id}" in done.stdout
 
 
 def run_cli_env(

@@ -12,24 +12,53 @@ import subprocess
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from bacq.devstack import Devstack, find_ipfs
 from bacq.errors import StorageError
+from bacq.kubo import KuboHttp
 from bacq.storage import Storage
 
 DEVSTACK = {"workers": 0, "kubo_nodes": 2}
 
 
+class _Lean:
+    """A Storage whose fetch is the CLI's blocking client's (bacq.kubo), run in a thread."""
+
+    def __init__(self, storage: Storage, kubo: KuboHttp) -> None:
+        self._storage = storage
+        self._kubo = kubo
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+    async def fetch(self, cid: str, target: Path, **limits: Any) -> Path:
+        return await asyncio.to_thread(self._kubo.fetch, cid, target, **limits)
+
+
 @pytest.fixture
-async def remote(stack: Devstack) -> AsyncIterator[Storage]:
+async def remote_storage(stack: Devstack) -> AsyncIterator[Storage]:
     """The second kubo node, which has none of the content the tests add on the first."""
     s = await Storage.connect(stack.kubo[1].api)
     try:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture(params=["storage", "cli-client"])
+async def remote(
+    request: pytest.FixtureRequest, stack: Devstack, remote_storage: Storage
+) -> Storage:
+    """The second kubo node; its fetch is Storage's, or the CLI's blocking client's (bacq.kubo):
+    both must refuse the same DAGs the same way."""
+    if request.param == "storage":
+        return remote_storage
+    kubo = KuboHttp.for_maddr(stack.kubo[1].api)
+    assert kubo is not None
+    return cast(Storage, _Lean(remote_storage, kubo))
 
 
 def _ipfs(stack: Devstack, *args: str, stdin: bytes | None = None) -> str:
@@ -226,8 +255,9 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 async def test_a_fetch_cancelled_mid_download_stops_writing_and_leaves_nothing(
-    storage: Storage, remote: Storage, tmp_path: Path
+    storage: Storage, remote_storage: Storage, tmp_path: Path
 ) -> None:
+    remote = remote_storage  # Storage's (the CLI's blocking client ends with its process)
     source = tmp_path / "big.bin"
     source.write_bytes(os.urandom(64 * 1024 * 1024))
     cid = await storage.add(source)

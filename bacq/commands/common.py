@@ -293,3 +293,23 @@ def defer_import(name: str) -> None:
     stand_in = _Deferred(name)
     stand_in.__spec__ = spec
     sys.modules[name] = stand_in
+
+
+def lean_nats() -> None:
+    """Import nats-py without its JetStream modules (about 50 dataclasses, a sixth of a quick
+    submission's start-up): ``nats.js`` is a stand-in until an attribute of it is needed (nats-py
+    reads one only for a reply with a status header, e.g. no responders, or for JetStream).
+    For a command that talks core NATS only; a no-op once nats-py is loaded."""
+    if "nats" in sys.modules or "nats.js" in sys.modules:
+        return
+    from importlib.machinery import ModuleSpec
+
+    # not defer_import: finding a submodule's spec imports its package, nats.js included
+    stand_in = _Deferred("nats.js")
+    stand_in.__spec__ = ModuleSpec("nats.js", None)
+    sys.modules["nats.js"] = stand_in
+    import nats
+
+    if "js" not in vars(nats):
+        # `import nats.js` finding the stand-in in sys.modules does not bind it on the package
+        nats.js = stand_in  # the attribute a real import would set

@@ -31,7 +31,22 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     add.set_defaults(func=cmd_ipfs_add)
 
 
-async def cmd_ipfs_add(args: argparse.Namespace) -> int:
+def cmd_ipfs_add(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from bacq.kubo import KuboHttp
+
+    # the blocking client (no asyncio, aiohttp or aioipfs to import); Storage for another kind
+    # of address, which it reports
+    kubo = KuboHttp.for_maddr(ipfs_api(args))
+    if kubo is None:
+        return _add_with_storage(args)
+    for path in args.paths:
+        print(kubo.add(Path(path)), flush=True)
+    return EXIT_OK
+
+
+async def _add_with_storage(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bacq.storage import Storage

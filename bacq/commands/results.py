@@ -229,7 +229,77 @@ async def _logs_from_results(args: argparse.Namespace, job: JobRecord) -> int:
     return EXIT_OK
 
 
-async def cmd_get(args: argparse.Namespace) -> int:
+def cmd_get(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from bacq.kubo import KuboHttp
+
+    kubo = KuboHttp.for_maddr(ipfs_api(args), timeout=args.ipfs_timeout)
+    record = None if kubo is None else _job_record(args)
+    if kubo is None or record is None:  # a prefix of an id, or another kind of kubo address
+        return _get_with_client(args)
+    # the quick path: the record as plain JSON over a blocking NATS connection, the blocking
+    # kubo client (no asyncio, nats-py, aiohttp or pydantic)
+    result_cid = record.get("result_cid")
+    if not isinstance(result_cid, str) or not result_cid:
+        from bacq.errors import StorageError
+
+        reason = record.get("reason")
+        raise StorageError(
+            f"job {args.job_id} has no accepted result (state {record.get('state')}"
+            + (f": {reason}" if reason else "")
+            + ")"
+        )
+    target = Path(args.output_dir or args.job_id)
+    kubo.fetch(result_cid, target)
+    outputs = (record.get("spec") or {}).get("outputs") or []
+    names = [str(o.get("name")) for o in outputs if isinstance(o, dict)]
+    print(  # plain: no console (rich) to load for one line
+        f"results of {args.job_id} in {target}/ (stdout, stderr, exitCode"
+        + "".join(f", {name}/" for name in names)
+        + ")",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _job_record(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The job record of exactly ``args.job_id`` as plain JSON (JetStream's message get, a core
+    NATS request over ``bacq.corenats``: no JetStream context, no record model), or None when
+    there is no such key (the caller then tries it as a prefix) or nats-py must do it."""
+    import base64
+    import json
+
+    from bacq import corenats, subjects
+    from bacq.auth import NatsOptions
+
+    job_id = args.job_id
+    if not job_id or any(c in job_id for c in " .*>\t\r\n"):
+        return None  # not a key: the client's path says what is wrong
+    url = nats_url(args)
+    bucket = subjects.JOBS_BUCKET
+    try:
+        with corenats.connect(url, NatsOptions.from_env("client"), name="bacq-client") as conn:
+            data = conn.request(
+                f"$JS.API.STREAM.MSG.GET.KV_{bucket}",
+                json.dumps({"last_by_subj": f"$KV.{bucket}.{job_id}"}).encode(),
+                timeout=10.0,
+            )
+    except (corenats.Unsupported, corenats.NoResponders, OSError):
+        return None  # the client's path (nats-py) answers, or says what is wrong
+    try:
+        message = json.loads(data).get("message") or {}
+        headers = base64.b64decode(message.get("hdrs") or "")
+        value = base64.b64decode(message.get("data") or "")
+        if b"KV-Operation" in headers or not value:  # deleted or purged
+            return None
+        record = json.loads(value)
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return record if isinstance(record, dict) and record.get("id") == job_id else None
+
+
+async def _get_with_client(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bacq.client import Client

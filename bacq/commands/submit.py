@@ -26,6 +26,7 @@ from bacq.commands.common import (
     ipfs_api,
     job_exit_code,
     key_values,
+    lean_nats,
     nats_url,
     out,
     output_flag,
@@ -319,10 +320,21 @@ async def _wasm_spec(args: argparse.Namespace, target: str) -> JobSpec:
         await storage.close()
 
 
-async def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace) -> Any:
+    target = _wasm_target(args)
+    if target is None and not args.dry_run and (args.id_only or not args.wait):
+        # submitted as the arguments wrote it: the requester checks it with the same parse_spec
+        # and answers the same problems, so this path never builds the spec's pydantic models;
+        # over a blocking connection (bacq.corenats) when it can: no asyncio, no nats-py
+        fields = spec_from_run_args(args)
+        done = submit_quick(args, fields)
+        return submit_raw(args, fields) if done is None else done
+    return _run(args, target)
+
+
+async def _run(args: argparse.Namespace, target: str | None) -> int:
     from bacq.spec import parse_spec
 
-    target = _wasm_target(args)
     spec = (
         parse_spec(spec_from_run_args(args)) if target is None else await _wasm_spec(args, target)
     )
@@ -380,20 +392,40 @@ def cmd_validate(args: argparse.Namespace) -> int:
 async def output_tails(
     args: argparse.Namespace, job: JobRecord
 ) -> tuple[bytes | None, bytes | None, str]:
-    """The ends of the accepted result's stdout and stderr, read from kubo (best effort)."""
-    from bacq.errors import BacqError
-    from bacq.storage import Storage
+    """The ends of the accepted result's stdout and stderr, read from kubo (best effort): with
+    the blocking client (bacq.kubo, in a thread), or Storage for another kind of address."""
+    import asyncio
+
+    from bacq.errors import BacqError, IpfsUnavailable
+    from bacq.kubo import KuboHttp
 
     if job.result_cid is None:
         return None, None, ""
+    unreachable = f"(output not shown: no kubo at {ipfs_api(args)}; try `bacq logs {job.id}`)"
+    kubo = KuboHttp.for_maddr(ipfs_api(args), timeout=15.0)
+    if kubo is None:
+        return await _output_tails_storage(args, job, unreachable)
+    tails: list[bytes | None] = []
+    for name in ("stdout", "stderr"):
+        try:
+            tails.append(await asyncio.to_thread(kubo.read_tail, f"{job.result_cid}/{name}"))
+        except IpfsUnavailable:
+            return None, None, unreachable
+        except BacqError:
+            tails.append(None)
+    return tails[0], tails[1], ""
+
+
+async def _output_tails_storage(
+    args: argparse.Namespace, job: JobRecord, unreachable: str
+) -> tuple[bytes | None, bytes | None, str]:
+    from bacq.errors import BacqError
+    from bacq.storage import Storage
+
     try:
         storage = await Storage.connect(ipfs_api(args), timeout=15.0)
     except BacqError:
-        return (
-            None,
-            None,
-            f"(output not shown: no kubo at {ipfs_api(args)}; try `bacq logs {job.id}`)",
-        )
+        return None, None, unreachable
     try:
         tails: list[bytes | None] = []
         for name in ("stdout", "stderr"):
@@ -406,12 +438,54 @@ async def output_tails(
         await storage.close()
 
 
-async def _preload_storage() -> None:
-    import asyncio
-    import importlib
+def submit_quick(args: argparse.Namespace, fields: dict[str, Any]) -> int | None:
+    """``submit_raw`` over ``bacq.corenats``; None when the connection needs nats-py (TLS,
+    creds, nkeys)."""
+    from bacq import corenats, submission
+    from bacq.auth import NatsOptions
+    from bacq.errors import NatsUnavailable
 
-    storage = await asyncio.to_thread(importlib.import_module, "bacq.storage")
-    await storage.preload()
+    url = nats_url(args)
+    try:
+        conn = corenats.connect(url, NatsOptions.from_env("client"), name="bacq-client")
+    except corenats.Unsupported:
+        return None
+    except NatsUnavailable:
+        from bacq.spec import parse_spec
+
+        parse_spec(fields)  # a bad spec is reported as such (SpecError)
+        raise
+    with conn:
+        job_id = submission.submit_one_quick(
+            conn, url, fields, idempotency_key=args.idempotency_key
+        )
+    print(job_id, flush=True)
+    return EXIT_OK
+
+
+async def submit_raw(args: argparse.Namespace, fields: dict[str, Any]) -> int:
+    """Submit ``fields`` (a spec as ``bacq run``'s arguments wrote it, unchecked) and print the
+    job id. The requester checks it (SpecError with its problems, as ``parse_spec`` here would
+    raise); should NATS be out of reach, the spec is checked here first, so that a bad spec is
+    reported as such rather than as the connection's failure."""
+    lean_nats()
+    from bacq import submission
+    from bacq.errors import NatsUnavailable
+
+    url = nats_url(args)
+    try:
+        nc = await submission.connect(url)
+    except NatsUnavailable:
+        from bacq.spec import parse_spec
+
+        parse_spec(fields)  # raises SpecError for a bad spec
+        raise
+    try:
+        job_id = await submission.submit_one(nc, url, fields, idempotency_key=args.idempotency_key)
+    finally:
+        await nc.close()
+    print(job_id, flush=True)
+    return EXIT_OK
 
 
 async def submit_and_follow(args: argparse.Namespace, spec: JobSpec, *, wait: bool) -> int:
@@ -555,10 +629,7 @@ async def follow(args: argparse.Namespace, client: Any, job_id: str) -> int:
     import time
     from collections.abc import Callable
 
-    from bacq.render import plain_progress, render_verdict
-
-    # the output is read from kubo at the end: import its client while the job runs
-    preloading = asyncio.create_task(_preload_storage())
+    # the live view and the verdict (rich) only for a human: --output json|yaml needs neither
     started = time.monotonic()
     machine = args.output in ("json", "yaml")
     live = None
@@ -574,6 +645,8 @@ async def follow(args: argparse.Namespace, client: Any, job_id: str) -> int:
     else:
         seen: dict[str, str] = {}
         if not machine:
+            from bacq.render import plain_progress
+
             err().print(
                 f"job [bold]{job_id}[/] submitted; waiting (Ctrl-C detaches, the job goes on)"
             )
@@ -590,18 +663,17 @@ async def follow(args: argparse.Namespace, client: Any, job_id: str) -> int:
         else:
             job = await client.wait(job_id, on_change=on_change)
     except (KeyboardInterrupt, asyncio.CancelledError):
-        preloading.cancel()
         err().print(
             f"detached: job {job_id} goes on. Follow it with `bacq logs -f {job_id}`, "
             f"see it with `bacq describe {job_id}`"
         )
         return EXIT_INTERRUPTED
     if machine:
-        preloading.cancel()
         emit(job.model_dump(mode="json"), args.output)
         return job_exit_code(job)
-    await preloading
     stdout, stderr, note = await output_tails(args, job)
+    from bacq.render import render_verdict
+
     render_verdict(
         out(),
         job,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 import nats.errors
 import nats.js.errors
@@ -47,9 +48,9 @@ class Intake(Folding):
         except ValueError as exc:
             await msg.respond(encode(SubmitReply(error=f"malformed submission: {exc}")))
             return
-        reply = await self._accept(request.spec, request.idempotency_key)
+        reply, new = await self._accept(request.spec, request.idempotency_key)
         await msg.respond(encode(reply))
-        if reply.job_id is not None:
+        if new and reply.job_id is not None:  # (a repeated submission is queued already)
             self._enqueue(reply.job_id)
 
     async def on_submit_many(self, msg: Msg) -> None:
@@ -75,35 +76,77 @@ class Intake(Folding):
         except ValueError as exc:
             await msg.respond(encode(SubmitManyReply(error=f"malformed submission: {exc}")))
             return
+        ids: list[str | None] = [None] * len(request.specs)
+        again = False
+        if request.batch_key:
+            try:
+                ids, again = await self._claim_batch(request.batch_key, len(request.specs))
+            except ValueError as exc:
+                await msg.respond(encode(SubmitManyReply(error=str(exc))))
+                return
         replies = await asyncio.gather(
-            *(self._accept(spec, key) for spec, key in zip(request.specs, keys, strict=True))
+            *(
+                self._accept(spec, key, job_id=job_id, again=again)
+                for spec, key, job_id in zip(request.specs, keys, ids, strict=True)
+            )
         )
-        await msg.respond(encode(SubmitManyReply(results=list(replies))))
-        for reply in replies:
-            if reply.job_id is not None:
+        await msg.respond(encode(SubmitManyReply(results=[reply for reply, _ in replies])))
+        for reply, new in replies:
+            if new and reply.job_id is not None:
                 self._enqueue(reply.job_id)
 
-    async def _accept(self, raw: dict[str, object], key: str | None) -> SubmitReply:
-        """Record one submitted spec as a new pending job (or find the job its key made)."""
+    async def _claim_batch(self, batch_key: str, count: int) -> tuple[list[str | None], bool]:
+        """The job ids of a batch: new ones bound to ``batch_key``, or (True) the ones a first
+        attempt of the same batch bound to it."""
+        slot = idempotency_slot(f"batch:{batch_key}")
+        ids = [new_job_id() for _ in range(count)]
+        try:
+            await self._idempotency.create(slot, json.dumps(ids).encode())
+            return list(ids), False
+        except nats.js.errors.KeyWrongLastSequenceError:
+            entry = await self._idempotency.get(slot)
+        try:
+            known = json.loads(entry.value or b"[]")
+        except ValueError:
+            known = None
+        if not isinstance(known, list) or len(known) != count:
+            raise ValueError(
+                f"batch_key {batch_key[:80]!r} was used for another batch: give each batch its own"
+            )
+        return [str(i) for i in known], True
+
+    async def _accept(
+        self,
+        raw: dict[str, object],
+        key: str | None,
+        *,
+        job_id: str | None = None,
+        again: bool = False,
+    ) -> tuple[SubmitReply, bool]:
+        """Record one submitted spec as a new pending job (or find the job its key made).
+        ``job_id``: the id to give it; ``again``: a retried batch, whose first attempt may have
+        recorded it already (or died half-way: its events are folded into the record). Also
+        returns whether the job was recorded now (and is to be queued)."""
+        if again and job_id is not None and await self._recorded(job_id, key):
+            return SubmitReply(job_id=job_id), False
         try:
             spec = parse_spec(raw)
         except SpecError as exc:
-            return SubmitReply(
-                error=str(exc), problems=[Problem(field=f, message=m) for f, m in exc.problems]
-            )
+            problems = [Problem(field=f, message=m) for f, m in exc.problems]
+            return SubmitReply(error=str(exc), problems=problems), False
         except ValueError as exc:
-            return SubmitReply(error=f"malformed submission: {exc}")
-        job = JobRecord(id=new_job_id(), spec=spec, idempotency_key=key)
+            return SubmitReply(error=f"malformed submission: {exc}"), False
+        job = JobRecord(id=job_id or new_job_id(), spec=spec, idempotency_key=key)
         if key:
             existing = await self._claim_key(key, job.id)
             if existing is not None:
                 self.log.info("job.duplicate_submission", job=existing)
-                return SubmitReply(job_id=existing)
+                return SubmitReply(job_id=existing), False
         await self._commit(job, diff(None, job, actor="client"), job.last_hash)
         self._keep(job)
         self.log.info("job.submitted", job=job.id, image=spec.image)
         await self._known_answer(job)
-        return SubmitReply(job_id=job.id)
+        return SubmitReply(job_id=job.id), True
 
     async def _known_answer(self, job: JobRecord) -> None:
         """Answer a deterministic job from an accepted equal one, if there is one."""
@@ -148,18 +191,25 @@ class Intake(Folding):
         except nats.js.errors.KeyWrongLastSequenceError:
             entry = await self._idempotency.get(slot)
             existing = (entry.value or b"").decode()
-        if await self.bus.load_job(existing) is None:
-            # the first attempt died between claiming the key and saving: finish it from events
-            events = await self.bus.job_events(existing)
-            if not events:
-                await self._idempotency.put(slot, job_id.encode())
-                return None
-            job = fold(events)
-            job.idempotency_key = key
-            self._revisions[job.id] = await self.bus.save_job(job, revision=0)
-            self._keep(job)
-            self._enqueue(existing)
+        if not await self._recorded(existing, key):
+            await self._idempotency.put(slot, job_id.encode())
+            return None
         return existing
+
+    async def _recorded(self, job_id: str, key: str | None) -> bool:
+        """Whether a job ``job_id`` exists; one whose first attempt died between publishing
+        its events and saving its record is finished from its events (and queued)."""
+        if job_id in self._records or await self.bus.load_job(job_id) is not None:
+            return True
+        events = await self.bus.job_events(job_id)
+        if not events:
+            return False
+        job = fold(events)
+        job.idempotency_key = key
+        self._revisions[job.id] = await self.bus.save_job(job, revision=0)
+        self._keep(job)
+        self._enqueue(job_id)
+        return True
 
     async def on_release(self, msg: Msg) -> None:
         """``bacq nodes release NODE``: lift a node's quarantine (its counts stay)."""

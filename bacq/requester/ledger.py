@@ -66,7 +66,8 @@ class Ledger(Core):
                 metrics.JOBS.labels(seen.value).dec()
             if job.final:
                 self._states.pop(job.id, None)
-                metrics.JOBS_FINISHED.labels(job.state.value).inc()
+                if seen is not None:  # (a final record read again, e.g. for a late report)
+                    metrics.JOBS_FINISHED.labels(job.state.value).inc()
             else:
                 self._states[job.id] = job.state
                 metrics.JOBS.labels(job.state.value).inc()

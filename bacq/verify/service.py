@@ -11,7 +11,8 @@ node id and a secret nonce) and publishes no block of its results. Once the veri
 answer from every chosen worker (``concurrency`` of them; the first one for the noop verifier), it
 asks the committed ones to reveal; a reveal that does not match its commitment, or that does not
 come within ``REVEAL_TIMEOUT``, counts as that worker's error and against its node. So no worker
-can learn another's result before it has committed to its own.
+can learn another's result before it has committed to its own. A job with nothing to copy (one
+worker, the noop verifier: ``commit_reveal``) skips the round: its worker sends its result at once.
 
 Every message is checked: job and node come from the subject and must equal the payload's, the
 job must exist and have chosen that node. What does not fit is dead-lettered (``BACQ_DEAD``) and
@@ -41,11 +42,13 @@ from bacq.faults import crash_point
 from bacq.lease import Lease
 from bacq.log import get_logger
 from bacq.models import (
+    REVEAL_BATCH_MAX,
     JobRecord,
     ResultMessage,
     RevealReply,
     RevealRequest,
     Verdict,
+    commit_reveal,
     commitment_of,
     decode,
     encode,
@@ -71,6 +74,8 @@ REVEAL_TIMEOUT = 60.0  # seconds a committed worker has to reveal once asked
 REVEAL_ASK_EVERY = 5.0  # seconds between requests to a worker that has not revealed yet
 REVEAL_REPLY_WAIT = 5.0
 SWEEP_EVERY = 2.0
+LOOK_EVERY = 30.0  # seconds between the sweep's reads of a job record it has no reveal due for
+REVEAL_BATCH_WAIT = 0.005  # seconds asks for one node gather before they go out together
 MAX_ERROR = 2000  # characters of a worker's error kept (it goes into the verdict and the record)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -107,6 +112,13 @@ class _Dropped(Exception):
         self.reason, self.kind = reason, kind
 
 
+def _job_of(subject: str) -> str:
+    try:
+        return subjects.job_and_node(subject)[0]
+    except ValueError:
+        return ""
+
+
 def _counted(job: JobRecord, node_id: str) -> bool:
     execution = job.executions.get(node_id)
     return execution is not None and execution.state in _COUNTED
@@ -122,7 +134,10 @@ class Verifier:
         self._collected: dict[str, Collected] = {}
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # job → its lock, tasks using it
         self._tasks: set[asyncio.Task[None]] = set()
-        self._asked: dict[tuple[str, str], float] = {}  # (job, node) → when last asked to reveal
+        self._asked: dict[str, dict[str, float]] = {}  # job → node → when last asked to reveal
+        self._to_ask: dict[str, list[str]] = {}  # node → jobs it is to be asked to reveal
+        self._askers: dict[str, asyncio.Task[None]] = {}  # node → the task asking it
+        self._looked: dict[str, float] = {}  # job → when the sweep last read its record
 
     @classmethod
     async def create(cls, bus: Bus) -> Verifier:
@@ -152,10 +167,10 @@ class Verifier:
         else:
             self._collected[job_id] = collected
 
-    # -- a message --------------------------------------------------------------------------------
-    async def handle(self, msg: Msg) -> None:
-        """Check one message and count it; one job's messages are handled one at a time, in the
-        order they came. Raises ``_Dropped`` for a message that cannot be used."""
+    # -- messages -------------------------------------------------------------------------------
+    def _check(self, msg: Msg) -> ResultMessage:
+        """One message as a result, or ``_Dropped``: job and node from the subject must be the
+        payload's."""
         if len(msg.data) > MAX_RESULT_BYTES:
             raise _Dropped(f"{len(msg.data)} bytes; a result is at most {MAX_RESULT_BYTES}")
         try:
@@ -172,8 +187,43 @@ class Verifier:
                 f"on the subject of job {job_id} node {node_id}",
                 "forged",
             )
-        async with self._job_lock(job_id):
-            await self._handle(result)
+        return result
+
+    async def _handle_group(self, job_id: str, msgs: list[Msg]) -> None:
+        """One job's messages of one fetch, in the order they came, under the job's lock: the
+        record read once, what they change saved (or decided) once, then each one acked (or
+        dead-lettered: ``_Dropped``). Not acked on a NATS error: they come again."""
+        taken: list[tuple[Msg, ResultMessage]] = []
+        dropped: list[tuple[Msg, _Dropped]] = []
+        for msg in msgs:
+            try:
+                taken.append((msg, self._check(msg)))
+            except _Dropped as exc:
+                dropped.append((msg, exc))
+        if taken:
+            async with self._job_lock(job_id):
+                job = await self.bus.load_job(job_id)
+                # changes are made to a copy: what is kept is what was saved
+                found = await self._load(job_id) if job else None
+                collected = found.model_copy(deep=True) if found else Collected() if job else None
+                changed = False
+                for msg, result in taken:
+                    try:
+                        if job is None or collected is None:
+                            raise _Dropped(f"no job {job_id}")
+                        changed = self._apply(job, collected, result) or changed
+                    except _Dropped as exc:
+                        dropped.append((msg, exc))
+                if changed and job is not None and collected is not None:
+                    await self._progress(job, collected)
+        for msg, why in dropped:
+            with contextlib.suppress(ValueError):
+                self.reputations.count(subjects.job_and_node(msg.subject)[1], why.kind)
+            await self.bus.dead_letter(msg, subjects.VERIFIER_CONSUMER, why.reason)
+        gone = {id(m) for m, _ in dropped}
+        for msg, _ in taken:
+            if id(msg) not in gone:
+                await msg.ack()
 
     @contextlib.asynccontextmanager
     async def _job_lock(self, job_id: str) -> AsyncIterator[None]:
@@ -191,32 +241,30 @@ class Verifier:
             else:
                 self._locks[job_id] = (lock, users - 1)
 
-    async def _handle(self, result: ResultMessage) -> None:
+    def _apply(self, job: JobRecord, collected: Collected, result: ResultMessage) -> bool:
+        """Count one result in what is collected; True when that changed (to be saved)."""
         job_id, node_id = result.job_id, result.node_id
         log = self.log.bind(job=job_id, node=node_id, kind=result.kind)
-        job = await self.bus.load_job(job_id)
-        if job is None:
-            raise _Dropped(f"no job {job_id}")
         if node_id not in job.executions:
             raise _Dropped(f"{node_id} was not chosen for job {job_id}", "forged")
-        collected = await self._load(job_id) or Collected()
         if collected.first_at is None:
             collected.first_at = now()
         if collected.decided:
             log.info("result.after_verdict")
-            return
+            return False
         if not _counted(job, node_id):
             state = job.executions[node_id].state.value
             log.warning("result.ignored", reason=f"late result from a {state} execution")
             collected.note(f"{node_id}: late {result.kind} from a {state} execution, not counted")
-            await self._save(job_id, collected)
-            return
+            return True
         if result.kind == "reveal":
-            if not self._take_reveal(collected, result, log):
-                return
+            if not commit_reveal(job.spec) and node_id not in collected.commitments:
+                self._take_open(collected, result)
+            else:
+                self._take_reveal(collected, result, log)
         elif collected.answered(node_id):
             log.debug("result.duplicate")  # a commitment is never replaced
-            return
+            return False
         elif result.kind == "commit":
             if not _SHA256.match(result.commitment or ""):
                 raise _Dropped(f"{node_id}'s commitment is not a sha256 hex digest")
@@ -224,9 +272,18 @@ class Verifier:
         else:
             error = (result.error or "")[:MAX_ERROR]
             collected.results.append(result.model_copy(update={"error": error, "cid": None}))
-        await self._progress(job, collected)
+        return True
 
-    def _take_reveal(self, collected: Collected, result: ResultMessage, log: object) -> bool:
+    def _take_open(self, collected: Collected, result: ResultMessage) -> None:
+        """The result of a job with no commit-reveal (one worker, the noop verifier): the one
+        worker says its result at once."""
+        if collected.revealed(result.node_id):
+            raise _Dropped(f"a second result from {result.node_id}")
+        if result.cid is None:
+            raise _Dropped(f"a result from {result.node_id} without a CID")
+        collected.results.append(result.model_copy(update={"commitment": None}))
+
+    def _take_reveal(self, collected: Collected, result: ResultMessage, log: object) -> None:
         node_id = result.node_id
         commitment = collected.commitments.get(node_id)
         if commitment is None or collected.revealed(node_id):
@@ -245,9 +302,8 @@ class Verifier:
                     error="its reveal did not match its commitment",
                 )
             )
-            return True
+            return
         collected.results.append(result)
-        return True
 
     async def _progress(self, job: JobRecord, collected: Collected) -> None:
         """After a change: ask for the reveals once every answer is in; decide once they are."""
@@ -259,21 +315,27 @@ class Verifier:
         if collected.reveal_asked_at is None and ready and committed:
             collected.reveal_asked_at = now()
         if collected.reveal_asked_at is not None:  # (a replacement may commit after the ask)
+            asked = self._asked.get(job.id, {})
             for node_id in committed:
-                if not collected.revealed(node_id) and (job.id, node_id) not in self._asked:
-                    self._asked[(job.id, node_id)] = 0.0
-                    self._spawn(self._ask(job.id, node_id), f"reveal-{job.id}-{node_id}")
+                if not collected.revealed(node_id) and node_id not in asked:
+                    self._ask(job.id, node_id)
         results = [r for r in collected.results if r.node_id in counted]
         waiting = [n for n in collected.commitments if n in counted and not collected.revealed(n)]
         verdict = None
         if not waiting or spec.verifier == "noop":
             verdict = decide(job.id, spec.verifier, spec.concurrency, spec.confidence, results)
-        if verdict is not None:
-            collected.decided, collected.verdict = True, verdict
-        await self._save(job.id, collected)
-        if verdict is not None:
-            crash_point("verifier.decided")
-            await self._publish(job.id, collected)
+        if verdict is None:
+            await self._save(job.id, collected)
+            return
+        # published, then saved once: a crash in between leaves the message that decided it
+        # unacknowledged (it comes again and decides the same, under the same message id when
+        # the commitments were saved with their nonce) or, for a sweep's decision, the saved
+        # state that the next sweep decides from again
+        collected.decided, collected.verdict = True, verdict
+        if job.id in self._collected:
+            self._collected[job.id] = collected  # the sweep publishes it if the publish fails
+        crash_point("verifier.decided")
+        await self._publish(job.id, collected)
 
     async def _publish(self, job_id: str, collected: Collected) -> None:
         verdict = collected.verdict
@@ -283,8 +345,8 @@ class Verifier:
         )
         collected.published = True
         await self._save(job_id, collected)
-        for key in [k for k in self._asked if k[0] == job_id]:
-            del self._asked[key]
+        self._asked.pop(job_id, None)
+        self._looked.pop(job_id, None)
         if collected.first_at is not None:
             seconds = (now() - collected.first_at).total_seconds()
             metrics.VERIFICATION_SECONDS.observe(seconds)
@@ -296,19 +358,43 @@ class Verifier:
             cid=verdict.result_cid,
         )
 
-    async def _ask(self, job_id: str, node_id: str) -> None:
-        self._asked[(job_id, node_id)] = asyncio.get_running_loop().time()
+    def _ask(self, job_id: str, node_id: str) -> None:
+        """Ask ``node_id`` to reveal its result for ``job_id``: asks for one node within
+        ``REVEAL_BATCH_WAIT`` go out together, up to ``REVEAL_BATCH_MAX`` jobs a request."""
+        self._asked.setdefault(job_id, {})[node_id] = asyncio.get_running_loop().time()
+        waiting = self._to_ask.setdefault(node_id, [])
+        if job_id not in waiting:
+            waiting.append(job_id)
+        if node_id not in self._askers:
+            task = asyncio.create_task(self._ask_node(node_id), name=f"reveal-{node_id}")
+            self._askers[node_id] = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _ask_node(self, node_id: str) -> None:
         try:
-            reply = await self.bus.request(
-                subjects.reveal(node_id),
-                RevealRequest(job_id=job_id),
-                RevealReply,
-                timeout=REVEAL_REPLY_WAIT,
-            )
-            if not reply.ok:
-                self.log.warning("reveal.refused", job=job_id, node=node_id, error=reply.error)
-        except (nats.errors.Error, TimeoutError, ValueError) as exc:
-            self.log.info("reveal.unanswered", job=job_id, node=node_id, error=type(exc).__name__)
+            await asyncio.sleep(REVEAL_BATCH_WAIT)
+            while jobs := self._to_ask.get(node_id):
+                batch = jobs[:REVEAL_BATCH_MAX]
+                del jobs[:REVEAL_BATCH_MAX]
+                try:
+                    reply = await self.bus.request(
+                        subjects.reveal(node_id),
+                        RevealRequest(job_id=batch[0], job_ids=batch),
+                        RevealReply,
+                        timeout=REVEAL_REPLY_WAIT,
+                    )
+                    if not reply.ok or reply.error:
+                        self.log.warning("reveal.refused", node=node_id, error=reply.error)
+                except (nats.errors.Error, TimeoutError, ValueError) as exc:
+                    # the sweep asks again after REVEAL_ASK_EVERY
+                    self.log.info(
+                        "reveal.unanswered", node=node_id, jobs=len(batch), error=type(exc).__name__
+                    )
+        finally:
+            self._askers.pop(node_id, None)
+            if not self._to_ask.get(node_id):
+                self._to_ask.pop(node_id, None)
 
     # -- deadlines --------------------------------------------------------------------------------
     async def _sweep(self) -> None:
@@ -327,20 +413,37 @@ class Verifier:
             if not collected.published:
                 await self._publish(job_id, collected)
             return
+        # the record is read only when there is something to do: a reveal is due (again), or
+        # now and then, to forget a job that ended without a verdict (failed, cancelled)
+        asked = self._asked.get(job_id, {})
+        unrevealed = [n for n in collected.commitments if not collected.revealed(n)]
+        waited = (
+            (now() - collected.reveal_asked_at).total_seconds()
+            if collected.reveal_asked_at is not None
+            else 0.0
+        )
+        due = collected.reveal_asked_at is not None and (
+            waited > REVEAL_TIMEOUT
+            or any(t - asked.get(n, 0.0) >= REVEAL_ASK_EVERY for n in unrevealed)
+        )
+        if not due and t - self._looked.get(job_id, 0.0) < LOOK_EVERY:
+            return
+        self._looked[job_id] = t
         job = await self.bus.load_job(job_id)
         if job is None or job.final:
             self._collected.pop(job_id, None)
+            self._asked.pop(job_id, None)
+            self._looked.pop(job_id, None)
             return
         if collected.reveal_asked_at is None:
             return
-        late = [n for n in collected.commitments if _counted(job, n) and not collected.revealed(n)]
+        late = [n for n in unrevealed if _counted(job, n)]
         if not late:
             return
-        waited = (now() - collected.reveal_asked_at).total_seconds()
         if waited <= REVEAL_TIMEOUT:
             for node_id in late:
-                if t - self._asked.get((job_id, node_id), 0.0) >= REVEAL_ASK_EVERY:
-                    self._spawn(self._ask(job_id, node_id), f"reveal-{job_id}-{node_id}")
+                if t - asked.get(node_id, 0.0) >= REVEAL_ASK_EVERY:
+                    self._ask(job_id, node_id)
             return
         for node_id in late:
             self.reputations.count(node_id, "bad_reveals")
@@ -370,31 +473,25 @@ class Verifier:
             self.log.info("verifier.recovered", jobs=len(self._collected))
 
     # -- the loop ---------------------------------------------------------------------------------
-    async def _handle_and_ack(self, msg: Msg, slots: asyncio.Semaphore) -> None:
-        node = None
-        with contextlib.suppress(ValueError):
-            node = subjects.job_and_node(msg.subject)[1]
+    async def _handle_and_ack(self, job_id: str, msgs: list[Msg], slots: asyncio.Semaphore) -> None:
         try:
-            try:
-                await self.handle(msg)
-            except _Dropped as exc:
-                if node is not None:
-                    self.reputations.count(node, exc.kind)
-                await self.bus.dead_letter(msg, subjects.VERIFIER_CONSUMER, exc.reason)
-                return
-            await msg.ack()
+            await self._handle_group(job_id, msgs)
         except (nats.errors.Error, TimeoutError) as exc:
             # not acked: delivered again after the consumer's ack_wait, up to MAX_DELIVER times
-            self.log.warning("result.failed", subject=msg.subject, error=type(exc).__name__)
-            if last_delivery(msg):
+            self.log.warning("result.failed", job=job_id, error=type(exc).__name__)
+            for msg in msgs:
+                if last_delivery(msg):
+                    await self.bus.dead_letter(
+                        msg,
+                        subjects.VERIFIER_CONSUMER,
+                        f"failed {subjects.MAX_DELIVER} times: {exc}",
+                    )
+        except Exception as exc:  # a bug must not block the consumer: keep the messages
+            self.log.exception("result.crashed", job=job_id)
+            for msg in msgs:
                 await self.bus.dead_letter(
-                    msg, subjects.VERIFIER_CONSUMER, f"failed {subjects.MAX_DELIVER} times: {exc}"
+                    msg, subjects.VERIFIER_CONSUMER, f"internal verifier error: {exc!r}"
                 )
-        except Exception as exc:  # a bug must not block the consumer: keep the message
-            self.log.exception("result.crashed", subject=msg.subject)
-            await self.bus.dead_letter(
-                msg, subjects.VERIFIER_CONSUMER, f"internal verifier error: {exc!r}"
-            )
         finally:
             slots.release()
 
@@ -445,15 +542,19 @@ class Verifier:
         self.reputations.start()
 
         async def loop() -> None:
+            # each fetch grouped by job: one job's messages are read, saved and decided together
             slots = asyncio.Semaphore(IN_FLIGHT)
-            async for msg in self.bus.consume(
+            async for msgs in self.bus.consume_batches(
                 subjects.VERIFY_ALL, subjects.VERIFIER_CONSUMER, batch=IN_FLIGHT
             ):
-                await slots.acquire()
                 if not await lease.ensure():  # frozen or cut off: another may be active
-                    slots.release()
                     return
-                self._spawn(self._handle_and_ack(msg, slots), "result")
+                groups: dict[str, list[Msg]] = {}
+                for msg in msgs:  # (a subject that names no job is dropped by _check)
+                    groups.setdefault(_job_of(msg.subject), []).append(msg)
+                for job_id, group in groups.items():
+                    await slots.acquire()
+                    self._spawn(self._handle_and_ack(job_id, group, slots), "results")
 
         async def sweep() -> None:
             while True:

@@ -36,6 +36,7 @@ from bacq.models import (
     ResultMessage,
     RevealReply,
     RevealRequest,
+    commit_reveal,
     commitment_of,
     decode,
     encode,
@@ -59,6 +60,8 @@ NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 RESERVATION_GRACE = 30.0  # seconds a bid's reservation outlives the bid deadline without an answer
 REVEAL_KEEP = 3600.0  # seconds a committed result waits for the verifier to ask for it
 REVEAL_MAX = 64  # committed results kept at once (the oldest is dropped past it)
+PROGRESS_LINGER = 0.25  # seconds a step's report waits for a later one that replaces it
+_STEPS = frozenset({ExecState.DOWNLOADING, ExecState.RUNNING, ExecState.PUBLISHING})
 
 
 @dataclass
@@ -71,6 +74,17 @@ class _Committed:
     exit_code: int
     nonce: str
     expires: float
+    published: bool = False  # its blocks are in IPFS already (no second add at the reveal)
+
+
+@dataclass
+class _Done:
+    """An execution's result folder: its CID, and whether its blocks are in IPFS already."""
+
+    cid: str
+    exit_code: int
+    fuel_used: int | None
+    published: bool
 
 
 @dataclass
@@ -175,6 +189,9 @@ class Worker:
         self._committed: dict[str, _Committed] = {}  # job → result awaiting its reveal
         self._revealing: set[str] = set()
         self._reveal_tasks: set[asyncio.Task[None]] = set()
+        # per execution, the step report waiting to go out (see _update) and its task
+        self._progress: dict[str, ExecUpdate] = {}
+        self._progress_tasks: dict[str, asyncio.Task[None]] = {}
 
     # -- capacity ---------------------------------------------------------------------------------
     def _free(self) -> tuple[float, int, int]:
@@ -236,7 +253,7 @@ class Worker:
             running=len(self._tasks),
         )
         await self.bus.publish(subjects.bid(self.config.node_id, job_id), bid)
-        self.log.info("bid.sent", job=job_id)
+        self.log.debug("bid.sent", job=job_id)  # one per invitation: not worth a line each
 
     async def on_assign(self, msg: Msg) -> None:
         try:
@@ -284,11 +301,41 @@ class Worker:
         return f"{job_id}.{self.config.node_id}.{nonce}.{what}"
 
     async def _update(self, job_id: str, state: ExecState, **fields: object) -> None:
+        """Report how far an execution got. A step on the way (downloading, running,
+        publishing) waits ``PROGRESS_LINGER`` seconds and goes out only if no later report
+        replaced it: a short job reports its end alone, a long one each step a moment late."""
         update = ExecUpdate(job_id=job_id, node_id=self.config.node_id, state=state, **fields)
+        if state in _STEPS:
+            self._progress[job_id] = update
+            if job_id not in self._progress_tasks:
+                self._progress_tasks[job_id] = asyncio.create_task(
+                    self._report_later(job_id), name=f"progress-{job_id}"
+                )
+            return
+        # an end: the step still waiting is replaced; one being sent goes first (in order)
+        waiting = self._progress.pop(job_id, None)
+        task = self._progress_tasks.pop(job_id, None)
+        if task is not None:
+            if waiting is not None:
+                task.cancel()
+            await asyncio.wait({task})  # (its own outcome is not ours to raise)
+        await self._publish_update(update)
+
+    async def _report_later(self, job_id: str) -> None:
+        try:
+            await asyncio.sleep(PROGRESS_LINGER)
+            update = self._progress.pop(job_id, None)
+            if update is not None:
+                await self._publish_update(update)
+        finally:
+            if self._progress_tasks.get(job_id) is asyncio.current_task():
+                del self._progress_tasks[job_id]
+
+    async def _publish_update(self, update: ExecUpdate) -> None:
         await self.bus.publish_durable(
-            subjects.exec_update(job_id, self.config.node_id),
+            subjects.exec_update(update.job_id, self.config.node_id),
             update,
-            msg_id=self._msg_id(job_id, state.value),
+            msg_id=self._msg_id(update.job_id, update.state.value),
         )
 
     async def _send_result(self, result: ResultMessage) -> None:
@@ -298,7 +345,9 @@ class Worker:
             msg_id=self._msg_id(result.job_id, result.kind),
         )
 
-    def _commit(self, job_id: str, job_dir: Path, cid: str, exit_code: int) -> ResultMessage:
+    def _commit(
+        self, job_id: str, job_dir: Path, cid: str, exit_code: int, *, published: bool = False
+    ) -> ResultMessage:
         """Keep the result (unpublished) until the verifier asks for it; the commitment."""
         nonce = self._nonces.setdefault(job_id, new_nonce())
         self._committed[job_id] = _Committed(
@@ -308,6 +357,7 @@ class Worker:
             exit_code=exit_code,
             nonce=nonce,
             expires=time.monotonic() + REVEAL_KEEP,
+            published=published,
         )
         while len(self._committed) > REVEAL_MAX:
             oldest = next(iter(self._committed))
@@ -323,26 +373,30 @@ class Worker:
             remove_tree(committed.job_dir)
 
     async def on_reveal(self, msg: Msg) -> None:
-        """The verifier holds every chosen worker's commitment: publish the result and say
-        what it is (its CID, exit code and the nonce that proves the commitment)."""
+        """The verifier holds every chosen worker's commitment for these jobs: publish each
+        result and say what it is (its CID, exit code and the nonce that proves the
+        commitment)."""
         try:
             request = decode(RevealRequest, msg.data)
         except ValueError as exc:
             await msg.respond(encode(RevealReply(ok=False, error=f"malformed: {exc}")))
             return
-        job_id = request.job_id
-        committed = self._committed.get(job_id)
-        if committed is None:
-            await msg.respond(encode(RevealReply(ok=False, error=f"no result kept for {job_id}")))
-            return
-        await msg.respond(encode(RevealReply(ok=True)))
-        if job_id in self._revealing:  # asked again while the first reveal is under way
-            return
-        # a subscription's callback runs one message at a time: reveal in a task of its own
-        self._revealing.add(job_id)
-        task = asyncio.create_task(self._reveal(job_id, committed), name=f"reveal-{job_id}")
-        self._reveal_tasks.add(task)
-        task.add_done_callback(self._reveal_tasks.discard)
+        asked = list(dict.fromkeys(request.job_ids or [request.job_id]))
+        missing = []
+        for job_id in asked:
+            committed = self._committed.get(job_id)
+            if committed is None:
+                missing.append(job_id)
+                continue
+            if job_id in self._revealing:  # asked again while the first reveal is under way
+                continue
+            # a subscription's callback runs one message at a time: reveal in a task of its own
+            self._revealing.add(job_id)
+            task = asyncio.create_task(self._reveal(job_id, committed), name=f"reveal-{job_id}")
+            self._reveal_tasks.add(task)
+            task.add_done_callback(self._reveal_tasks.discard)
+        error = f"no result kept for {', '.join(missing[:20])}" if missing else None
+        await msg.respond(encode(RevealReply(ok=len(missing) < len(asked), error=error)))
 
     async def _reveal(self, job_id: str, committed: _Committed) -> None:
         try:
@@ -352,7 +406,7 @@ class Worker:
 
     async def _publish_reveal(self, job_id: str, committed: _Committed) -> None:
         try:
-            if committed.results_dir.exists():
+            if not committed.published and committed.results_dir.exists():
                 cid = await self.storage.add(committed.results_dir)
                 if cid != committed.cid:  # kubo gave another CID than --only-hash did
                     self.log.error("result.cid_changed", job=job_id, committed=committed.cid)
@@ -388,7 +442,8 @@ class Worker:
         outcome = "failed"
         try:
             try:
-                cid, exit_code = await self._execute(job_id, spec, job_dir, log)
+                done = await self._execute(job_id, spec, job_dir, log)
+                cid, exit_code = done.cid, done.exit_code
                 outcome = "completed"
             except asyncio.CancelledError:
                 # the container is gone already (the executor kills it on cancellation)
@@ -414,13 +469,21 @@ class Worker:
                 await self._send_result(ResultMessage(job_id=job_id, node_id=node, error=error))
                 await self._update(job_id, ExecState.FAILED, error=error)
             else:
-                # the commitment only: neither the CID nor the exit code leaves this worker
-                # before the verifier holds every chosen worker's commitment (both in flight
-                # at once; they leave in this order on the one connection)
-                await asyncio.gather(
-                    self._send_result(self._commit(job_id, job_dir, cid, exit_code)),
-                    self._update(job_id, ExecState.COMPLETED),
-                )
+                if commit_reveal(spec):
+                    # the commitment only: neither the CID nor the exit code leaves this worker
+                    # before the verifier holds every chosen worker's commitment (both in
+                    # flight at once; they leave in this order on the one connection)
+                    await asyncio.gather(
+                        self._send_result(self._commit(job_id, job_dir, cid, exit_code)),
+                        self._update(job_id, ExecState.COMPLETED, fuel_used=done.fuel_used),
+                    )
+                else:  # the only worker: its result is published already, say it at once
+                    self._commit(job_id, job_dir, cid, exit_code, published=done.published)
+                    self._revealing.add(job_id)
+                    await asyncio.gather(
+                        self._reveal(job_id, self._committed[job_id]),
+                        self._update(job_id, ExecState.COMPLETED, fuel_used=done.fuel_used),
+                    )
                 log.info("job.completed", cid=cid, exit_code=exit_code)
         finally:  # (its reservation was freed by _execute, once the container was gone)
             metrics.EXECUTION_SECONDS.labels(outcome).observe(time.monotonic() - started)
@@ -432,9 +495,7 @@ class Worker:
                 if job_dir.exists():  # a noop job has none
                     await asyncio.shield(asyncio.to_thread(remove_tree, job_dir))
 
-    async def _execute(
-        self, job_id: str, spec: JobSpec, job_dir: Path, log: object
-    ) -> tuple[str, int]:
+    async def _execute(self, job_id: str, spec: JobSpec, job_dir: Path, log: object) -> _Done:
         try:
             return await self._execute_job(job_id, spec, job_dir, log)
         finally:
@@ -442,9 +503,7 @@ class Worker:
             # which counts slots from those reports, finds it free when it invites the next bid
             self._reservations.pop(job_id, None)
 
-    async def _execute_job(
-        self, job_id: str, spec: JobSpec, job_dir: Path, log: object
-    ) -> tuple[str, int]:
+    async def _execute_job(self, job_id: str, spec: JobSpec, job_dir: Path, log: object) -> _Done:
         if self.config.lazy:
             return await self._copy_instead(job_id, spec, job_dir / "results")
         streamer: LogStreamer | None = None
@@ -498,9 +557,9 @@ class Worker:
             if streamer is not None:
                 await streamer.close()
 
-        await self._update(job_id, ExecState.PUBLISHING, fuel_used=result.fuel_used)
         if result.cid is not None:  # published by the engine itself (noop: one fixed result)
-            return result.cid, result.exit_code
+            return _Done(result.cid, result.exit_code, result.fuel_used, published=True)
+        await self._update(job_id, ExecState.PUBLISHING, fuel_used=result.fuel_used)
         results_dir = job.results_dir
         results_dir.mkdir(parents=True, exist_ok=True)
         if self.config.tamper:
@@ -515,11 +574,12 @@ class Worker:
         )
         if skipped:
             self.log.warning("results.skipped_entries", job=job_id, entries=skipped[:20])
-        # the CID only: no block is published until the verifier asks for the reveal
-        cid = await self.storage.add(results_dir, only_hash=True)
-        return cid, result.exit_code
+        # with commit-reveal, the CID only: no block is published until the verifier asks
+        only_hash = commit_reveal(spec)
+        cid = await self.storage.add(results_dir, only_hash=only_hash)
+        return _Done(cid, result.exit_code, result.fuel_used, published=not only_hash)
 
-    async def _copy_instead(self, job_id: str, spec: JobSpec, results_dir: Path) -> tuple[str, int]:
+    async def _copy_instead(self, job_id: str, spec: JobSpec, results_dir: Path) -> _Done:
         """The lazy worker: try every channel a worker can read for the others' output, then
         commit to a folder built from what it found (or a guess). Each channel is closed to it
         before the verdict: its NATS user may read neither job records nor the live output
@@ -539,7 +599,7 @@ class Worker:
         self.log.warning("lazy.channels", job=job_id, found=found)
         await asyncio.to_thread(_write_guess, results_dir, [o.name for o in spec.outputs])
         await self._update(job_id, ExecState.PUBLISHING)
-        return await self.storage.add(results_dir, only_hash=True), 0
+        return _Done(await self.storage.add(results_dir, only_hash=True), 0, None, published=False)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def info(self) -> NodeInfo:

@@ -1,0 +1,297 @@
+"""A blocking core-NATS request over a plain socket, for the CLI's quick commands.
+
+``bacq run --no-wait`` and ``bacq get`` ask one question each (a submission; a job record by its
+key): nats-py would cost them asyncio and nats-py's own import, half their start-up. This module
+speaks the few lines of the NATS client protocol they need (INFO, CONNECT, PING/PONG, SUB, PUB,
+MSG/HMSG, the no-responders status) with the standard library, and only where that is the whole
+story: a ``nats://`` server without TLS, with no credentials, a user and password, or a token.
+``connect`` raises ``Unsupported`` otherwise (TLS, creds, nkeys, a URL with its own credentials)
+and the caller uses nats-py, as it does for everything else.
+
+Touches the NATS server(s) of the URL, nothing else. Every wait has a deadline; what the server
+sends is bounded (a line, a message, the server's own max_payload).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import socket
+import time
+from typing import Any
+
+from bacq.auth import NatsOptions
+from bacq.errors import NatsUnavailable, RequestRejected
+
+__all__ = [
+    "Connection",
+    "NoResponders",
+    "Unsupported",
+    "connect",
+    "no_requester",
+    "not_reached",
+    "request",
+    "unanswered",
+]
+
+_MAX_LINE = 64 * 1024  # bytes of a protocol line (INFO lists a cluster's URLs)
+_MAX_MESSAGE = 64 * 1024 * 1024  # bytes of a message, whatever the server's max_payload says
+
+
+class Unsupported(Exception):
+    """This connection needs nats-py (TLS, creds, nkeys, a URL with credentials)."""
+
+
+class NoResponders(Exception):
+    """Nobody listens on the subject (the server's 503 status)."""
+
+
+def not_reached(url: str, why: str) -> NatsUnavailable:
+    return NatsUnavailable(
+        f"cannot reach NATS at {url} ({why}); start one with "
+        "`bacq devstack` or set BACQ_NATS_URL / --nats to a running server"
+    )
+
+
+def refused(url: str, name: str, options: NatsOptions) -> NatsUnavailable:
+    return NatsUnavailable(
+        f"NATS at {url} refused {name} ({options.describe()}): authorization "
+        "violation; check the "
+        "credentials (BACQ_NATS_USER/_PASSWORD, _TOKEN, _CREDS or _NKEY)"
+    )
+
+
+def no_requester(subject: str, url: str, many: bool) -> RequestRejected:
+    what = "bulk submissions" if many else "submissions"
+    return RequestRejected(
+        f"no requester answers {what} ({subject}) on NATS at {url}; start one "
+        "(`bacq devstack`, or `bacq requester`), or update one older than this client"
+    )
+
+
+def unanswered(attempts: int, timeout: float) -> RequestRejected:
+    return RequestRejected(
+        f"the requester did not answer {attempts} times in {timeout:g}s; is it overloaded or stuck?"
+    )
+
+
+def _servers(url: str) -> list[tuple[str, int]]:
+    found = []
+    for one in (u.strip() for u in url.split(",")):
+        if not one:
+            continue
+        scheme, sep, rest = one.partition("://")
+        if not sep:
+            scheme, rest = "nats", one
+        if scheme != "nats" or "@" in rest or "/" in rest.rstrip("/"):
+            raise Unsupported(one)
+        host, _, port = rest.rstrip("/").rpartition(":")
+        if not host:
+            host, port = port, "4222"
+        try:
+            number = int(port)
+        except ValueError:
+            raise Unsupported(one) from None
+        found.append((host.strip("[]"), number))
+    if not found:
+        raise Unsupported(url)
+    return found
+
+
+class Connection:
+    """One NATS connection: ``request`` (one at a time), ``close``."""
+
+    def __init__(self, sock: socket.socket, inbox: str, max_payload: int) -> None:
+        self.sock = sock
+        self.max_payload = max_payload
+        self._inbox = f"{inbox}.{secrets.token_hex(8)}"
+        self._buffer = b""
+        self._subscribed = False
+        self._sent = 0
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading ----------------------------------------------------------------------------------
+    def _fill(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        self.sock.settimeout(left)
+        data = self.sock.recv(256 * 1024)
+        if not data:
+            raise ConnectionResetError("the NATS server closed the connection")
+        self._buffer += data
+
+    def _line(self, deadline: float) -> bytes:
+        while b"\r\n" not in self._buffer:
+            if len(self._buffer) > _MAX_LINE:
+                raise ConnectionError("a line from the NATS server is too long")
+            self._fill(deadline)
+        line, _, self._buffer = self._buffer.partition(b"\r\n")
+        return line
+
+    def _take(self, count: int, deadline: float) -> bytes:
+        while len(self._buffer) < count + 2:
+            self._fill(deadline)
+        data, self._buffer = self._buffer[:count], self._buffer[count + 2 :]
+        return data
+
+    def _next(self, deadline: float) -> tuple[str, bytes, bytes]:
+        """The next message for us: (subject, headers, payload); answers PINGs on the way."""
+        while True:
+            line = self._line(deadline)
+            op, _, rest = line.partition(b" ")
+            op = op.upper()
+            if op == b"PING":
+                self.sock.sendall(b"PONG\r\n")
+            elif op in (b"PONG", b"+OK", b"INFO"):
+                continue
+            elif op == b"-ERR":
+                raise ConnectionError(rest.decode(errors="replace").strip().strip("'"))
+            elif op in (b"MSG", b"HMSG"):
+                fields = rest.split()
+                sizes = [int(f) for f in fields[-2 if op == b"HMSG" else -1 :]]
+                if sizes[-1] > _MAX_MESSAGE or sizes[0] > sizes[-1]:
+                    raise ConnectionError("a message from the NATS server is too large")
+                data = self._take(sizes[-1], deadline)
+                head_size = sizes[0] if op == b"HMSG" else 0
+                return fields[0].decode(errors="replace"), data[:head_size], data[head_size:]
+            else:
+                raise ConnectionError(f"the NATS server said {line[:80]!r}")
+
+    # -- the one operation ------------------------------------------------------------------------
+    def request(self, subject: str, payload: bytes, timeout: float) -> bytes:
+        """One request and its reply; NoResponders, TimeoutError or OSError."""
+        if len(payload) > self.max_payload:
+            raise RequestRejected(
+                f"the request is {len(payload)} bytes, more than NATS's max payload of "
+                f"{self.max_payload} bytes"
+            )
+        self._sent += 1
+        reply = f"{self._inbox}.{self._sent}"
+        out = b""
+        if not self._subscribed:
+            out += f"SUB {self._inbox}.* 1\r\n".encode()
+            self._subscribed = True
+        out += f"PUB {subject} {reply} {len(payload)}\r\n".encode() + payload + b"\r\n"
+        self.sock.sendall(out)
+        deadline = time.monotonic() + timeout
+        while True:
+            got, headers, data = self._next(deadline)
+            if got != reply:
+                continue  # a late answer to an earlier attempt
+            if headers.startswith(b"NATS/1.0 503"):
+                raise NoResponders(subject)
+            return data
+
+
+def connect(url: str, options: NatsOptions, *, name: str, wait: float = 5.0) -> Connection:
+    """A connection to the first server of ``url`` that answers, like nats-py's (the same
+    credentials and inbox prefix); NatsUnavailable as ``bacq.submission.connect`` words it;
+    Unsupported when nats-py must do it."""
+    if options.creds or options.nkey or options.tls_ca or options.tls_cert:
+        raise Unsupported("credentials or TLS")
+    servers = _servers(url)
+    deadline = time.monotonic() + wait
+    last = "no server answered"
+    for host, port in servers:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            last = f"no answer within {wait:g}s"
+            break
+        try:
+            sock = socket.create_connection((host, port), timeout=min(left, 5.0))
+        except OSError as exc:
+            last = exc.strerror or str(exc)
+            continue
+        try:
+            return _handshake(sock, url, options, name, deadline)
+        except (TimeoutError, OSError) as exc:
+            sock.close()
+            last = f"no answer within {wait:g}s" if isinstance(exc, TimeoutError) else str(exc)
+        except BaseException:
+            sock.close()
+            raise
+    raise not_reached(url, last)
+
+
+def _handshake(
+    sock: socket.socket, url: str, options: NatsOptions, name: str, deadline: float
+) -> Connection:
+    conn = Connection(sock, options.inbox, 1024 * 1024)
+    op, _, rest = conn._line(deadline).partition(b" ")
+    if op.upper() != b"INFO":
+        raise ConnectionError("the server did not introduce itself as NATS")
+    try:
+        info: dict[str, Any] = json.loads(rest)
+    except ValueError:
+        raise ConnectionError("the NATS server's INFO is not JSON") from None
+    if info.get("tls_required") or not info.get("headers", False):
+        raise Unsupported("the server wants TLS, or has no headers")
+    conn.max_payload = int(info.get("max_payload") or conn.max_payload)
+    hello: dict[str, Any] = {
+        "verbose": False,
+        "pedantic": False,
+        "lang": "python3",
+        "version": "bacq",
+        "protocol": 1,
+        "headers": True,
+        "no_responders": True,
+        "name": name,
+    }
+    if options.user:
+        hello.update(user=options.user, **{"pass": options.password})
+    if options.token:
+        hello["auth_token"] = options.token
+    sock.sendall(b"CONNECT " + json.dumps(hello).encode() + b"\r\nPING\r\n")
+    while True:
+        line = conn._line(deadline)
+        op = line.partition(b" ")[0].upper()
+        if op == b"PONG":
+            return conn
+        if op == b"PING":
+            sock.sendall(b"PONG\r\n")
+        elif op == b"-ERR":
+            if b"authorization" in line.lower() or b"authentication" in line.lower():
+                raise refused(url, name, options)
+            raise ConnectionError(line[5:].decode(errors="replace").strip().strip("'"))
+        elif op not in (b"+OK", b"INFO"):
+            raise ConnectionError(f"the NATS server said {line[:80]!r}")
+
+
+def request(
+    conn: Connection,
+    url: str,
+    subject: str,
+    payload: bytes,
+    *,
+    timeout: float,
+    attempts: int,
+    patience: float = 3.0,
+    many: bool = False,
+) -> bytes:
+    """``bacq.submission``'s retry policy: again on no answer (``attempts`` times, the same
+    payload), and again while nobody listens (for ``patience`` seconds)."""
+    give_up = time.monotonic() + patience
+    delay, attempt = 0.5, 0
+    while True:
+        try:
+            return conn.request(subject, payload, timeout)
+        except NoResponders:
+            if time.monotonic() + delay > give_up:
+                raise no_requester(subject, url, many) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 4.0)
+        except TimeoutError:
+            attempt += 1
+            if attempt >= attempts:
+                raise unanswered(attempts, timeout) from None
