@@ -64,6 +64,11 @@ DUPLICATE_WINDOW = streams.DUPLICATE_WINDOW
 DEAD_KEEP = 64 * 1024  # bytes of a dead-lettered message kept
 DEAD_MAX_AGE = streams.STREAMS[subjects.DEAD_STREAM].max_age  # dead letters: 30 days …
 DEAD_MAX_BYTES = streams.STREAMS[subjects.DEAD_STREAM].max_bytes  # … or 256 MiB
+# a server that stops answering (cut off, not closed: no FIN, no RST) is left for another of the
+# cluster after PING_INTERVAL * MAX_OUTSTANDING_PINGS seconds (nats-py's default: 4 minutes)
+PING_INTERVAL = 5
+MSG_ID_IN_PROCESS = 10158  # JetStream: "duplicate message id is in process" (a retry too soon)
+MAX_OUTSTANDING_PINGS = 3
 
 JS_RETRY_FOR = 30.0  # seconds a job-record read/write retries while JetStream is away (failover)
 # the server or the stream's leader is away (restart, network, a cluster electing a new leader)
@@ -144,6 +149,8 @@ class Bus:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
                     allow_reconnect=True,
+                    ping_interval=PING_INTERVAL,
+                    max_outstanding_pings=MAX_OUTSTANDING_PINGS,
                     error_cb=on_error,
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
@@ -225,8 +232,15 @@ class Bus:
         while True:
             try:
                 ack = await self.js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
-            except TRANSIENT as exc:
-                # the server is away (restart, network): keep the message and try again
+            except (*TRANSIENT, nats.js.errors.APIError) as exc:
+                # the server is away (restart, network), or our earlier try with this id is
+                # still being stored (409, err_code 10158): keep the message and try again
+                if (
+                    isinstance(exc, nats.js.errors.APIError)
+                    and not isinstance(exc, TRANSIENT)
+                    and exc.err_code != MSG_ID_IN_PROCESS
+                ):
+                    raise
                 log.warning("bus.publish_retry", subject=subject, error=type(exc).__name__)
                 first = False
                 await asyncio.sleep(delay)

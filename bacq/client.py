@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
+import nats.js.errors
 from nats.js.kv import KeyValue
 
 from bacq import subjects, submission
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from bacq.storage import Storage  # the kubo client (aiohttp) loads only when used
 
 __all__ = ["Client"]
+
+WATCH_IDLE = 10.0  # seconds the server keeps a stopped (or cut-off) watch's consumer
 
 
 class Client:
@@ -181,8 +184,12 @@ class Client:
                     entry: KeyValue.Entry | None = None
                     if watcher is None:
                         # the watch is only an accelerator: while NATS is away, poll
-                        with contextlib.suppress(*TRANSIENT):
-                            watcher = await self.bus.jobs.watch(job_id)
+                        with contextlib.suppress(*TRANSIENT, nats.js.errors.APIError):
+                            # its consumer goes WATCH_IDLE s after the watch stops (nats-py's
+                            # default, 5 min, lets waits on many jobs pile up consumers)
+                            watcher = await self.bus.jobs.watch(
+                                job_id, inactive_threshold=WATCH_IDLE
+                            )
                     if watcher is not None:
                         with contextlib.suppress(nats.errors.TimeoutError):
                             entry = await watcher.updates(timeout=2.0)

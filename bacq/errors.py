@@ -9,6 +9,8 @@
     │   ├── IpfsUnavailable        the kubo RPC API did not answer at BACQ_IPFS_API
     │   └── DockerUnavailable      the Docker daemon did not answer
     ├── StorageError               an IPFS operation failed or took too long, or a tar was unsafe
+    │   └── InputUnavailable       no reachable node gave a job's input in time (or the worker's
+    │                              kubo is away): another worker may reach it
     ├── ExecutionError             a job could not run to completion on a worker
     │   ├── ImageUnavailable       the image is not present and could not be pulled
     │   ├── CommandNotFound        the entrypoint/command does not exist in the image
@@ -35,6 +37,7 @@ __all__ = [
     "ExecutionError",
     "Fenced",
     "ImageUnavailable",
+    "InputUnavailable",
     "IpfsUnavailable",
     "JobNotFound",
     "JobTimeout",
@@ -85,6 +88,11 @@ class DockerUnavailable(ConnectError):
 
 class StorageError(BacqError):
     """An IPFS operation failed, timed out, or returned unsafe content."""
+
+
+class InputUnavailable(StorageError):
+    """A CID could not be fetched in time (no reachable node had it), or the kubo node to fetch
+    it through did not answer: a worker hands such a job back, so that another one tries."""
 
 
 class ExecutionError(BacqError):

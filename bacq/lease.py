@@ -137,10 +137,12 @@ class Lease:
     ) -> bool:
         """Wait until this process holds the lease (True), or ``stop`` is set (False);
         ``on_standby`` is called once if another instance holds it at first."""
-        self._bucket = await leases_bucket(self.bus)
+        self._bucket = None
         announced = False
         while not stop.is_set():
             try:
+                if self._bucket is None:  # (NATS may be away now: cut off, a server restarting)
+                    self._bucket = await leases_bucket(self.bus)
                 self._revision = await self._bucket.create(self.role, encode(self.holder))
                 self._last_ok = time.monotonic()
                 log.info("lease.acquired", role=self.role, instance=self.holder.instance)

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from bacq.errors import IpfsUnavailable, StorageError
+from bacq.errors import InputUnavailable, IpfsUnavailable, StorageError
 from bacq.unixfs import (  # the walk, limits, form and extraction (shared with bacq.kubo)
     _COPY,
     _ERROR_BODY,
@@ -366,7 +366,7 @@ class Storage:
             async with asyncio.timeout(deadline):
                 await self._fetch(cid, target, deadline, max_bytes, max_entries)
         except TimeoutError:
-            raise StorageError(
+            raise InputUnavailable(
                 f"could not fetch {cid} from IPFS within {deadline:g}s: no reachable node has it "
                 "(add it with `bacq ipfs add` on a node of this network)"
             ) from None

@@ -7,8 +7,10 @@ subnet (``--index``) so that two test runs on one machine do not meet.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -195,9 +197,15 @@ def test_bad_host_counts_are_refused_with_the_flag_named() -> None:
 
 
 def test_the_lab_plan_uses_only_its_own_names_and_addresses() -> None:
-    lab = Lab(index=7, workers=10)
+    lab = Lab(index=7)  # the defaults: 10 workers, 2 requesters, 2 verifiers
     hosts = lab.hosts()
-    assert len(hosts) == 3 + 1 + 1 + 1 + 10
+    assert len(hosts) == 3 + 2 + 2 + 1 + 10
+    assert [h.name for h in hosts if h.role in ("requester", "verifier")] == [
+        "requester-1",
+        "requester-2",
+        "verifier-1",
+        "verifier-2",
+    ]
     assert all(h.address.startswith("10.213.7.") for h in hosts)
     assert all(h.ns.startswith("bacqlab7-") for h in hosts)
     assert all(len(h.veth) <= 15 and h.veth.startswith("bl7h") for h in hosts)
@@ -218,3 +226,50 @@ def test_bacq_lab_names_a_bad_flag_and_reports_a_missing_lab(tmp_path: Path) -> 
     missing = _lab_cli("status", "--index", "5", "--state-dir", str(tmp_path / "none"))
     assert missing.returncode == 1
     assert f"no lab in {tmp_path / 'none'}" in missing.stdout
+
+
+def test_fault_amounts_take_their_units_and_name_the_flag_when_bad() -> None:
+    from bacq.lab.cli import _amount
+
+    assert _amount("10%", "%", "--loss") == 10.0
+    assert _amount("2.5", "%", "--loss") == 2.5
+    assert _amount("100ms", "ms", "--delay") == 100.0
+    bad = re.escape("--delay must be a number of ms, e.g. 100ms; not '1s'")
+    with pytest.raises(ConfigError, match=bad):
+        _amount("1s", "ms", "--delay")
+
+
+def test_bad_fault_settings_are_refused_before_anything_is_touched() -> None:
+    with pytest.raises(ConfigError, match="--loss must be a percentage from 0 to 100, not 150"):
+        net.netem("bacqlab-none", "bl-none", 150, 0)
+    with pytest.raises(ConfigError, match="netem needs --loss or --delay"):
+        net.netem("bacqlab-none", "bl-none", 0, 0)
+    with pytest.raises(ConfigError, match="--executor must be one of docker, noop"):
+        Lab(executor="podman")
+
+
+async def test_the_chaos_run_names_an_unknown_fault_kind(tmp_path: Path) -> None:
+    import argparse
+
+    from bacq.lab.chaos import chaos
+
+    args = argparse.Namespace(jobs=1, parallel=1, rate=0, faults="cut-worker,unplug-moon")
+    with pytest.raises(ConfigError, match="--faults: unknown kind 'unplug-moon'; the kinds: "):
+        await chaos(Lab(state_dir=tmp_path / "none"), args)
+
+
+def test_a_fault_names_the_hosts_when_the_host_is_unknown(tmp_path: Path) -> None:
+    lab = Lab(index=9, workers=2, state_dir=tmp_path / "lab")
+    with pytest.raises(ConfigError, match="no lab in"):
+        lab.host("w1")
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "lab" / "state.json").write_text(
+        json.dumps({"hosts": [dataclasses.asdict(h) for h in lab.hosts()]})
+    )
+    with pytest.raises(ConfigError, match="the lab has no host 'w9'; its hosts: nats-1, "):
+        lab.host("w9")
+    with pytest.raises(ConfigError, match="host nats-1 runs nats, not 'kubo'"):
+        lab._service_name(lab.host("nats-1"), "kubo")
+    assert lab._service_name(lab.host("w2"), "kubo") == "w2-kubo"
+    assert lab._service_name(lab.host("w2"), None) == "w2"
+    assert lab._service_name(lab.host("ipfs"), None) == "ipfs-kubo"

@@ -1,4 +1,4 @@
-"""``bacq lab up|status|down``: simulated hosts in network namespaces (root only).
+"""``bacq lab up|status|down|cut|heal|netem|kill|start|chaos``: simulated hosts (root only).
 
 Touches what ``bacq.lab`` touches; the options and their meaning live in ``bacq.lab.cli``.
 """
@@ -20,7 +20,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "lab",
-        "a lab of simulated hosts in network namespaces (root): up, status, down",
+        "a lab of simulated hosts in network namespaces (root): up, status, faults, chaos, down",
     )
     add_arguments(lab, common)
     lab.set_defaults(func=run)

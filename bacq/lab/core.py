@@ -7,7 +7,7 @@ the state directory). Each host is a namespace with one address:
 
     10.213.<i>.1         the bridge, in the root namespace (where the CLI runs)
     10.213.<i>.11-13     nats-1..3: a NATS cluster with JetStream (streams and buckets R3)
-    10.213.<i>.21-29     requester-1..   (one by default; more are standbys holding no lease)
+    10.213.<i>.21-29     requester-1..   (two by default: one active, the other its standby)
     10.213.<i>.31-39     verifier-1..    (likewise)
     10.213.<i>.40        ipfs: the client's kubo node (BACQ_IPFS_API)
     10.213.<i>.101-      w1..wN: a kubo node and a worker each
@@ -16,6 +16,10 @@ Every kubo node's bootstrap list holds the lab's other kubo nodes and nothing el
 peers, no delegated routing), so inputs added on the client's node reach the workers over bitswap.
 Workers reach dockerd through its socket; job containers keep network none. Every process has its
 own NATS user (``bacq.natsconf.render`` with one user per worker; passwords in 0600 files).
+
+Faults (``cut``, ``heal``, ``netem``, ``kill``, ``start``): a host cut off from the bridge, a
+worker's kubo cut off from the swarm, loss and latency, a service killed (``kill -9``) and started
+again with the command line ``up`` recorded for it (``services.json``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -48,6 +53,16 @@ DEFAULT_STATE_DIR = Path(os.environ.get("BACQ_LAB_DIR", "/var/lib/bacq-lab"))
 NATS_PORT, ROUTE_PORT, KUBO_SWARM, KUBO_API = 4222, 6222, 4001, 5001
 MAX_WORKERS = 150  # addresses .101 to .250
 START_WAIT = 180.0  # seconds a host has to come up (2 shared cores, ten of everything)
+EXECUTORS = ("docker", "noop")
+# the services a host runs (the first is the one ``kill HOST`` means), by role
+SERVICES = {
+    "nats": ("nats",),
+    "requester": ("requester",),
+    "verifier": ("verifier",),
+    "ipfs": ("kubo",),
+    "worker": ("worker", "kubo"),
+}
+CUT_ONLY = {"ipfs": [KUBO_SWARM]}  # `cut HOST --only ipfs`: its kubo's swarm port only
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,15 @@ class Host:
     ns: str
     veth: str
     address: str
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str, log_path: Path) -> None:
@@ -83,9 +107,11 @@ class Lab:
         *,
         index: int = 0,
         workers: int = 10,
-        requesters: int = 1,
-        verifiers: int = 1,
+        requesters: int = 2,
+        verifiers: int = 2,
         state_dir: Path | None = None,
+        executor: str = "docker",
+        fetch_timeout: float = 60.0,
     ) -> None:
         if not 0 <= index <= 254:
             raise ConfigError(
@@ -96,6 +122,12 @@ class Lab:
         for what, count in (("requesters", requesters), ("verifiers", verifiers)):
             if not 1 <= count <= 9:  # beyond the first, standbys that wait for the role's lease
                 raise ConfigError(f"--{what} must be from 1 to 9, not {count}")
+        if executor not in EXECUTORS:
+            raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
+        if not 1 <= fetch_timeout <= 3600:
+            raise ConfigError(f"--fetch-timeout must be from 1 to 3600 s, not {fetch_timeout:g}")
+        self.executor = executor
+        self.fetch_timeout = fetch_timeout
         self.index = index
         self.n_workers = workers
         self.n_requesters = requesters
@@ -107,6 +139,7 @@ class Lab:
         self.logs = self.state_dir / "logs"
         self.credentials = self.state_dir / "credentials"
         self._procs: list[subprocess.Popen[bytes]] = []  # kept so that none is reaped early
+        self._services: dict[str, dict[str, Any]] = {}  # what _spawn started: argv, env, host
 
     # -- the plan -----------------------------------------------------------------------------
     def _host(self, name: str, role: str, last_octet: int) -> Host:
@@ -184,6 +217,8 @@ class Lab:
                     "workers": self.n_workers,
                     "requesters": self.n_requesters,
                     "verifiers": self.n_verifiers,
+                    "executor": self.executor,
+                    "fetch_timeout": self.fetch_timeout,
                     "bridge": self.bridge,
                     "hosts": [asdict(h) for h in hosts],
                     "env": self.env(),
@@ -221,6 +256,10 @@ class Lab:
                         h.name,
                         "--work-dir",
                         str(self.state_dir / h.name / "work"),
+                        "--executor",
+                        self.executor,
+                        "--fetch-timeout",
+                        f"{self.fetch_timeout:g}",
                     ],
                 )
                 for h in self._by_role("worker")
@@ -238,6 +277,12 @@ class Lab:
     def _spawn(
         self, host: Host, argv: list[str], name: str, env: dict[str, str]
     ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in ``host``'s namespace as service ``name`` (its log, its pid file),
+        and record how, so that ``start`` can do it again after a ``kill``."""
+        self._services[name] = {"host": host.name, "argv": argv, "env": env}
+        services = self.state_dir / "services.json"
+        recorded = json.loads(services.read_text()) if services.exists() else {}
+        write_secret(services, json.dumps({**recorded, **self._services}, indent=2) + "\n")
         with (self.logs / f"{name}.log").open("ab") as out:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", host.ns, *argv],
@@ -248,6 +293,9 @@ class Lab:
                 start_new_session=True,  # outlives `bacq lab up`; `down` ends it by namespace
             )
         self._procs.append(proc)
+        run = self.state_dir / "run"
+        run.mkdir(parents=True, exist_ok=True)
+        (run / f"{name}.pid").write_text(f"{proc.pid}\n")
         return proc
 
     def _start_nats(self, passwords: dict[str, str]) -> None:
@@ -414,6 +462,119 @@ class Lab:
 
             _wait(up, START_WAIT, host.name, log_path)
 
+    # -- faults -------------------------------------------------------------------------------
+    def host(self, name: str) -> Host:
+        """The running lab's host called ``name`` (ConfigError naming the hosts when none is)."""
+        state = self._state()
+        if state is None:
+            raise ConfigError(f"no lab in {self.state_dir}; start one with `bacq lab up`")
+        hosts = {raw["name"]: Host(**raw) for raw in state["hosts"]}
+        if name not in hosts:
+            raise ConfigError(f"the lab has no host {name!r}; its hosts: {', '.join(hosts)}")
+        return hosts[name]
+
+    def cut(self, name: str, only: str | None = None) -> None:
+        """Cut host ``name`` off: its veth on the bridge down (nothing crosses; it keeps its own
+        loopback), or with ``only="ipfs"`` its kubo's swarm traffic only."""
+        net.require_root()
+        host = self.host(name)
+        if only is None:
+            net.set_link(host.veth, False)
+        elif only in CUT_ONLY:
+            if host.role not in ("worker", "ipfs"):
+                raise ConfigError(f"--only ipfs needs a host with a kubo node, not {name}")
+            net.cut_ports(host.ns, CUT_ONLY[only], True)
+        else:
+            raise ConfigError(f"--only must be one of {', '.join(CUT_ONLY)}, not {only!r}")
+        log.info("lab.cut", host=name, only=only or "all")
+
+    def heal(self, name: str) -> None:
+        """Undo ``cut`` and ``netem`` on host ``name``."""
+        net.require_root()
+        host = self.host(name)
+        net.set_link(host.veth, True)
+        for ports in CUT_ONLY.values():
+            net.cut_ports(host.ns, ports, False)
+        net.netem_clear(host.ns, host.veth)
+        log.info("lab.heal", host=name)
+
+    def netem(self, name: str, *, loss: float = 0.0, delay_ms: float = 0.0) -> str:
+        """Loss (percent) and latency (ms, each way) on host ``name``; returns how (see
+        ``bacq.lab.net.netem``)."""
+        net.require_root()
+        host = self.host(name)
+        how = net.netem(host.ns, host.veth, loss, delay_ms)
+        log.info("lab.netem", host=name, loss=loss, delay_ms=delay_ms, how=how)
+        return how
+
+    def _service_name(self, host: Host, service: str | None) -> str:
+        offered = SERVICES[host.role]
+        service = service or offered[0]
+        if service not in offered:
+            raise ConfigError(f"host {host.name} runs {', '.join(offered)}, not {service!r}")
+        return f"{host.name}-kubo" if service == "kubo" else host.name
+
+    def pid(self, name: str, service: str | None = None) -> int | None:
+        """The pid of a host's service (default: its main one) when it runs, else None."""
+        host = self.host(name)
+        pid_file = self.state_dir / "run" / f"{self._service_name(host, service)}.pid"
+        if not pid_file.exists():
+            return None
+        pid = int(pid_file.read_text())
+        if pid not in net.namespace_pids(host.ns):
+            return None
+        for proc in self._procs:  # one of ours that died: reap it, it is no longer running
+            if proc.pid == pid and proc.poll() is not None:
+                return None
+        return pid if _alive(pid) else None
+
+    def kill(self, name: str, service: str | None = None) -> int | None:
+        """``kill -9`` a host's service (default: its main one); its pid, or None if it was not
+        running. ``start`` brings it back."""
+        net.require_root()
+        pid = self.pid(name, service)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while self.pid(name, service) == pid and time.monotonic() < deadline:
+                time.sleep(0.05)
+        log.info("lab.kill", host=name, service=service or "main", pid=pid)
+        return pid
+
+    def start(self, name: str, service: str | None = None) -> int:
+        """Start a host's service again as ``up`` did (same command line, same environment)
+        and wait until it is ready; its pid. A service that runs is left alone."""
+        net.require_root()
+        host = self.host(name)
+        running = self.pid(name, service)
+        if running is not None:
+            return running
+        service_name = self._service_name(host, service)
+        recorded = json.loads((self.state_dir / "services.json").read_text())[service_name]
+        log_path = self.logs / f"{service_name}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        ready_file = self.state_dir / "run" / f"{service_name}.ready"
+        with contextlib.suppress(FileNotFoundError):
+            ready_file.unlink()
+        proc = self._spawn(host, recorded["argv"], service_name, recorded["env"])
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise ComponentError(
+                    f"{service_name} exited with {proc.returncode}; see {log_path}"
+                )
+            if service_name.endswith("-kubo") or host.role == "nats":
+                word = b"Daemon is ready" if service_name.endswith("-kubo") else b"Server is ready"
+                with log_path.open("rb") as f:
+                    f.seek(offset)
+                    return word in f.read()
+            return ready_file.exists()
+
+        _wait(ready, START_WAIT, service_name, log_path)
+        log.info("lab.start", host=name, service=service_name, pid=proc.pid)
+        return proc.pid
+
     # -- status -------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any] | None:
         path = self.state_dir / "state.json"
@@ -439,6 +600,14 @@ class Lab:
                 and ready_file.read_text().strip().isdigit()
                 and int(ready_file.read_text()) in pids
             )
+            alive = host.ns in existing and net.link_up(host.veth)
+            faults = []
+            if host.ns in existing:
+                if not net.link_up(host.veth):
+                    faults.append("cut")
+                faults += [f"port {p} cut" for p in net.dropped_ports(host.ns)]
+                if shown := net.netem_show(host.ns, host.veth):
+                    faults.append(shown)
             rows.append(
                 {
                     "host": host.name,
@@ -446,6 +615,8 @@ class Lab:
                     "address": host.address,
                     "namespace": host.ns in existing,
                     "processes": len(pids),
+                    "cut": not alive,
+                    "faults": faults,
                     "ok": host.ns in existing and len(pids) >= want and service_ready,
                 }
             )
@@ -477,6 +648,9 @@ class Lab:
                 net.bridge_down(veth)  # a veth whose namespace went first: `ip link del` it
         net.firewall_remove(self.bridge)
         net.bridge_down(self.bridge)
+        for proc in self._procs:  # reap the ones this object started
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
         shutil.rmtree(self.state_dir, ignore_errors=True)
         if self.state_dir.exists():
             raise ComponentError(f"could not remove the lab's directory {self.state_dir}")

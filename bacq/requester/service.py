@@ -13,10 +13,13 @@ import asyncio
 import contextlib
 from functools import partial
 
+import nats.errors
+from nats.aio.subscription import Subscription
+
 from bacq import metrics, sdnotify, subjects
 from bacq.bus import ensure_bucket
 from bacq.errors import Fenced
-from bacq.lease import Lease
+from bacq.lease import RENEW_EVERY, Lease
 from bacq.logs import ensure_logs_stream
 from bacq.models import (
     JobRecord,
@@ -71,6 +74,15 @@ class Requester(Intake):
                     return
                 self.log.warning("requester.deposed", reason=str(exc))
                 term = type(self)(self.bus, self.config)
+            except (nats.errors.Error, TimeoutError) as exc:
+                # NATS away, or JetStream electing a leader, while the term starts or runs: the
+                # term ends (its lease released) and the next one starts afresh a second later
+                if stop.is_set():
+                    return
+                self.log.warning("requester.term_failed", error=f"{type(exc).__name__}: {exc}")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RENEW_EVERY)
+                term = type(self)(self.bus, self.config)
 
     async def _term(self, stop: asyncio.Event) -> None:
         self.lease = Lease(self.bus, "requester")
@@ -107,31 +119,37 @@ class Requester(Intake):
         self.reputations.bucket = await reputation_bucket(self.bus)
         await self.reputations.load_all()
         self.reputations.start()
-        # no queue group: only the lease holder serves, and a frozen or cut-off one that is
-        # still subscribed must not take requests away from it (the first answer wins)
-        subs = [
-            await self.bus.subscribe(subjects.SUBMIT, self.on_submit),
-            await self.bus.subscribe(subjects.SUBMIT_MANY, self.on_submit_many),
-            await self.bus.subscribe(subjects.CANCEL, self.on_cancel),
-            await self.bus.subscribe(subjects.RELEASE, self.on_release),
-            await self.bus.subscribe(subjects.HEARTBEATS_ALL, self.on_heartbeat),
-            await self.bus.subscribe(subjects.BIDS_ALL, self.on_bid),
-        ]
-        await self._resume()
-        loops = [
-            asyncio.create_task(self._fold()),
-            asyncio.create_task(self._watch()),
-            asyncio.create_task(self._dispatch()),
-        ]
-        await self.bus.nc.flush()
-        self.log.info("service.ready", service="requester", instance=self.lease.holder.instance)
-        sdnotify.ready()
-        ends = [
-            asyncio.create_task(stop.wait()),
-            asyncio.create_task(self.lease.lost.wait()),
-            asyncio.create_task(self.fenced.wait()),
-        ]
-        try:
+        subs: list[Subscription] = []
+        loops: list[asyncio.Task[None]] = []
+        ends: list[asyncio.Task[object]] = []
+        try:  # (a NATS error on the way up ends the term too: nothing of it is left behind)
+            # no queue group: only the lease holder serves, and a frozen or cut-off one that is
+            # still subscribed must not take requests away from it (the first answer wins)
+            for subject, handler in (
+                (subjects.SUBMIT, self.on_submit),
+                (subjects.SUBMIT_MANY, self.on_submit_many),
+                (subjects.CANCEL, self.on_cancel),
+                (subjects.RELEASE, self.on_release),
+                (subjects.HEARTBEATS_ALL, self.on_heartbeat),
+                (subjects.BIDS_ALL, self.on_bid),
+            ):
+                subs.append(await self.bus.subscribe(subject, handler))
+            await self._resume()
+            loops += [
+                asyncio.create_task(self._fold()),
+                asyncio.create_task(self._watch()),
+                asyncio.create_task(self._dispatch()),
+            ]
+            await self.bus.nc.flush()
+            self.log.info(
+                "service.ready", service="requester", instance=self.lease.holder.instance
+            )
+            sdnotify.ready()
+            ends += [
+                asyncio.create_task(stop.wait()),
+                asyncio.create_task(self.lease.lost.wait()),
+                asyncio.create_task(self.fenced.wait()),
+            ]
             await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for end in ends:

@@ -36,7 +36,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
 from bacq import metrics, sdnotify, subjects
-from bacq.bus import Bus, ensure_bucket, last_delivery, new_nonce
+from bacq.bus import Bus, again, ensure_bucket, last_delivery, new_nonce
 from bacq.errors import Fenced
 from bacq.faults import crash_point
 from bacq.lease import Lease
@@ -504,12 +504,17 @@ class Verifier:
             try:
                 await term._term(stop)
                 return
-            except Fenced as exc:
+            except (Fenced, nats.errors.Error, TimeoutError) as exc:
                 if stop.is_set():
                     return
-                self.log.warning("verifier.deposed", reason=str(exc))
+                if isinstance(exc, Fenced):
+                    self.log.warning("verifier.deposed", reason=str(exc))
+                else:  # NATS away, or JetStream electing a leader, as the term started: again
+                    self.log.warning("verifier.term_failed", error=f"{type(exc).__name__}: {exc}")
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 1.0)
                 term = type(self)(self.bus, self.results, self.reputations)
-                term.reputations = await Reputations.open(self.bus)
+                term.reputations = await again(lambda: Reputations.open(self.bus))
 
     async def _term(self, stop: asyncio.Event) -> None:
         lease = Lease(self.bus, "verifier")

@@ -43,6 +43,8 @@ from bacq.errors import (
     DockerUnavailable,
     ExecutionError,
     ImageUnavailable,
+    InputUnavailable,
+    IpfsUnavailable,
     JobTimeout,
     ResultsTooLarge,
     StorageError,
@@ -125,8 +127,10 @@ class JobContext:
         for index, volume in enumerate(spec.inputs):
             try:
                 local = await self.fetch(volume.cid, self.job_dir / "inputs" / str(index))
-            except StorageError as exc:
-                raise StorageError(f"input {volume.cid} for {volume.path}: {exc}") from None
+            except IpfsUnavailable as exc:  # this worker's kubo is away: another may have one
+                raise InputUnavailable(f"input {volume.cid} for {volume.path}: {exc}") from None
+            except StorageError as exc:  # (InputUnavailable stays what it is)
+                raise type(exc)(f"input {volume.cid} for {volume.path}: {exc}") from None
             mounted.append(Mounted(local, volume.path))
         return mounted
 

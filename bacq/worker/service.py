@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 
 from bacq import metrics, sdnotify, subjects
 from bacq.bus import Bus, new_nonce
-from bacq.errors import BacqError
+from bacq.errors import BacqError, InputUnavailable
 from bacq.log import get_logger
 from bacq.logs import LogStreamer
 from bacq.models import (
@@ -454,6 +454,11 @@ class Worker:
                         job_id, ExecState.LOST, error=f"worker {node} shut down and handed it back"
                     )
                 raise
+            except InputUnavailable as exc:  # another worker may reach the inputs: hand it back
+                log.warning("job.handed_back", error=str(exc))
+                await self._update(
+                    job_id, ExecState.LOST, error=f"worker {node} could not fetch it: {exc}"
+                )
             except BacqError as exc:
                 log.warning("job.failed", error=str(exc))
                 await self._send_result(ResultMessage(job_id=job_id, node_id=node, error=str(exc)))
