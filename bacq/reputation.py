@@ -198,10 +198,13 @@ class Reputations:
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="reputation")
 
-    async def stop(self) -> None:
+    async def stop(self, *, timeout: float | None = None) -> None:
+        """Stop the periodic flush and flush what is left, within ``timeout`` seconds if given
+        (counts not written then are lost with this process, as on a crash)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(Exception):
-            await self.flush()
+            async with asyncio.timeout(timeout):
+                await self.flush()

@@ -20,6 +20,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from bacq import metrics, subjects
+from bacq.errors import Fenced
 from bacq.faults import crash_point
 from bacq.models import (
     Announcement,
@@ -354,6 +355,12 @@ class Dispatch(Ledger):
             await self._assign(
                 job_id, bids[: spec.concurrency], bids[spec.concurrency :], first=first
             )
+        except Fenced:
+            raise  # the term ends: the next one (or another requester) goes on from the record
+        except (nats.errors.Error, TimeoutError) as exc:
+            # NATS away for longer than a retry: not the job's fault; it goes back to the queue
+            self.log.warning("job.drive_interrupted", job=job_id, error=type(exc).__name__)
+            self._enqueue(job_id, first=True)
         except Exception:
             self.log.exception("job.drive_crashed", job=job_id)
             await self.mutate(

@@ -32,6 +32,7 @@ from bacq.signing import publish_requester_keys
 
 __all__ = ["Requester", "RequesterConfig"]
 from bacq.states import ExecState, JobState
+from bacq.terms import STOP_STEP, stop_tasks
 
 
 class Requester(Intake):
@@ -154,11 +155,12 @@ class Requester(Intake):
         finally:
             for end in ends:
                 end.cancel()
+            # each step bounded: a connection cut off mid-term can leave a flush waiting on a
+            # socket nobody reads (an unsubscribe, a last write), and the term must still end
             for sub in subs:
                 with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-            for task in [*loops, *self._tasks]:
-                task.cancel()
-            await asyncio.gather(*loops, *self._tasks, return_exceptions=True)
-            await self.reputations.stop()
+                    async with asyncio.timeout(STOP_STEP):
+                        await sub.unsubscribe()
+            await stop_tasks([*loops, *self._tasks])
+            await self.reputations.stop(timeout=STOP_STEP)
             self.log.info("service.stopped", service="requester")

@@ -56,6 +56,7 @@ from bacq.models import (
 )
 from bacq.reputation import Reputations
 from bacq.states import ExecState
+from bacq.terms import STOP_STEP, stop_tasks
 from bacq.verify.logic import decide
 
 __all__ = ["Verifier"]
@@ -569,8 +570,8 @@ class Verifier:
         try:
             await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for pending in [*ends, *tasks, *self._tasks]:
-                pending.cancel()
-            await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
-            await self.reputations.stop()
+            for end in ends:
+                end.cancel()
+            await stop_tasks([*tasks, *self._tasks])  # (bounded: see bacq.terms)
+            await self.reputations.stop(timeout=STOP_STEP)
             self.log.info("service.stopped", service="verifier")
