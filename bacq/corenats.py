@@ -276,7 +276,7 @@ def request(
     *,
     timeout: float,
     attempts: int,
-    patience: float = 3.0,
+    patience: float = 12.0,  # bacq.submission.FAILOVER_PATIENCE (not imported: start-up time)
     many: bool = False,
 ) -> bytes:
     """``bacq.submission``'s retry policy: again on no answer (``attempts`` times, the same

@@ -33,7 +33,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
 from bacq import subjects
-from bacq.bus import Bus, replicas
+from bacq.bus import MAX_OUTSTANDING_PINGS, PING_INTERVAL, Bus, replicas
 from bacq.log import get_logger
 from bacq.models import decode, encode, now
 
@@ -193,6 +193,10 @@ class Lease:
                     bus.servers,
                     name=f"{bus.name}-lease",
                     connect_timeout=min(RENEW_EVERY, 2.0),
+                    # a server that went silent (cut off) is left as soon as the main
+                    # connection leaves it (bacq.bus)
+                    ping_interval=PING_INTERVAL,
+                    max_outstanding_pings=MAX_OUTSTANDING_PINGS,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
                     allow_reconnect=True,

@@ -37,6 +37,9 @@ BATCHES_IN_FLIGHT = 4
 # seconds a bulk submission waits for a requester that stopped listening (restart, failover, a
 # reconnection): its keys make the retry safe, and giving up halfway leaves a file half-submitted
 REQUESTER_PATIENCE = 30.0
+# seconds a single submission waits for one: a failover takes the lease's TTL and a renewal (5 s)
+# and then the new requester's start
+FAILOVER_PATIENCE = 12.0
 
 
 def fresh_key() -> str:
@@ -85,7 +88,7 @@ async def _request(
     *,
     timeout: float,
     attempts: int,
-    patience: float = 3.0,
+    patience: float = FAILOVER_PATIENCE,
 ) -> dict[str, Any]:
     """Ask the requester, again on no answer (``attempts`` times), and again while nobody
     listens on ``subject`` (for ``patience`` seconds: a requester restarting, failing over or
