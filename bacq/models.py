@@ -255,6 +255,7 @@ class NodeVerdict(_Msg):
     error: str | None = None
     exit_code: int | None = None
     verified: bool = False
+    committed: bool = False  # it committed to a result (so its error is the verifier's finding)
 
 
 class Verdict(_Msg):

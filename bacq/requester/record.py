@@ -106,9 +106,10 @@ def apply_verdict(job: JobRecord, verdict: Verdict) -> bool:
             job.exit_code = node.exit_code
         if node.error is not None:
             # it failed on its own (even if its own report has not been folded in yet):
-            # that says more than "rejected"; a worker that completed, then did not reveal what
-            # it committed to, is rejected with the verifier's reason
-            if not move_exec(job, node_id, ExecState.FAILED, error=node.error):
+            # that says more than "rejected"; a worker that committed to a result, then did not
+            # reveal what it committed to, is rejected with the verifier's reason (whether or
+            # not its "completed" report came first)
+            if node.committed or not move_exec(job, node_id, ExecState.FAILED, error=node.error):
                 move_exec(job, node_id, ExecState.REJECTED, error=node.error)
             continue
         move_exec(

@@ -328,6 +328,8 @@ class Verifier:
         if verdict is None:
             await self._save(job.id, collected)
             return
+        for node_id, node in verdict.nodes.items():
+            node.committed = node_id in collected.commitments
         # published, then saved once: a crash in between leaves the message that decided it
         # unacknowledged (it comes again and decides the same, under the same message id when
         # the commitments were saved with their nonce) or, for a sweep's decision, the saved
