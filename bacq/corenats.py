@@ -35,6 +35,9 @@ __all__ = [
     "unanswered",
 ]
 
+# seconds a submission waits for a requester to listen: a failover takes the lease's TTL and a
+# renewal (5 s), then the new requester's start
+FAILOVER_PATIENCE = 12.0
 _MAX_LINE = 64 * 1024  # bytes of a protocol line (INFO lists a cluster's URLs)
 _MAX_MESSAGE = 64 * 1024 * 1024  # bytes of a message, whatever the server's max_payload says
 
@@ -276,7 +279,7 @@ def request(
     *,
     timeout: float,
     attempts: int,
-    patience: float = 12.0,  # bacq.submission.FAILOVER_PATIENCE (not imported: start-up time)
+    patience: float = FAILOVER_PATIENCE,
     many: bool = False,
 ) -> bytes:
     """``bacq.submission``'s retry policy: again on no answer (``attempts`` times, the same

@@ -37,9 +37,7 @@ BATCHES_IN_FLIGHT = 4
 # seconds a bulk submission waits for a requester that stopped listening (restart, failover, a
 # reconnection): its keys make the retry safe, and giving up halfway leaves a file half-submitted
 REQUESTER_PATIENCE = 30.0
-# seconds a single submission waits for one: a failover takes the lease's TTL and a renewal (5 s)
-# and then the new requester's start
-FAILOVER_PATIENCE = 12.0
+FAILOVER_PATIENCE = corenats.FAILOVER_PATIENCE  # a single submission's wait for a requester
 
 
 def fresh_key() -> str:
@@ -148,9 +146,7 @@ async def submit_one(
     attempts: int = 3,
 ) -> str:
     """Submit one checked spec (its JSON form); return the job id."""
-    payload = json.dumps(
-        {"spec": spec, "idempotency_key": idempotency_key or fresh_key()}, separators=(",", ":")
-    ).encode()
+    payload = _submit_payload(spec, idempotency_key)
     reply = await _request(nc, url, subjects.SUBMIT, payload, timeout=timeout, attempts=attempts)
     return _job_id(reply)
 
@@ -165,11 +161,16 @@ def submit_one_quick(
     attempts: int = 3,
 ) -> str:
     """``submit_one`` over a blocking ``bacq.corenats`` connection (no asyncio, no nats-py)."""
-    payload = json.dumps(
-        {"spec": spec, "idempotency_key": idempotency_key or fresh_key()}, separators=(",", ":")
-    ).encode()
+    payload = _submit_payload(spec, idempotency_key)
     data = corenats.request(conn, url, subjects.SUBMIT, payload, timeout=timeout, attempts=attempts)
     return _job_id(_reply(data, subjects.SUBMIT))
+
+
+def _submit_payload(spec: dict[str, Any], idempotency_key: str | None) -> bytes:
+    """A SubmitRequest's JSON (a fresh key when none is given: a retry must reuse the payload)."""
+    return json.dumps(
+        {"spec": spec, "idempotency_key": idempotency_key or fresh_key()}, separators=(",", ":")
+    ).encode()
 
 
 def _job_id(reply: dict[str, Any]) -> str:
