@@ -67,6 +67,8 @@ def test_help_loads_no_nats_pydantic_rich_or_aiohttp(tmp_path: Path) -> None:
         loaded = loaded_by(tmp_path, *args)
         assert not packages(loaded) & NOT_FOR_QUICK_ONES, (args, packages(loaded) & NEVER)
         assert not {"bacq.client", "bacq.bus", "bacq.spec"} & loaded
+        # the lab's options are mounted; the chaos run itself (dataclasses, inspect) is not
+        assert not {"bacq.lab.chaos", "bacq.lab.core"} & loaded, args
 
 
 def test_run_no_wait_loads_only_what_submission_needs(stack: Devstack, tmp_path: Path) -> None:

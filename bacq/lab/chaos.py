@@ -10,7 +10,7 @@ requester keys as ``bacq history --verify`` checks it (``bacq.events.verify_hist
 lab must hold exactly the jobs submitted (no second job for a retried submission). Prints the
 figures; exits 1 on any anomaly.
 
-Imports nothing heavy at module level (the ``bacq`` parser mounts ``add_chaos_arguments``).
+Its options live in ``bacq.lab._options`` (the ``bacq`` parser mounts them without importing this).
 """
 
 from __future__ import annotations
@@ -23,55 +23,15 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from bacq.lab._options import FAULT_KINDS, add_chaos_arguments
+
 if TYPE_CHECKING:
     from bacq.client import Client
     from bacq.lab.core import Lab
 
-__all__ = ["FAULT_KINDS", "ChaosFigures", "add_chaos_arguments", "chaos", "run_chaos"]
-
-FAULT_KINDS = (
-    "cut-worker",
-    "cut-nats",
-    "cut-requester",
-    "cut-verifier",
-    "kill-worker",
-    "kill-nats",
-    "kill-requester",
-    "kill-verifier",
-)
 FINAL_STATES = ("accepted", "void", "failed", "cancelled")
 
-
-def add_chaos_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--jobs", type=int, default=2000, help="jobs to submit (default 2000)")
-    parser.add_argument("--seed", type=int, default=1, help="the faults' random seed (default 1)")
-    parser.add_argument(
-        "--parallel", type=int, default=40, help="jobs in flight at once (default 40)"
-    )
-    parser.add_argument(
-        "--rate",
-        type=float,
-        default=0.0,
-        help="submit at most this many jobs a second (default 0: as fast as they finish)",
-    )
-    parser.add_argument(
-        "--fault-every",
-        type=float,
-        default=10.0,
-        help="mean seconds between the end of one fault and the next (default 10)",
-    )
-    parser.add_argument(
-        "--hold", type=float, default=12.0, help="longest a fault lasts, seconds (default 12)"
-    )
-    parser.add_argument(
-        "--faults",
-        default=",".join(FAULT_KINDS),
-        help=f"the kinds to inject, comma-separated (default all: {','.join(FAULT_KINDS)})",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=3600.0, help="seconds the whole run may take"
-    )
-    parser.add_argument("--output", choices=["table", "json"], default="table")
+__all__ = ["FAULT_KINDS", "ChaosFigures", "add_chaos_arguments", "chaos", "run_chaos"]
 
 
 @dataclass

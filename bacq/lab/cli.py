@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from bacq.errors import BacqError, ConfigError
-from bacq.lab.chaos import add_chaos_arguments
+from bacq.lab._options import add_chaos_arguments
 
 EXECUTORS = ("docker", "noop")
 CUT_ONLY = ("ipfs",)
@@ -113,6 +112,8 @@ def add_arguments(
 def run(args: argparse.Namespace) -> int:
     """Carry out a parsed ``lab`` command; 0 when done (``status``: when every host is ok).
     Errors are raised (``bacq`` reports them; ``main`` prints them)."""
+    from pathlib import Path
+
     from bacq.lab.core import Lab
 
     state_dir = Path(args.state_dir) if args.state_dir else None
