@@ -1,7 +1,8 @@
 """A blocking core-NATS request over a plain socket, for the CLI's quick commands.
 
 ``bacq run --no-wait`` and ``bacq get`` ask one question each (a submission; a job record by its
-key): nats-py would cost them asyncio and nats-py's own import, half their start-up. This module
+key), and ``bacq run --output json`` follows one record to its end (``follow_key``): nats-py
+would cost them asyncio and nats-py's own import, half their start-up. This module
 speaks the few lines of the NATS client protocol they need (INFO, CONNECT, PING/PONG, SUB, PUB,
 MSG/HMSG, the no-responders status) with the standard library, and only where that is the whole
 story: a ``nats://`` server without TLS, with no credentials, a user and password, or a token.
@@ -19,6 +20,7 @@ import json
 import secrets
 import socket
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from bacq.auth import NatsOptions
@@ -29,6 +31,8 @@ __all__ = [
     "NoResponders",
     "Unsupported",
     "connect",
+    "follow_key",
+    "last_value",
     "no_requester",
     "not_reached",
     "request",
@@ -40,6 +44,7 @@ __all__ = [
 FAILOVER_PATIENCE = 12.0
 _MAX_LINE = 64 * 1024  # bytes of a protocol line (INFO lists a cluster's URLs)
 _MAX_MESSAGE = 64 * 1024 * 1024  # bytes of a message, whatever the server's max_payload says
+_MAX_BACKLOG = 1024  # pushed messages kept while a request waits for its answer
 
 
 class Unsupported(Exception):
@@ -103,15 +108,24 @@ def _servers(url: str) -> list[tuple[str, int]]:
 
 
 class Connection:
-    """One NATS connection: ``request`` (one at a time), ``close``."""
+    """One NATS connection: ``request`` (one at a time), ``subscribe`` and ``next_message``,
+    ``close``."""
 
     def __init__(self, sock: socket.socket, inbox: str, max_payload: int) -> None:
         self.sock = sock
         self.max_payload = max_payload
-        self._inbox = f"{inbox}.{secrets.token_hex(8)}"
+        self._inbox_prefix = inbox
+        self._inbox = self.new_inbox()
         self._buffer = b""
         self._subscribed = False
         self._sent = 0
+        self._sids = 1  # sid 1: the request inbox
+        # messages of our subscriptions that came while a request waited for its answer
+        self._backlog: list[tuple[str, bytes, bytes]] = []
+
+    def new_inbox(self) -> str:
+        """A subject of our own, under the user's ``_INBOX`` prefix (none of ``request``'s)."""
+        return f"{self._inbox_prefix}.{secrets.token_hex(8)}"
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -171,7 +185,23 @@ class Connection:
             else:
                 raise ConnectionError(f"the NATS server said {line[:80]!r}")
 
-    # -- the one operation ------------------------------------------------------------------------
+    # -- operations -------------------------------------------------------------------------------
+    def subscribe(self, subject: str) -> int:
+        """Subscribe to ``subject``; its messages come from ``next_message``. Returns the sid."""
+        self._sids += 1
+        self.sock.sendall(f"SUB {subject} {self._sids}\r\n".encode())
+        return self._sids
+
+    def next_message(self, timeout: float) -> tuple[str, bytes, bytes]:
+        """The next message of a subscription: (subject, headers, payload); TimeoutError."""
+        if self._backlog:
+            return self._backlog.pop(0)
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self._next(deadline)
+            if not message[0].startswith(f"{self._inbox}."):  # (not a late answer)
+                return message
+
     def request(self, subject: str, payload: bytes, timeout: float) -> bytes:
         """One request and its reply; NoResponders, TimeoutError or OSError."""
         if len(payload) > self.max_payload:
@@ -191,7 +221,9 @@ class Connection:
         while True:
             got, headers, data = self._next(deadline)
             if got != reply:
-                continue  # a late answer to an earlier attempt
+                if not got.startswith(f"{self._inbox}.") and len(self._backlog) < _MAX_BACKLOG:
+                    self._backlog.append((got, headers, data))  # a subscription's: kept
+                continue  # (or a late answer to an earlier attempt)
             if headers.startswith(b"NATS/1.0 503"):
                 raise NoResponders(subject)
             return data
@@ -298,3 +330,106 @@ def request(
             attempt += 1
             if attempt >= attempts:
                 raise unanswered(attempts, timeout) from None
+
+
+# -- key-value records ----------------------------------------------------------------------------
+def last_value(conn: Connection, bucket: str, key: str, *, timeout: float = 10.0) -> bytes | None:
+    """The value of ``key`` in the key-value ``bucket`` (JetStream's message get), or None when
+    it has none (never written, deleted or purged)."""
+    import base64
+
+    data = conn.request(
+        f"$JS.API.STREAM.MSG.GET.KV_{bucket}",
+        json.dumps({"last_by_subj": f"$KV.{bucket}.{key}"}).encode(),
+        timeout=timeout,
+    )
+    try:
+        message = json.loads(data).get("message") or {}
+        headers = base64.b64decode(message.get("hdrs") or "")
+        value = base64.b64decode(message.get("data") or "")
+    except (ValueError, TypeError, AttributeError):
+        return None
+    if b"KV-Operation" in headers or not value:  # deleted or purged
+        return None
+    return value
+
+
+# the server says "still here" after this many seconds without a message; a watch that hears
+# neither for three times as long reads the key afresh and watches anew
+_HEARTBEAT = 5.0
+
+
+def follow_key(
+    conn: Connection, bucket: str, key: str, done: Callable[[bytes], bool]
+) -> Iterator[bytes]:
+    """Every new value of ``key`` in ``bucket``, from its current one, until one is ``done``
+    (that one is the last yielded). A push consumer of the bucket's stream, filtered to the key,
+    that the server drops ``_HEARTBEAT`` x 2 s after we stop listening; each quiet spell (the
+    server's heartbeat) the key is read afresh, so a value lost on the way costs a few seconds,
+    never the end. Waits as long as the caller lets it (Ctrl-C, or a deadline of its own)."""
+    stream = f"KV_{bucket}"
+    deliver, wanted = conn.new_inbox(), f"$KV.{bucket}.{key}"
+    conn.subscribe(deliver)
+    seen: bytes | None = None
+
+    def fresh() -> bytes | None:
+        nonlocal seen
+        value = last_value(conn, bucket, key)
+        if value is None or value == seen:
+            return None
+        seen = value
+        return value
+
+    while True:
+        config = {
+            "stream_name": stream,
+            "config": {
+                "deliver_subject": deliver,
+                "filter_subject": wanted,
+                "deliver_policy": "last_per_subject",
+                "ack_policy": "none",
+                "max_deliver": 1,
+                "idle_heartbeat": int(_HEARTBEAT * 1e9),
+                "inactive_threshold": int(_HEARTBEAT * 2e9),
+                "mem_storage": True,
+                "num_replicas": 1,
+            },
+        }
+        answer = json.loads(
+            conn.request(f"$JS.API.CONSUMER.CREATE.{stream}", json.dumps(config).encode(), 10.0)
+        )
+        if not isinstance(answer, dict) or answer.get("error"):
+            error = answer.get("error") if isinstance(answer, dict) else answer
+            raise RequestRejected(f"JetStream refused a watch of {key!r}: {error}")
+        name = str(answer.get("name") or "")
+        try:
+            while True:
+                try:
+                    subject, headers, data = conn.next_message(3 * _HEARTBEAT)
+                except TimeoutError:
+                    break  # neither values nor heartbeats: the consumer is gone; anew
+                if subject not in (deliver, wanted):  # (values keep their own subject)
+                    continue
+                if headers.startswith(b"NATS/1.0 100"):  # quiet: make sure nothing was lost
+                    value = fresh()
+                elif b"KV-Operation" in headers or not data or data == seen:
+                    continue
+                else:
+                    value = seen = data
+                if value is not None:
+                    yield value
+                    if done(value):
+                        return
+        finally:
+            if name:
+                # not waited for (the server drops it anyway once nobody listens); its answer
+                # comes to the request inbox, where it is dropped as a late one
+                with contextlib.suppress(OSError):
+                    conn.sock.sendall(
+                        f"PUB $JS.API.CONSUMER.DELETE.{stream}.{name} {conn._inbox}.0 0\r\n\r\n".encode()
+                    )
+        value = fresh()
+        if value is not None:
+            yield value
+            if done(value):
+                return

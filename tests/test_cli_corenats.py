@@ -102,6 +102,45 @@ def test_no_responders_and_an_unanswered_request_end_clearly(bare: str, echo: st
         assert conn.request(echo, b"still", timeout=10) == b"echo:still"  # the same connection
 
 
+def test_following_a_key_yields_its_value_then_each_newer_one_until_done(bare: str) -> None:
+    """corenats.follow_key (`bacq run --output json` waiting): the key's current value, then
+    the values written after it, in order and none twice, ending with the one that is done."""
+    bucket, values = "follow-test", [b"2", b"3", b"4", b"done"]
+
+    async def put(first: bool) -> None:
+        nc = await nats.connect(bare)
+        try:
+            js = nc.jetstream()
+            if first:
+                kv = await js.create_key_value(bucket=bucket)
+                await kv.put("k", b"1")
+                return
+            kv = await js.key_value(bucket)
+            for value in values:
+                await asyncio.sleep(0.2)
+                await kv.put("k", value)
+        finally:
+            await nc.close()
+
+    asyncio.run(put(first=True))
+    writer = threading.Thread(target=asyncio.run, args=(put(first=False),), daemon=True)
+    with corenats.connect(bare, NatsOptions(role="client"), name="test") as conn:
+        writer.start()
+        got = list(corenats.follow_key(conn, bucket, "k", lambda v: v == b"done"))
+        # the same connection still asks questions
+        assert corenats.last_value(conn, bucket, "k") == b"done"
+        assert corenats.last_value(conn, bucket, "nothing-here") is None
+    writer.join(timeout=30)
+    assert got[-1] == b"done"
+    assert len(got) == len(set(got))
+    assert got == [v for v in [b"1", *values] if v in got]  # in the order written
+    with corenats.connect(bare, NatsOptions(role="client"), name="test") as conn:
+        # a key that is done already: its value, once, at once
+        started = time.monotonic()
+        assert list(corenats.follow_key(conn, bucket, "k", lambda v: v == b"done")) == [b"done"]
+        assert time.monotonic() - started < 5
+
+
 def test_a_submission_through_it_is_a_job_or_the_requester_s_problems(stack: Devstack) -> None:
     url = stack.nats.url
     with _connect(stack) as conn:

@@ -1,6 +1,7 @@
 """What the quick commands load: `bacq version`, `bacq --help` and `bacq run --no-wait` must not
 import the live view, aiohttp, Docker (and version/--help no NATS or pydantic either; run
---no-wait neither nats-py nor asyncio: it submits over bacq.corenats). A check of the module set
+--no-wait, nor run --output json waiting for the job, neither nats-py nor asyncio: they submit
+and follow over bacq.corenats). A check of the module set
 each one leaves in ``sys.modules``, not a timing (start-up times are bench rows)."""
 
 from __future__ import annotations
@@ -95,6 +96,55 @@ def test_run_no_wait_loads_only_what_submission_needs(stack: Devstack, tmp_path:
         }
         & loaded
     )
+
+
+def test_run_waiting_for_json_follows_the_record_over_a_plain_connection(
+    stack: Devstack, tmp_path: Path
+) -> None:
+    """`bacq run --output json` (waiting, for a program) submits and follows the job's record
+    over bacq.corenats too: no nats-py, no pydantic, no live view."""
+    loaded = loaded_by(tmp_path, "run", "--output", "json", *BUSYBOX_TRUE, env=stack.env())
+    assert "bacq.corenats" in loaded
+    unwanted = NEVER | {"rich", "pydantic", "pydantic_core", "nats", "asyncio", "ssl"}
+    assert not packages(loaded) & unwanted, sorted(packages(loaded) & unwanted)
+    assert not {"bacq.render", "bacq.client", "bacq.models", "bacq.spec"} & loaded
+
+
+def test_run_waiting_for_json_prints_the_record_describe_prints_and_its_exit_code(
+    stack: Devstack,
+) -> None:
+    env = {**os.environ, **stack.env()}
+    done = subprocess.run(
+        [
+            *BACQ,
+            "run",
+            "--output",
+            "json",
+            "bacq-test/busybox",
+            "--",
+            "sh",
+            "-c",
+            "echo hi; exit 3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 3, done.stderr  # accepted, the command exited non-zero
+    record = json.loads(done.stdout)
+    assert record["state"] == "accepted"
+    assert record["exit_code"] == 3
+    described = subprocess.run(
+        [*BACQ, "describe", record["id"], "--output", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env=env,
+    )
+    assert json.loads(described.stdout) == record
 
 
 def test_run_no_wait_bad_spec_is_refused_with_each_field(stack: Devstack) -> None:

@@ -331,6 +331,13 @@ def cmd_run(args: argparse.Namespace) -> Any:
         fields = spec_from_run_args(args)
         done = submit_quick(args, fields)
         return submit_raw(args, fields) if done is None else done
+    if target is None and not args.dry_run and args.output in ("json", "yaml"):
+        # waited for, for a program: the same, then the record followed over that connection
+        # to its end and printed as the requester wrote it (no live view, no record model)
+        fields = spec_from_run_args(args)
+        done = follow_quick(args, fields)
+        if done is not None:
+            return done
     return _run(args, target)
 
 
@@ -463,6 +470,67 @@ def submit_quick(args: argparse.Namespace, fields: dict[str, Any]) -> int | None
         )
     print(job_id, flush=True)
     return EXIT_OK
+
+
+def follow_quick(args: argparse.Namespace, fields: dict[str, Any]) -> Any:
+    """``bacq run --output json|yaml`` (waiting) over ``bacq.corenats``: submit ``fields`` as
+    ``submit_quick`` does, follow the job's record (``corenats.follow_key``) to its end, print
+    it. None when the connection needs nats-py; should the connection drop while following, the
+    job is followed on through the client (nats-py, which reconnects)."""
+    import json
+
+    from bacq import corenats, subjects, submission
+    from bacq.auth import NatsOptions
+    from bacq.errors import NatsUnavailable, RequestRejected
+    from bacq.states import JOB_FINAL
+
+    url = nats_url(args)
+    try:
+        conn = corenats.connect(url, NatsOptions.from_env("client"), name="bacq-client")
+    except corenats.Unsupported:
+        return None
+    except NatsUnavailable:
+        from bacq.spec import parse_spec
+
+        parse_spec(fields)  # a bad spec is reported as such (SpecError)
+        raise
+
+    def final(value: bytes) -> bool:
+        record = json.loads(value)
+        return isinstance(record, dict) and record.get("state") in JOB_FINAL
+
+    last: bytes | None = None
+    with conn:
+        job_id = submission.submit_one_quick(
+            conn, url, fields, idempotency_key=args.idempotency_key
+        )
+        try:
+            for value in corenats.follow_key(conn, subjects.JOBS_BUCKET, job_id, final):
+                last = value
+        except KeyboardInterrupt:
+            err().print(
+                f"detached: job {job_id} goes on. Follow it with `bacq logs -f {job_id}`, "
+                f"see it with `bacq describe {job_id}`"
+            )
+            return EXIT_INTERRUPTED
+        except (OSError, ValueError, corenats.NoResponders, RequestRejected):
+            # the connection dropped, JetStream refused the watch, or a record we cannot
+            # read: the client's way (it reconnects, polls, and says what is wrong)
+            last = None
+    if last is None or not final(last):
+        return _follow_with_client(args, job_id)
+    record = json.loads(last)
+    emit(record, args.output)
+    if record.get("state") != "accepted":
+        return EXIT_FAILED
+    return EXIT_COMMAND_FAILED if record.get("exit_code") else EXIT_OK
+
+
+async def _follow_with_client(args: argparse.Namespace, job_id: str) -> int:
+    from bacq.client import Client
+
+    async with await Client.connect(nats_url(args)) as client:
+        return await follow(args, client, job_id)
 
 
 async def submit_raw(args: argparse.Namespace, fields: dict[str, Any]) -> int:
