@@ -7,6 +7,7 @@ build on ``Core`` in that order and ``bacq.requester.service.Requester`` puts th
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import os
 import time
@@ -152,6 +153,11 @@ class Core:
         # the single writer's copy of every unfinished job (watched for deadlines and lost
         # workers); records are changed only through ``mutate``, on a copy, committed first
         self._records: dict[str, JobRecord] = {}
+        # what the watchdog looks at each second, so that it need not read every record: the
+        # jobs running or being verified, and when each queued job's queue_timeout ends (a
+        # heap; an entry whose job has moved on is dropped when its time comes)
+        self._watched: set[str] = set()
+        self._queue_ends: list[tuple[dt.datetime, str]] = []
         self._queue: deque[str] = deque()  # pending jobs waiting for free worker slots, FIFO
         self._wake = asyncio.Event()  # the dispatcher looks at the queue again
         self._bidding: dict[str, list[str]] = {}  # job in bidding → the workers it invited

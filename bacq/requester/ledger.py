@@ -9,7 +9,9 @@ records forward from their events).
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 
 import nats.errors
 import nats.js.errors
@@ -22,7 +24,10 @@ from bacq.models import (
     now,
 )
 from bacq.requester._base import Core, Load, Step, copy_record
-from bacq.states import EXEC_ACTIVE
+from bacq.states import EXEC_ACTIVE, JobState
+
+# the states the watchdog looks at every second (lost workers, deadlines, the verifier's silence)
+WATCHED = frozenset({JobState.RUNNING, JobState.VERIFYING})
 
 
 class Ledger(Core):
@@ -83,6 +88,13 @@ class Ledger(Core):
             self._revisions.pop(job.id, None)
         else:
             self._records[job.id] = job
+        if job.state in WATCHED:
+            self._watched.add(job.id)
+        else:
+            self._watched.discard(job.id)
+        if job.state == JobState.PENDING and seen != JobState.PENDING:
+            ends = job.created_at + timedelta(seconds=job.spec.queue_timeout)
+            heapq.heappush(self._queue_ends, (ends, job.id))
         if self._queue:
             self._wake.set()  # a slot may have freed
 

@@ -142,9 +142,7 @@ class Requester(Intake):
                 asyncio.create_task(self._dispatch()),
             ]
             await self.bus.nc.flush()
-            self.log.info(
-                "service.ready", service="requester", instance=self.lease.holder.instance
-            )
+            self.log.info("service.ready", service="requester", instance=self.lease.holder.instance)
             sdnotify.ready()
             ends += [
                 asyncio.create_task(stop.wait()),

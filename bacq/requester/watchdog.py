@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from functools import partial
 
@@ -18,6 +19,7 @@ from bacq.models import (
 )
 from bacq.requester._base import WATCH_EVERY
 from bacq.requester.dispatch import Dispatch
+from bacq.requester.ledger import WATCHED
 from bacq.requester.record import move_exec, move_job
 from bacq.states import EXEC_ACTIVE, ExecState, JobState
 
@@ -73,23 +75,27 @@ class Watchdog(Dispatch):
                 self.log.warning("watch.failed", error=type(exc).__name__)
 
     async def _check_all(self) -> None:
+        """Queued jobs whose queue_timeout passed (from a heap: only those), then each running
+        or verifying job (a set: bounded by the workers' slots, not by the queue)."""
         t, current = time.monotonic(), now()
         self._wake.set()  # heartbeats may have brought workers (or slots) to the queue
-        for job in list(self._records.values()):
-            if job.state == JobState.PENDING:
-                waited = (current - job.created_at).total_seconds()
-                if waited > job.spec.queue_timeout:
-                    fitting = len(self._fitting(job.spec))
-                    reason = (
-                        f"waited {waited:.0f}s in the queue (queue_timeout "
-                        f"{job.spec.queue_timeout:g}s); {fitting} live worker(s) could run it, "
-                        "all busy"
-                    )
-                    await self.mutate(
-                        job.id, partial(move_job, target=JobState.FAILED, reason=reason)
-                    )
-                continue
-            if job.state not in (JobState.RUNNING, JobState.VERIFYING):
+        while self._queue_ends and self._queue_ends[0][0] < current:
+            _, job_id = heapq.heappop(self._queue_ends)
+            job = self._records.get(job_id)
+            if job is None or job.state != JobState.PENDING:
+                continue  # it moved on (a later entry stands for a later stay in the queue)
+            waited = (current - job.created_at).total_seconds()
+            fitting = len(self._fitting(job.spec))
+            reason = (
+                f"waited {waited:.0f}s in the queue (queue_timeout "
+                f"{job.spec.queue_timeout:g}s); {fitting} live worker(s) could run it, "
+                "all busy"
+            )
+            await self.mutate(job.id, partial(move_job, target=JobState.FAILED, reason=reason))
+        for job_id in list(self._watched):
+            job = self._records.get(job_id)
+            if job is None or job.state not in WATCHED:
+                self._watched.discard(job_id)
                 continue
             for execution in job.executions_in(*EXEC_ACTIVE):
                 node = execution.node_id
