@@ -88,3 +88,38 @@ def test_a_finished_job_frees_its_workers_slot() -> None:
     job.executions["a"].state = ExecState.COMPLETED
     r._keep(job)
     assert r._pick(r._fitting(SPEC), SPEC, 1) == ["a"]
+
+
+def test_the_watchdog_looks_only_at_running_jobs_and_queue_ends_in_order() -> None:
+    """What _check_all reads: the running/verifying jobs (a set) and the queued jobs' queue
+    ends (a heap, earliest first), not every record."""
+    import heapq
+
+    from bacq.states import JobState
+
+    r = requester(node("a"))
+    late = JobRecord(id="late", spec=parse_spec({"image": "x", "queue_timeout": 600}))
+    soon = JobRecord(id="soon", spec=parse_spec({"image": "x", "queue_timeout": 5}))
+    r._keep(late)
+    r._keep(soon)
+    busy = JobRecord(id="busy", spec=SPEC, state=JobState.RUNNING)
+    r._keep(busy)
+    assert r._watched == {"busy"}
+    assert [heapq.heappop(r._queue_ends)[1] for _ in range(2)] == ["soon", "late"]
+    r._keep(busy.model_copy(update={"state": JobState.ACCEPTED}))
+    assert r._watched == set()
+
+
+def test_the_queue_ends_heap_is_rebuilt_when_left_entries_pile_up() -> None:
+    """A job back in the queue (a retry) adds an entry; entries of jobs that moved on are
+    dropped once the heap outgrows twice the records."""
+    from bacq.states import JobState
+
+    r = requester(node("a"))
+    job = JobRecord(id="j", spec=SPEC)
+    for _ in range(3000):
+        r._keep(job)
+        r._keep(job.model_copy(update={"state": JobState.BIDDING}))
+    assert len(r._queue_ends) <= 2 * len(r._records) + 1024 + 1
+    r._keep(job)
+    assert "j" in {entry[1] for entry in r._queue_ends}

@@ -9,6 +9,7 @@ records forward from their events).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import heapq
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -28,6 +29,11 @@ from bacq.states import EXEC_ACTIVE, JobState
 
 # the states the watchdog looks at every second (lost workers, deadlines, the verifier's silence)
 WATCHED = frozenset({JobState.RUNNING, JobState.VERIFYING})
+
+
+def queue_end(job: JobRecord) -> dt.datetime:
+    """When ``job`` has waited its ``queue_timeout`` in the queue (from its submission)."""
+    return job.created_at + timedelta(seconds=job.spec.queue_timeout)
 
 
 class Ledger(Core):
@@ -93,8 +99,16 @@ class Ledger(Core):
         else:
             self._watched.discard(job.id)
         if job.state == JobState.PENDING and seen != JobState.PENDING:
-            ends = job.created_at + timedelta(seconds=job.spec.queue_timeout)
-            heapq.heappush(self._queue_ends, (ends, job.id))
+            heapq.heappush(self._queue_ends, (queue_end(job), job.id))
+            if len(self._queue_ends) > 2 * len(self._records) + 1024:
+                # entries of jobs that left the queue (ended, or back after a retry) stay until
+                # their time comes: with a long queue_timeout and many jobs, start afresh
+                self._queue_ends = [
+                    (queue_end(j), j.id)
+                    for j in self._records.values()
+                    if j.state == JobState.PENDING
+                ]
+                heapq.heapify(self._queue_ends)
         if self._queue:
             self._wake.set()  # a slot may have freed
 
