@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+PULL_EXPIRES = 5.0  # seconds a pull request of a consumer stays open on the server
 # the retention of the streams is in the table of bacq.streams; these names are kept for readers
 STREAM_MAX_AGE = streams.STREAMS[subjects.STREAM].max_age  # seconds kept in the BACQ stream
 EVENTS_MAX_AGE = streams.STREAMS[subjects.EVENTS_STREAM].max_age  # job histories: a year …
@@ -296,19 +298,72 @@ class Bus:
         )
         # created, or updated to this config: a durable's changed config is otherwise ignored
         await again(lambda: self.js.add_consumer(stream, config))
-        sub = await self.js.pull_subscribe_bind(durable, stream=stream)
-        while True:
-            try:
-                msgs = await sub.fetch(batch, timeout=1.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue  # nothing new: fetch raises on an empty batch
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
-                return
-            except nats.errors.Error as exc:
-                log.warning("bus.fetch_failed", consumer=durable, error=str(exc))
-                await asyncio.sleep(1.0)
-                continue
+        async for msgs in self._pull(stream, durable, batch):
             yield msgs
+
+    async def _pull(self, stream: str, durable: str, batch: int) -> AsyncIterator[list[Msg]]:
+        """A pull consumer's messages as they come, in groups of what is already there.
+
+        nats-py's ``fetch(n)`` holds a message that arrives alone until ``n`` came or its pull
+        expired (up to the fetch's timeout: hundreds of ms per hop of a quiet job). Here pull
+        requests stay open (``PULL_EXPIRES``), a new one goes out while half of the last is
+        still to come, and each message is handed on at once with whatever else has arrived."""
+        inbox = self.nc.new_inbox()
+        arrived: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def take(msg: Msg) -> None:
+            arrived.put_nowait(msg)  # (bounded: at most the messages pulled for)
+
+        sub = await self.nc.subscribe(inbox, cb=take)
+        pull = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        request = json.dumps({"batch": batch, "expires": int(PULL_EXPIRES * 1e9)}).encode()
+        wanted = 0  # messages asked for that have not come yet
+        try:
+            while True:
+                if wanted <= batch // 2:
+                    try:
+                        await self.nc.publish(pull, request, reply=inbox)
+                    except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+                        return
+                    except nats.errors.Error as exc:  # (reconnecting, its buffer full)
+                        log.warning("bus.pull_failed", consumer=durable, error=str(exc))
+                        await asyncio.sleep(1.0)
+                        continue
+                    wanted += batch
+                try:
+                    msg = await asyncio.wait_for(arrived.get(), timeout=PULL_EXPIRES + 1.0)
+                except TimeoutError:
+                    wanted = 0  # not even the end of a pull came (lost with a reconnect): anew
+                    continue
+                if self.nc.is_closed:
+                    return
+                msgs: list[Msg] = []
+                while True:
+                    status = (msg.headers or {}).get("Status") if msg.headers else None
+                    if status is None and msg.reply:
+                        msgs.append(msg)
+                        wanted -= 1
+                    elif status in ("404", "408", "409"):
+                        # a pull ended (expired, or the server let it go) with this many of its
+                        # messages never sent
+                        left = (msg.headers or {}).get("Nats-Pending-Messages")
+                        wanted = max(0, wanted - int(left)) if left and left.isdigit() else 0
+                        if status == "409":  # (a leader changed, the consumer went): not at once
+                            why = (msg.headers or {}).get("Description", "")
+                            log.warning("bus.pull_ended", consumer=durable, why=why[:200])
+                            await asyncio.sleep(1.0 if "delete" in why.lower() else 0.1)
+                    elif status == "503":  # no such consumer (yet), or JetStream away
+                        log.warning("bus.pull_failed", consumer=durable, error="no responders")
+                        await asyncio.sleep(1.0)
+                        wanted = 0
+                    if len(msgs) >= batch or arrived.empty():
+                        break
+                    msg = arrived.get_nowait()
+                if msgs:
+                    yield msgs
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def read_dead_letters(self, *, last: int = 50) -> list[DeadLetter]:
         """The ``last`` messages of the BACQ_DEAD stream, oldest first (``bacq events
