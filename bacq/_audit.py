@@ -30,7 +30,6 @@ from bacq.signing import (
 __all__ = ["cmd_cancel", "cmd_events", "cmd_history"]
 
 
-
 def _what(event: Event) -> str:
     if event.kind == "execution":
         return f"{event.node_id}: {event.state}"

@@ -424,10 +424,9 @@ def follow_key(
             if name:
                 # not waited for (the server drops it anyway once nobody listens); its answer
                 # comes to the request inbox, where it is dropped as a late one
+                delete = f"$JS.API.CONSUMER.DELETE.{stream}.{name}"
                 with contextlib.suppress(OSError):
-                    conn.sock.sendall(
-                        f"PUB $JS.API.CONSUMER.DELETE.{stream}.{name} {conn._inbox}.0 0\r\n\r\n".encode()
-                    )
+                    conn.sock.sendall(f"PUB {delete} {conn._inbox}.0 0\r\n\r\n".encode())
         value = fresh()
         if value is not None:
             yield value

@@ -36,9 +36,7 @@ PASSWORDS = {
     user: f"{user}-secret-{os.getpid()}"
     for user in ("client", "requester", "verifier", *EXAMPLE_NODES)
 }
-SERVER_ENV = {
-    password_var(user, node=user in EXAMPLE_NODES): pw for user, pw in PASSWORDS.items()
-}
+SERVER_ENV = {password_var(user, node=user in EXAMPLE_NODES): pw for user, pw in PASSWORDS.items()}
 
 
 def role_env(role: str) -> dict[str, str]:
