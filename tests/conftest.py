@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from bacq.client import Client
-from bacq.devstack import Devstack
+from bacq.devstack import Devstack, NatsServer
 from bacq.storage import Storage
 
 TESTS = Path(__file__).parent
@@ -35,6 +35,7 @@ DEVSTACK_FIXTURES = frozenset(
         "client",
         "storage",
         "nats_server",
+        "bare_nats",
         "nats_with",
         "cluster",
         "machine",
@@ -68,6 +69,18 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Devstack]:
         yield devstack
     finally:
         devstack.stop()
+
+
+@pytest.fixture(scope="module")
+def bare_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A nats-server of its own (JetStream on) without users, any subject allowed: its URL."""
+    where = tmp_path_factory.mktemp("bare-nats")
+    server = NatsServer(where / "store", where / "nats-server.log")
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -5,32 +5,24 @@ expires; a burst comes in groups; a pull that expires is renewed; nothing is los
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+import contextlib
+from collections.abc import AsyncIterator
 
+import nats.js.errors
 import pytest
 
 from bacq import bus as bus_module
 from bacq.bus import Bus
-from bacq.devstack import NatsServer
 
 STREAM, SUBJECTS = "PULLTEST", "pulltest.>"
 
 
 @pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[str]:
-    server = NatsServer(tmp_path / "store", tmp_path / "nats-server.log")
-    server.start()
+async def bus(bare_nats: str) -> AsyncIterator[Bus]:
+    connected = await Bus.connect(bare_nats, name="pull-test")
     try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def bus(nats_server: str) -> AsyncIterator[Bus]:
-    connected = await Bus.connect(nats_server, name="pull-test")
-    try:
+        with contextlib.suppress(nats.js.errors.NotFoundError):  # (the server is the module's)
+            await connected.js.delete_stream(STREAM)
         await connected.js.add_stream(name=STREAM, subjects=[SUBJECTS])
         yield connected
     finally:

@@ -18,26 +18,14 @@ from nats.aio.msg import Msg
 
 from bacq import corenats, submission
 from bacq.auth import NatsOptions
-from bacq.devstack import Devstack, NatsServer
+from bacq.devstack import Devstack
 from bacq.errors import NatsUnavailable, RequestRejected, SpecError
 
 DEVSTACK = {"workers": 0, "kubo_nodes": 1}
 
 
-@pytest.fixture(scope="module")
-def bare(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A nats-server of its own without users (any subject): its URL."""
-    where = tmp_path_factory.mktemp("bare-nats")
-    server = NatsServer(where / "store", where / "nats-server.log")
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-def echo(bare: str) -> Iterator[str]:
+def echo(bare_nats: str) -> Iterator[str]:
     """A responder (nats-py, in a thread of its own) on the bare server: it echoes what it
     gets, and answers ``slow`` never."""
     subject = "corenats.echo"
@@ -45,7 +33,7 @@ def echo(bare: str) -> Iterator[str]:
     stop = threading.Event()
 
     async def serve() -> None:
-        nc = await nats.connect(bare)
+        nc = await nats.connect(bare_nats)
 
         async def answer(msg: Msg) -> None:
             if msg.data != b"slow":
@@ -72,8 +60,8 @@ def _connect(stack: Devstack, **changes: object) -> corenats.Connection:
     return corenats.connect(stack.nats.url, options, name="test")
 
 
-def test_a_request_gets_its_reply_and_a_large_one_too(bare: str, echo: str) -> None:
-    with corenats.connect(bare, NatsOptions(role="client"), name="test") as conn:
+def test_a_request_gets_its_reply_and_a_large_one_too(bare_nats: str, echo: str) -> None:
+    with corenats.connect(bare_nats, NatsOptions(role="client"), name="test") as conn:
         assert conn.request(echo, b"hello", timeout=10) == b"echo:hello"
         big = bytes(range(256)) * 2000  # 512 KB, in many reads
         assert conn.request(echo, big, timeout=10) == b"echo:" + big
@@ -81,18 +69,18 @@ def test_a_request_gets_its_reply_and_a_large_one_too(bare: str, echo: str) -> N
             conn.request(echo, b"x" * (conn.max_payload + 1), timeout=10)
 
 
-def test_no_responders_and_an_unanswered_request_end_clearly(bare: str, echo: str) -> None:
-    with corenats.connect(bare, NatsOptions(role="client"), name="test") as conn:
+def test_no_responders_and_an_unanswered_request_end_clearly(bare_nats: str, echo: str) -> None:
+    with corenats.connect(bare_nats, NatsOptions(role="client"), name="test") as conn:
         with pytest.raises(corenats.NoResponders):
             conn.request("nobody.here", b"x", timeout=10)
         started = time.monotonic()
         with pytest.raises(RequestRejected, match=r"did not answer 2 times in 0\.5s"):
-            corenats.request(conn, bare, echo, b"slow", timeout=0.5, attempts=2)
+            corenats.request(conn, bare_nats, echo, b"slow", timeout=0.5, attempts=2)
         assert time.monotonic() - started < 10
         with pytest.raises(RequestRejected, match="no requester answers submissions"):
             corenats.request(
                 conn,
-                bare,
+                bare_nats,
                 "nobody.here",
                 b"x",
                 timeout=5,
@@ -102,13 +90,13 @@ def test_no_responders_and_an_unanswered_request_end_clearly(bare: str, echo: st
         assert conn.request(echo, b"still", timeout=10) == b"echo:still"  # the same connection
 
 
-def test_following_a_key_yields_its_value_then_each_newer_one_until_done(bare: str) -> None:
+def test_following_a_key_yields_its_value_then_each_newer_one_until_done(bare_nats: str) -> None:
     """corenats.follow_key (`bacq run --output json` waiting): the key's current value, then
     the values written after it, in order and none twice, ending with the one that is done."""
     bucket, values = "follow-test", [b"2", b"3", b"4", b"done"]
 
     async def put(first: bool) -> None:
-        nc = await nats.connect(bare)
+        nc = await nats.connect(bare_nats)
         try:
             js = nc.jetstream()
             if first:
@@ -124,7 +112,7 @@ def test_following_a_key_yields_its_value_then_each_newer_one_until_done(bare: s
 
     asyncio.run(put(first=True))
     writer = threading.Thread(target=asyncio.run, args=(put(first=False),), daemon=True)
-    with corenats.connect(bare, NatsOptions(role="client"), name="test") as conn:
+    with corenats.connect(bare_nats, NatsOptions(role="client"), name="test") as conn:
         writer.start()
         got = list(corenats.follow_key(conn, bucket, "k", lambda v: v == b"done"))
         # the same connection still asks questions
@@ -134,7 +122,7 @@ def test_following_a_key_yields_its_value_then_each_newer_one_until_done(bare: s
     assert got[-1] == b"done"
     assert len(got) == len(set(got))
     assert got == [v for v in [b"1", *values] if v in got]  # in the order written
-    with corenats.connect(bare, NatsOptions(role="client"), name="test") as conn:
+    with corenats.connect(bare_nats, NatsOptions(role="client"), name="test") as conn:
         # a key that is done already: its value, once, at once
         started = time.monotonic()
         assert list(corenats.follow_key(conn, bucket, "k", lambda v: v == b"done")) == [b"done"]

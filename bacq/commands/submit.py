@@ -34,6 +34,7 @@ from bacq.commands.common import (
 )
 
 if TYPE_CHECKING:
+    from bacq.corenats import Connection
     from bacq.jobfile import FileProblem, JobsFile
     from bacq.models import JobRecord
     from bacq.spec import JobSpec
@@ -447,23 +448,33 @@ async def _output_tails_storage(
         await storage.close()
 
 
-def submit_quick(args: argparse.Namespace, fields: dict[str, Any]) -> int | None:
-    """``submit_raw`` over ``bacq.corenats``; None when the connection needs nats-py (TLS,
-    creds, nkeys)."""
-    from bacq import corenats, submission
+def _quick_connection(args: argparse.Namespace, fields: dict[str, Any]) -> Connection | None:
+    """The client's connection over ``bacq.corenats``, or None when it needs nats-py (TLS,
+    creds, nkeys). Should NATS be out of reach, ``fields`` is checked first, so that a bad spec
+    is reported as such (SpecError) rather than as the connection's failure."""
+    from bacq import corenats
     from bacq.auth import NatsOptions
     from bacq.errors import NatsUnavailable
 
-    url = nats_url(args)
     try:
-        conn = corenats.connect(url, NatsOptions.from_env("client"), name="bacq-client")
+        return corenats.connect(nats_url(args), NatsOptions.from_env("client"), name="bacq-client")
     except corenats.Unsupported:
         return None
     except NatsUnavailable:
         from bacq.spec import parse_spec
 
-        parse_spec(fields)  # a bad spec is reported as such (SpecError)
+        parse_spec(fields)
         raise
+
+
+def submit_quick(args: argparse.Namespace, fields: dict[str, Any]) -> int | None:
+    """``submit_raw`` over ``bacq.corenats``; None when the connection needs nats-py."""
+    from bacq import submission
+
+    url = nats_url(args)
+    conn = _quick_connection(args, fields)
+    if conn is None:
+        return None
     with conn:
         job_id = submission.submit_one_quick(
             conn, url, fields, idempotency_key=args.idempotency_key
@@ -480,20 +491,13 @@ def follow_quick(args: argparse.Namespace, fields: dict[str, Any]) -> Any:
     import json
 
     from bacq import corenats, subjects, submission
-    from bacq.auth import NatsOptions
-    from bacq.errors import NatsUnavailable, RequestRejected
+    from bacq.errors import RequestRejected
     from bacq.states import JOB_FINAL
 
     url = nats_url(args)
-    try:
-        conn = corenats.connect(url, NatsOptions.from_env("client"), name="bacq-client")
-    except corenats.Unsupported:
+    conn = _quick_connection(args, fields)
+    if conn is None:
         return None
-    except NatsUnavailable:
-        from bacq.spec import parse_spec
-
-        parse_spec(fields)  # a bad spec is reported as such (SpecError)
-        raise
 
     def final(value: bytes) -> bool:
         record = json.loads(value)
