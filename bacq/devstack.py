@@ -147,10 +147,12 @@ def remove_containers(work_dirs: list[Path]) -> list[str]:
     try:
         for work_dir in work_dirs:
             label = f"bacq.work_dir={work_dir.resolve()}"
-            for container in client.containers.list(all=True, filters={"label": label}):
+            # sparse: no inspection of each (one its worker removes meanwhile would fail it)
+            found = client.containers.list(all=True, sparse=True, filters={"label": label})
+            for container in found:
                 with contextlib.suppress(docker.errors.NotFound):
                     container.remove(force=True)
-                removed.append(container.name or container.id or "?")
+                removed.append(str((container.attrs.get("Names") or [container.id])[0]).lstrip("/"))
     except docker.errors.DockerException as exc:
         log.warning("devstack.containers_not_removed", error=str(exc))
     finally:

@@ -28,10 +28,12 @@ from tests.scenarios import BUSYBOX
 def _containers(work_dir: Path) -> list[str]:
     client = docker.from_env()
     try:
+        # sparse: the listing alone, no inspection of each (a container removed between the
+        # two would fail the inspection)
         found = client.containers.list(
-            all=True, filters={"label": f"bacq.work_dir={work_dir.resolve()}"}
+            all=True, sparse=True, filters={"label": f"bacq.work_dir={work_dir.resolve()}"}
         )
-        return [c.name or "" for c in found]
+        return [str((c.attrs.get("Names") or ["?"])[0]).lstrip("/") for c in found]
     finally:
         client.close()
 

@@ -321,13 +321,15 @@ class DockerExecutor:
         "This worker" is its node id *and* its work directory: another worker with the same id
         on the same Docker daemon (a second devstack, a test) keeps its running containers."""
         removed = []
+        # sparse: no inspection of each (one removed meanwhile would fail it)
         leftovers = self._docker.containers.list(
             all=True,
+            sparse=True,
             filters={"label": [f"bacq.node={node_id}", f"bacq.work_dir={work_dir}"]},
         )
         for container in leftovers:
             self._remove(container)
-            removed.append(container.name or container.id or "?")
+            removed.append(str((container.attrs.get("Names") or [container.id])[0]).lstrip("/"))
         return removed
 
     def close(self) -> None:
