@@ -142,6 +142,12 @@ async def test_hijacked_message_ids_erase_no_result_and_no_verdict(
         hostile_connection(stack, "w3") as nc,
     ):
         job_id = await client.submit(DETERMINISTIC)
+        # the job assigned first: the 17 malformed messages below get w3 quarantined (as they
+        # should), which would keep it out of the bidding had they come before its bid
+        deadline = asyncio.get_running_loop().time() + 60
+        while (await client.job(job_id)).state in (JobState.PENDING, JobState.BIDDING):
+            assert asyncio.get_running_loop().time() < deadline, "the job was never assigned"
+            await asyncio.sleep(0.01)
         # every id bacq used to use, taken first on the attacker's own subject
         ids = [f"verdict.{job_id}"] + [
             f"{kind}.{job_id}.{node}{suffix}"
