@@ -339,17 +339,18 @@ class Bus:
                     return
                 msgs: list[Msg] = []
                 while True:
-                    status = (msg.headers or {}).get("Status") if msg.headers else None
+                    headers = msg.headers or {}
+                    status = headers.get("Status")
                     if status is None and msg.reply:
                         msgs.append(msg)
                         wanted -= 1
                     elif status in ("404", "408", "409"):
                         # a pull ended (expired, or the server let it go) with this many of its
                         # messages never sent
-                        left = (msg.headers or {}).get("Nats-Pending-Messages")
+                        left = headers.get("Nats-Pending-Messages")
                         wanted = max(0, wanted - int(left)) if left and left.isdigit() else 0
                         if status == "409":  # (a leader changed, the consumer went): not at once
-                            why = (msg.headers or {}).get("Description", "")
+                            why = headers.get("Description", "")
                             log.warning("bus.pull_ended", consumer=durable, why=why[:200])
                             await asyncio.sleep(1.0 if "delete" in why.lower() else 0.1)
                     elif status == "503":  # no such consumer (yet), or JetStream away

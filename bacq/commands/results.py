@@ -267,7 +267,6 @@ def _job_record(args: argparse.Namespace) -> dict[str, Any] | None:
     """The job record of exactly ``args.job_id`` as plain JSON (JetStream's message get, a core
     NATS request over ``bacq.corenats``: no JetStream context, no record model), or None when
     there is no such key (the caller then tries it as a prefix) or nats-py must do it."""
-    import base64
     import json
 
     from bacq import corenats, subjects
@@ -277,24 +276,16 @@ def _job_record(args: argparse.Namespace) -> dict[str, Any] | None:
     if not job_id or any(c in job_id for c in " .*>\t\r\n"):
         return None  # not a key: the client's path says what is wrong
     url = nats_url(args)
-    bucket = subjects.JOBS_BUCKET
     try:
         with corenats.connect(url, NatsOptions.from_env("client"), name="bacq-client") as conn:
-            data = conn.request(
-                f"$JS.API.STREAM.MSG.GET.KV_{bucket}",
-                json.dumps({"last_by_subj": f"$KV.{bucket}.{job_id}"}).encode(),
-                timeout=10.0,
-            )
+            value = corenats.last_value(conn, subjects.JOBS_BUCKET, job_id)
     except (corenats.Unsupported, corenats.NoResponders, OSError):
         return None  # the client's path (nats-py) answers, or says what is wrong
+    if value is None:
+        return None
     try:
-        message = json.loads(data).get("message") or {}
-        headers = base64.b64decode(message.get("hdrs") or "")
-        value = base64.b64decode(message.get("data") or "")
-        if b"KV-Operation" in headers or not value:  # deleted or purged
-            return None
         record = json.loads(value)
-    except (ValueError, TypeError, AttributeError):
+    except ValueError:
         return None
     return record if isinstance(record, dict) and record.get("id") == job_id else None
 
