@@ -14,10 +14,11 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
+import functools
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -37,6 +38,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from bacq import streams, subjects
+from bacq._jspublish import AckInbox
 from bacq.auth import NatsOptions
 from bacq.errors import Fenced, NatsUnavailable
 from bacq.events import Event, decode_events, encode_events
@@ -72,6 +74,10 @@ PING_INTERVAL = 5
 MSG_ID_IN_PROCESS = 10158  # JetStream: "duplicate message id is in process" (a retry too soon)
 MAX_OUTSTANDING_PINGS = 3
 
+JS_PUBLISH_TIMEOUT = 5.0  # seconds for a JetStream publish's acknowledgement (nats-py's default)
+WRONG_LAST_SEQUENCE = (10071, 10164)  # a key-value compare-and-set found another revision
+EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+JOBS_KEY = f"$KV.{subjects.JOBS_BUCKET}."  # the subject of a job record is JOBS_KEY + job id
 JS_RETRY_FOR = 30.0  # seconds a job-record read/write retries while JetStream is away (failover)
 # the server or the stream's leader is away (restart, network, a cluster electing a new leader)
 TRANSIENT = (
@@ -102,6 +108,7 @@ class Bus:
         self.name = ""
         self.options = NatsOptions()
         self.dead_letters: collections.Counter[str] = collections.Counter()  # per consumer
+        self.acks = AckInbox(nc)  # JetStream publishes: acknowledgements on one inbox
 
     @classmethod
     async def connect(
@@ -229,30 +236,49 @@ class Bus:
         expected; on the first attempt it means someone else used the id (ids must be
         unguessable: see ``new_nonce``), and it is logged as an error."""
         data = message if isinstance(message, bytes) else encode(message)
+        return (await self.publish_durable_many([(subject, data, msg_id)]))[0]
+
+    async def publish_durable_many(self, messages: Sequence[tuple[str, bytes, str]]) -> list[bool]:
+        """``publish_durable`` of many (subject, data, msg_id) at once: published back to back,
+        one wait for all their acknowledgements; those not stored are published again (same
+        ids) until they are. One False per message the stream already held."""
+        stored = [False] * len(messages)
+        todo = list(range(len(messages)))
         delay = 0.2
         first = True
-        while True:
-            try:
-                ack = await self.js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
-            except (*TRANSIENT, nats.js.errors.APIError) as exc:
-                # the server is away (restart, network), or our earlier try with this id is
-                # still being stored (409, err_code 10158): keep the message and try again
-                if (
-                    isinstance(exc, nats.js.errors.APIError)
-                    and not isinstance(exc, TRANSIENT)
-                    and exc.err_code != MSG_ID_IN_PROCESS
-                ):
-                    raise
-                log.warning("bus.publish_retry", subject=subject, error=type(exc).__name__)
+        while todo:
+            acks = await self.acks.publish_many(
+                [(messages[i][0], messages[i][1], {"Nats-Msg-Id": messages[i][2]}) for i in todo],
+                timeout=JS_PUBLISH_TIMEOUT,
+            )
+            retry: list[int] = []
+            for i, ack in zip(todo, acks, strict=True):
+                try:
+                    ack.raise_for()
+                except (*TRANSIENT, nats.js.errors.APIError) as exc:
+                    # the server is away (restart, network), or our earlier try with this id is
+                    # still being stored (409, err_code 10158): keep the message and try again
+                    if (
+                        isinstance(exc, nats.js.errors.APIError)
+                        and not isinstance(exc, TRANSIENT)
+                        and exc.err_code != MSG_ID_IN_PROCESS
+                    ):
+                        raise
+                    retry.append(i)
+                    continue
+                stored[i] = not ack.duplicate
+                if ack.duplicate:
+                    subject, _, msg_id = messages[i]
+                    (log.error if first else log.debug)(
+                        "bus.duplicate_msg_id", subject=subject, msg_id=msg_id, first_attempt=first
+                    )
+            if retry:
+                log.warning("bus.publish_retry", subject=messages[retry[0]][0], messages=len(retry))
                 first = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-                continue
-            if ack.duplicate:
-                (log.error if first else log.debug)(
-                    "bus.duplicate_msg_id", subject=subject, msg_id=msg_id, first_attempt=first
-                )
-            return not ack.duplicate
+            todo = retry
+        return stored
 
     async def dead_letter(self, msg: Msg, consumer: str, reason: str) -> None:
         """Give up on ``msg``: keep a copy (at most ``DEAD_KEEP`` bytes of it) with the reason in
@@ -409,15 +435,11 @@ class Bus:
     async def publish_events(self, events: list[Event]) -> None:
         """Publish one commit's events (one job's, in seq order) as one message: one round trip
         however many changes the commit holds. A retry is stored once (dedup by the seq range)."""
-        if not events:
-            return
-        first, last = events[0], events[-1]
-        await self.publish_durable(
-            subjects.events(first.job_id),
-            encode_events(events),
-            msg_id=f"ev.{first.job_id}.{first.seq}"
-            + (f"-{last.seq}" if last.seq != first.seq else ""),
-        )
+        await self.publish_events_many([events])
+
+    async def publish_events_many(self, commits: Sequence[list[Event]]) -> None:
+        """``publish_events`` of many commits (of different jobs) at once: one wait for all."""
+        await self.publish_durable_many([_events_message(events) for events in commits if events])
 
     async def replay_events(
         self,
@@ -502,29 +524,77 @@ class Bus:
         not exist yet) the write is a compare-and-set: if someone else wrote the record since,
         ``Fenced`` is raised and nothing is written (a deposed requester cannot overwrite the
         decisions of the one that replaced it)."""
-        data = encode(job)
+        return (await self.save_jobs([(job, revision)]))[0]
 
-        async def put() -> int:
-            if revision is None:
-                return int(await self.jobs.put(job.id, data))
-            try:
-                if revision == 0:
-                    return int(await self.jobs.create(job.id, data))
-                return int(await self.jobs.update(job.id, data, last=revision))
-            except nats.js.errors.KeyWrongLastSequenceError:
-                # our own write whose acknowledgement was lost (then retried) is no conflict
+    async def save_jobs(self, writes: Sequence[tuple[JobRecord, int | None]]) -> list[int]:
+        """``save_job`` of many records at once (one wait for all their acknowledgements);
+        their new revisions. ``Fenced`` when any was written by someone else since (the others
+        are written); while JetStream is away, retried for ``JS_RETRY_FOR`` seconds."""
+        data = [encode(job) for job, _ in writes]
+        revisions = [0] * len(writes)
+        todo = list(range(len(writes)))
+        deadline = asyncio.get_running_loop().time() + JS_RETRY_FOR
+        delay = 0.2
+        conflicts: list[int] = []
+        while todo:
+            acks = await self.acks.publish_many(
+                [
+                    (
+                        JOBS_KEY + writes[i][0].id,
+                        data[i],
+                        None if writes[i][1] is None else {EXPECTED_LAST: str(writes[i][1])},
+                    )
+                    for i in todo
+                ],
+                timeout=JS_PUBLISH_TIMEOUT,
+            )
+            retry: list[int] = []
+            failure: Exception = nats.errors.TimeoutError()
+            for i, ack in zip(todo, acks, strict=True):
                 try:
-                    entry = await self.jobs.get(job.id)
-                except nats.js.errors.KeyNotFoundError:
-                    entry = None
-                if entry is not None and entry.value == data:
-                    return int(entry.revision or 0)
+                    ack.raise_for()
+                except TRANSIENT as exc:
+                    retry.append(i)
+                    failure = exc
+                    continue
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code not in WRONG_LAST_SEQUENCE:
+                        raise
+                    conflicts.append(i)
+                    continue
+                revisions[i] = ack.seq
+            if retry:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise failure
+                log.warning("bus.retry", error=type(failure).__name__, records=len(retry))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            todo = retry
+        for i in conflicts:
+            # our own write whose acknowledgement was lost (then retried) is no conflict
+            job = writes[i][0]
+            entry = await again(functools.partial(self._entry, job.id))
+            if entry is None or entry.value != data[i]:
                 raise Fenced(
-                    f"job {job.id} was written by someone else since revision {revision}: "
+                    f"job {job.id} was written by someone else since revision {writes[i][1]}: "
                     "another requester is active"
-                ) from None
+                )
+            revisions[i] = int(entry.revision or 0)
+        return revisions
 
-        return await again(put)
+    async def put_value(self, bucket: str, key: str, value: bytes) -> int:
+        """Put ``value`` under ``key`` in ``bucket`` (as ``KeyValue.put``); its revision."""
+        ack = await self.acks.publish(
+            f"$KV.{bucket}.{key}", value, None, timeout=JS_PUBLISH_TIMEOUT
+        )
+        ack.raise_for()
+        return ack.seq
+
+    async def _entry(self, key: str) -> KeyValue.Entry | None:
+        try:
+            return await self.jobs.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
 
     async def job_ids(self) -> list[str]:
         async def keys() -> list[str]:
@@ -546,6 +616,13 @@ class DeadLetter:
     subject: str
     reason: str
     data: bytes
+
+
+def _events_message(events: list[Event]) -> tuple[str, bytes, str]:
+    """One commit's events as (subject, data, Nats-Msg-Id): a retry is stored once."""
+    first, last = events[0], events[-1]
+    msg_id = f"ev.{first.job_id}.{first.seq}" + (f"-{last.seq}" if last.seq != first.seq else "")
+    return subjects.events(first.job_id), encode_events(events), msg_id
 
 
 def new_nonce() -> str:

@@ -7,8 +7,9 @@ with PyYAML's node tree (JSON is read by the same parser), so every value keeps 
 
 A file may also hold many jobs (``load_jobs_file``): a YAML list of job mappings, several YAML
 documents (``---`` between them), or JSON lines (one job object per line). Each problem then
-also names the job (``index``, from 0 in file order). Many jobs are read with libyaml when PyYAML
-has it, and the node tree (for line numbers) is built only when a job has a problem.
+also names the job (``index``, from 0 in file order). Many jobs are read from libyaml's events
+when PyYAML has it (``bacq._fastyaml``), and the node tree (for line numbers) is built only when a
+job has a problem.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from bacq import _fastyaml
 from bacq.errors import BacqError, SpecError
 from bacq.spec import JobSpec, parse_spec
 
@@ -250,7 +252,10 @@ def _json_lines(text: str, source: str) -> tuple[list[Any], list[int]]:
 
 def _yaml_documents(text: str, source: str) -> list[Any]:
     try:
-        return list(yaml.load_all(text, Loader=_FAST_LOADER))
+        try:
+            return _fastyaml.load_all(text)  # plain YAML, read from libyaml's events
+        except _fastyaml.Unusual:
+            return list(yaml.load_all(text, Loader=_FAST_LOADER))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = None if mark is None else mark.line + 1

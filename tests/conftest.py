@@ -13,6 +13,7 @@ uses a fixture that starts real components (or says so with the marker), else ``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import nats.js.errors
 import pytest
 
+from bacq.bus import Bus
 from bacq.client import Client
 from bacq.devstack import Devstack, NatsServer
 from bacq.storage import Storage
@@ -81,6 +84,21 @@ def bare_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def scratch_bus(bare_nats: str, request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
+    """A requester's Bus on ``bare_nats`` with an empty stream of the test module's own:
+    ``STREAM`` (its name) and ``SUBJECTS`` (its subjects) at the module's top level."""
+    stream, subjects = request.module.STREAM, request.module.SUBJECTS
+    connected = await Bus.connect(bare_nats, name=f"bacq-requester-{stream.lower()}")
+    try:
+        with contextlib.suppress(nats.js.errors.NotFoundError):  # (the server is the module's)
+            await connected.js.delete_stream(stream)
+        await connected.js.add_stream(name=stream, subjects=[subjects])
+        yield connected
+    finally:
+        await connected.close()
 
 
 @pytest.fixture

@@ -5,10 +5,7 @@ expires; a burst comes in groups; a pull that expires is renewed; nothing is los
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
-import nats.js.errors
 import pytest
 
 from bacq import bus as bus_module
@@ -18,15 +15,8 @@ STREAM, SUBJECTS = "PULLTEST", "pulltest.>"
 
 
 @pytest.fixture
-async def bus(bare_nats: str) -> AsyncIterator[Bus]:
-    connected = await Bus.connect(bare_nats, name="pull-test")
-    try:
-        with contextlib.suppress(nats.js.errors.NotFoundError):  # (the server is the module's)
-            await connected.js.delete_stream(STREAM)
-        await connected.js.add_stream(name=STREAM, subjects=[SUBJECTS])
-        yield connected
-    finally:
-        await connected.close()
+def bus(scratch_bus: Bus) -> Bus:
+    return scratch_bus
 
 
 async def test_a_lone_message_is_handed_on_at_once_and_a_burst_in_groups(

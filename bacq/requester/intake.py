@@ -84,11 +84,11 @@ class Intake(Folding):
             except ValueError as exc:
                 await msg.respond(encode(SubmitManyReply(error=str(exc))))
                 return
-        replies = await asyncio.gather(
-            *(
-                self._accept(spec, key, job_id=job_id, again=again)
+        replies = await self._accept_many(
+            [
+                (spec, key, job_id, again)
                 for spec, key, job_id in zip(request.specs, keys, ids, strict=True)
-            )
+            ]
         )
         await msg.respond(encode(SubmitManyReply(results=[reply for reply, _ in replies])))
         for reply, new in replies:
@@ -115,38 +115,76 @@ class Intake(Folding):
             )
         return [str(i) for i in known], True
 
-    async def _accept(
-        self,
-        raw: dict[str, object],
-        key: str | None,
-        *,
-        job_id: str | None = None,
-        again: bool = False,
-    ) -> tuple[SubmitReply, bool]:
-        """Record one submitted spec as a new pending job (or find the job its key made).
-        ``job_id``: the id to give it; ``again``: a retried batch, whose first attempt may have
-        recorded it already (or died half-way: its events are folded into the record). Also
+    async def _accept(self, raw: dict[str, object], key: str | None) -> tuple[SubmitReply, bool]:
+        """Record one submitted spec as a new pending job (or find the job its key made); also
         returns whether the job was recorded now (and is to be queued)."""
+        return (await self._accept_many([(raw, key, None, False)]))[0]
+
+    async def _accept_many(
+        self, submitted: list[tuple[dict[str, object], str | None, str | None, bool]]
+    ) -> list[tuple[SubmitReply, bool]]:
+        """Record submitted specs (each with its idempotency key, the job id to give it or None,
+        and whether a retried batch's first attempt may have recorded it already) as new pending
+        jobs, all committed at once (``Ledger._commit_many``: two JetStream waits for the lot).
+        Returns, per spec, its reply and whether its job was recorded now (and is to be queued).
+        """
+        found: list[JobRecord | SubmitReply] = []
+        waits: list[int] = []  # specs that need a look at JetStream first (keys, a retry)
+        for index, (raw, key, job_id, again) in enumerate(submitted):
+            if key or (again and job_id is not None):
+                waits.append(index)
+                found.append(SubmitReply())  # (replaced below)
+            else:
+                found.append(self._new_record(raw, None, job_id))
+        if waits:
+            looked = await asyncio.gather(*(self._prepare(*submitted[i]) for i in waits))
+            for index, outcome in zip(waits, looked, strict=True):
+                found[index] = outcome
+        fresh = [job for job in found if isinstance(job, JobRecord)]
+        if fresh:
+            await self._commit_many(
+                [(job, diff(None, job, actor="client"), job.last_hash) for job in fresh]
+            )
+            for job in fresh:
+                self._keep(job)
+            if len(fresh) == 1:
+                self.log.info("job.submitted", job=fresh[0].id, image=fresh[0].spec.image)
+            else:
+                self.log.info("jobs.submitted", count=len(fresh), jobs=[job.id for job in fresh])
+            await asyncio.gather(*(self._known_answer(job) for job in fresh))
+        return [
+            (SubmitReply(job_id=job.id), True) if isinstance(job, JobRecord) else (job, False)
+            for job in found
+        ]
+
+    async def _prepare(
+        self, raw: dict[str, object], key: str | None, job_id: str | None, again: bool
+    ) -> JobRecord | SubmitReply:
+        """The new job record of a submitted spec, or the reply when there is none to make: its
+        problems, or the job its idempotency key (or a batch's first attempt) made already."""
         if again and job_id is not None and await self._recorded(job_id, key):
-            return SubmitReply(job_id=job_id), False
+            return SubmitReply(job_id=job_id)
+        job = self._new_record(raw, key, job_id)
+        if key and isinstance(job, JobRecord):
+            existing = await self._claim_key(key, job.id)
+            if existing is not None:
+                self.log.info("job.duplicate_submission", job=existing)
+                return SubmitReply(job_id=existing)
+        return job
+
+    @staticmethod
+    def _new_record(
+        raw: dict[str, object], key: str | None, job_id: str | None
+    ) -> JobRecord | SubmitReply:
+        """A new job record of a submitted spec, or the reply naming its problems."""
         try:
             spec = parse_spec(raw)
         except SpecError as exc:
             problems = [Problem(field=f, message=m) for f, m in exc.problems]
-            return SubmitReply(error=str(exc), problems=problems), False
+            return SubmitReply(error=str(exc), problems=problems)
         except ValueError as exc:
-            return SubmitReply(error=f"malformed submission: {exc}"), False
-        job = JobRecord(id=job_id or new_job_id(), spec=spec, idempotency_key=key)
-        if key:
-            existing = await self._claim_key(key, job.id)
-            if existing is not None:
-                self.log.info("job.duplicate_submission", job=existing)
-                return SubmitReply(job_id=existing), False
-        await self._commit(job, diff(None, job, actor="client"), job.last_hash)
-        self._keep(job)
-        self.log.info("job.submitted", job=job.id, image=spec.image)
-        await self._known_answer(job)
-        return SubmitReply(job_id=job.id), True
+            return SubmitReply(error=f"malformed submission: {exc}")
+        return JobRecord(id=job_id or new_job_id(), spec=spec, idempotency_key=key)
 
     async def _known_answer(self, job: JobRecord) -> None:
         """Answer a deterministic job from an accepted equal one, if there is one."""

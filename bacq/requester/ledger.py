@@ -43,20 +43,28 @@ class Ledger(Core):
 
         Fenced: a requester whose lease has run out writes nothing, and one whose record was
         changed by another (the one that replaced it) stops (``self.fenced``)."""
+        await self._commit_many([(job, events, prev_hash)])
+
+    async def _commit_many(self, commits: Sequence[tuple[JobRecord, list[Event], str]]) -> None:
+        """``_commit`` of several jobs at once: every job's events in one wait, then every
+        record in one more (a job's record is saved only once its events are stored)."""
         if self.lease is not None and not await self.lease.ensure():
             self.fenced.set()
             raise Fenced("this requester's lease ran out: another one may be active")
-        try:
+        for job, events, prev_hash in commits:
             if events:
                 seal(events, prev_hash, self.signer)
                 job.event_seq, job.last_hash = events[-1].seq, events[-1].hash
-                await self.bus.publish_events(events)
-            self._revisions[job.id] = await self.bus.save_job(
-                job, revision=self._revisions.get(job.id, 0)
+        try:
+            await self.bus.publish_events_many([events for _, events, _ in commits])
+            revisions = await self.bus.save_jobs(
+                [(job, self._revisions.get(job.id, 0)) for job, _, _ in commits]
             )
         except Fenced:
             self.fenced.set()
             raise
+        for (job, _, _), revision in zip(commits, revisions, strict=True):
+            self._revisions[job.id] = revision
 
     async def _load(self, job_id: str) -> JobRecord | None:
         job = self._records.get(job_id)

@@ -162,7 +162,7 @@ class Verifier:
         return decode(Collected, entry.value) if entry.value else None
 
     async def _save(self, job_id: str, collected: Collected) -> None:
-        await self.results.put(job_id, encode(collected))
+        await self.bus.put_value(subjects.RESULTS_BUCKET, job_id, encode(collected))
         if collected.decided and collected.published:
             self._collected.pop(job_id, None)
         else:

@@ -1,0 +1,98 @@
+"""JetStream publishes with their acknowledgements on one inbox (``bacq._jspublish``), and the
+record and event writes built on them (``Bus.save_jobs``, ``Bus.publish_durable_many``), against
+a real nats-server: acknowledgements match their messages, duplicates and compare-and-set
+conflicts are told apart from a retry of our own, a missing stream or a silent listener is an
+error the callers already retry."""
+
+from __future__ import annotations
+
+import nats.errors
+import nats.js.errors
+import pytest
+
+from bacq import subjects
+from bacq.bus import Bus
+from bacq.errors import Fenced
+from bacq.models import JobRecord, new_job_id
+from bacq.spec import parse_spec
+
+STREAM, SUBJECTS = "ACKTEST", "acktest.>"
+
+
+@pytest.fixture
+def bus(scratch_bus: Bus) -> Bus:
+    return scratch_bus
+
+
+def _job() -> JobRecord:
+    return JobRecord(id=new_job_id(), spec=parse_spec({"image": "busybox", "command": ["true"]}))
+
+
+async def test_a_batch_gets_each_message_its_own_acknowledgement_in_order(bus: Bus) -> None:
+    acks = await bus.acks.publish_many(
+        [(f"acktest.{i % 5}", str(i).encode(), {"Nats-Msg-Id": f"m{i}"}) for i in range(300)],
+        timeout=10,
+    )
+    assert all(a.ok and not a.duplicate for a in acks)
+    assert [a.seq for a in acks] == sorted(a.seq for a in acks)
+    assert len({a.seq for a in acks}) == 300
+    stored = await bus.js.get_msg(STREAM, acks[123].seq)
+    assert stored.data == b"123"
+
+
+async def test_a_repeated_message_id_is_stored_once_and_reported(bus: Bus) -> None:
+    messages = [(f"acktest.d{i}", b"x", f"dup-{i}") for i in range(20)]
+    assert await bus.publish_durable_many(messages) == [True] * 20
+    assert await bus.publish_durable_many(messages[5:8]) == [False] * 3
+    info = await bus.js.stream_info(STREAM)
+    assert info.state.messages == 20
+
+
+async def test_no_stream_and_no_answer_are_the_errors_nats_py_raises(bus: Bus) -> None:
+    (ack,) = await bus.acks.publish_many([("nostream.here", b"x", None)], timeout=5)
+    with pytest.raises(nats.js.errors.NoStreamResponseError):
+        ack.raise_for()
+    silent = await bus.nc.subscribe("silent.listener")  # takes the message, never answers
+    try:
+        (ack,) = await bus.acks.publish_many([("silent.listener", b"x", None)], timeout=0.3)
+        with pytest.raises(nats.errors.TimeoutError):
+            ack.raise_for()
+    finally:
+        await silent.unsubscribe()
+
+
+async def test_records_are_saved_together_and_a_stale_revision_is_fenced(bus: Bus) -> None:
+    jobs = [_job() for _ in range(50)]
+    revisions = await bus.save_jobs([(job, 0) for job in jobs])
+    assert all(r > 0 for r in revisions)
+    loaded = await bus.load_job_entry(jobs[7].id)
+    assert loaded is not None
+    assert loaded[1] == revisions[7]
+    # the next write of each on the revision it knows
+    for job in jobs:
+        job.reason = "changed"
+    again = await bus.save_jobs(list(zip(jobs, revisions, strict=True)))
+    assert all(b > a for a, b in zip(revisions, again, strict=True))
+    # someone else (another requester) writes one record: our next write of it is refused
+    await bus.jobs.put(jobs[3].id, b'{"not": "ours"}')
+    jobs[3].reason = "late"
+    with pytest.raises(Fenced, match=jobs[3].id):
+        await bus.save_jobs([(jobs[3], again[3])])
+
+
+async def test_our_own_write_repeated_after_a_lost_acknowledgement_is_no_conflict(
+    bus: Bus,
+) -> None:
+    job = _job()
+    first = await bus.save_job(job, revision=0)
+    # the same write again on the revision before it (its acknowledgement was lost): the
+    # record holds exactly this already, so it is ours and no other requester's
+    assert await bus.save_job(job, revision=0) == first
+
+
+async def test_a_value_is_put_into_a_bucket(bus: Bus) -> None:
+    revision = await bus.put_value(subjects.RESULTS_BUCKET, "j-acktest", b"collected")
+    results = await bus.js.key_value(subjects.RESULTS_BUCKET)
+    entry = await results.get("j-acktest")
+    assert entry.value == b"collected"
+    assert entry.revision == revision
