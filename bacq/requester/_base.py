@@ -12,7 +12,7 @@ import hashlib
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from bacq.bus import Bus
+from bacq.events import Event
 from bacq.lease import Lease
 from bacq.log import get_logger
 from bacq.models import (
@@ -57,6 +58,8 @@ class RequesterConfig:
     rejected_limit: int = 5  # outvoted results (more than verified) before quarantine
 
 
+# one job's commit: its record, its new events, the hash they chain to
+Commit = tuple[JobRecord, list[Event], str]
 # one change of a job record (True when it changed it), and who caused it
 Step = tuple[Callable[[JobRecord], bool], str]
 
@@ -162,6 +165,9 @@ class Core:
         self._wake = asyncio.Event()  # the dispatcher looks at the queue again
         self._bidding: dict[str, list[str]] = {}  # job in bidding → the workers it invited
         self._loads: dict[str, Load] = {}  # node → what it runs and was invited to bid for
+        # commits waiting for the ledger's next write (a group commit), and the task writing
+        self._commit_queue: list[tuple[Sequence[Commit], asyncio.Future[None]]] = []
+        self._committer: asyncio.Task[None] | None = None
 
     # -- records and events -----------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:

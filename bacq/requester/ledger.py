@@ -24,7 +24,7 @@ from bacq.models import (
     JobRecord,
     now,
 )
-from bacq.requester._base import Core, Load, Step, copy_record
+from bacq.requester._base import Commit, Core, Load, Step, copy_record
 from bacq.states import EXEC_ACTIVE, JobState
 
 # the states the watchdog looks at every second (lost workers, deadlines, the verifier's silence)
@@ -45,9 +45,39 @@ class Ledger(Core):
         changed by another (the one that replaced it) stops (``self.fenced``)."""
         await self._commit_many([(job, events, prev_hash)])
 
-    async def _commit_many(self, commits: Sequence[tuple[JobRecord, list[Event], str]]) -> None:
-        """``_commit`` of several jobs at once: every job's events in one wait, then every
-        record in one more (a job's record is saved only once its events are stored)."""
+    async def _commit_many(self, commits: Sequence[Commit]) -> None:
+        """``_commit`` of several jobs at once. Commits made while the ledger writes others wait
+        and go out together in the next write (a group commit): every job's events in one wait,
+        then every record in one more, whatever number of jobs they hold."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._commit_queue.append((commits, done))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._write_commits(), name="ledger-commits")
+            self._tasks.add(self._committer)  # (stopped with the others)
+            self._committer.add_done_callback(self._tasks.discard)
+        await done
+
+    async def _write_commits(self) -> None:
+        while self._commit_queue:
+            await asyncio.sleep(0)  # the commits made at this moment join this write
+            taken, self._commit_queue = self._commit_queue, []
+            try:
+                await self._write([commit for commits, _ in taken for commit in commits])
+            except Exception as exc:
+                for _, done in taken:
+                    if not done.done():
+                        done.set_exception(exc)
+            except BaseException:  # cancelled (the requester stops): so are the commits
+                for _, done in taken:
+                    done.cancel()
+                raise
+            else:
+                for _, done in taken:
+                    if not done.done():
+                        done.set_result(None)
+
+    async def _write(self, commits: Sequence[Commit]) -> None:
+        """Seal and publish the events of ``commits``, then save their records."""
         if self.lease is not None and not await self.lease.ensure():
             self.fenced.set()
             raise Fenced("this requester's lease ran out: another one may be active")
