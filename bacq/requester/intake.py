@@ -151,7 +151,9 @@ class Intake(Folding):
                 self.log.info("job.submitted", job=fresh[0].id, image=fresh[0].spec.image)
             else:
                 self.log.info("jobs.submitted", count=len(fresh), jobs=[job.id for job in fresh])
-            await asyncio.gather(*(self._known_answer(job) for job in fresh))
+            keyed = [(job, key) for job in fresh if (key := answer_key(job.spec)) is not None]
+            if keyed and self._answers is not None:
+                await asyncio.gather(*(self._known_answer(job, key) for job, key in keyed))
         return [
             (SubmitReply(job_id=job.id), True) if isinstance(job, JobRecord) else (job, False)
             for job in found
@@ -186,11 +188,9 @@ class Intake(Folding):
             return SubmitReply(error=f"malformed submission: {exc}")
         return JobRecord(id=job_id or new_job_id(), spec=spec, idempotency_key=key)
 
-    async def _known_answer(self, job: JobRecord) -> None:
-        """Answer a deterministic job from an accepted equal one, if there is one."""
-        key = answer_key(job.spec)
-        if key is None or self._answers is None:
-            return
+    async def _known_answer(self, job: JobRecord, key: str) -> None:
+        """Answer a deterministic job from an accepted equal one (its ``answer_key`` is
+        ``key``), if there is one."""
         try:
             entry = await self._answers.get(key)
         except nats.js.errors.KeyNotFoundError:
