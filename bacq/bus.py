@@ -11,6 +11,7 @@ deploy/nats/auth.conf).
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import datetime as dt
@@ -77,6 +78,7 @@ MAX_OUTSTANDING_PINGS = 3
 JS_PUBLISH_TIMEOUT = 5.0  # seconds for a JetStream publish's acknowledgement (nats-py's default)
 WRONG_LAST_SEQUENCE = (10071, 10164)  # a key-value compare-and-set found another revision
 EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+NO_MESSAGE_FOUND = 10037  # JetStream's message get: the key has no value (a missing stream: 10059)
 JOBS_KEY = f"$KV.{subjects.JOBS_BUCKET}."  # the subject of a job record is JOBS_KEY + job id
 JS_RETRY_FOR = 30.0  # seconds a job-record read/write retries while JetStream is away (failover)
 # the server or the stream's leader is away (restart, network, a cluster electing a new leader)
@@ -494,28 +496,37 @@ class Bus:
         return sorted(events, key=lambda e: e.seq)
 
     # -- job records ------------------------------------------------------------------------------
-    async def load_job(self, job_id: str) -> JobRecord | None:
-        async def get() -> bytes | None:
-            try:
-                return (await self.jobs.get(job_id)).value
-            except nats.js.errors.KeyNotFoundError:
+    async def get_value(self, bucket: str, key: str) -> tuple[bytes, int] | None:
+        """The value of ``key`` in ``bucket`` and its revision, or None when it has none (never
+        written, deleted or purged): JetStream's message get, answered on ``self.acks``' inbox
+        (``KeyValue.get`` costs a request of nats-py's and a JSON API round of its own). Raises
+        what ``KeyValue.get`` raises while JetStream is away (``TRANSIENT``)."""
+        reply = await self.acks.request(
+            f"$JS.API.STREAM.MSG.GET.KV_{bucket}",
+            json.dumps({"last_by_subj": f"$KV.{bucket}.{key}"}).encode(),
+            timeout=JS_PUBLISH_TIMEOUT,
+        )
+        if not reply.data and reply.headers and reply.headers.get("Status") == "503":
+            raise nats.errors.NoRespondersError
+        answer = json.loads(reply.data)
+        error = answer.get("error")
+        if error is not None:
+            if error.get("err_code") == NO_MESSAGE_FOUND:
                 return None
+            raise nats.js.errors.APIError.from_error(error)
+        message = answer.get("message") or {}
+        if b"KV-Operation" in base64.b64decode(message.get("hdrs") or ""):
+            return None  # a delete or purge marker
+        return base64.b64decode(message.get("data") or ""), int(message.get("seq") or 0)
 
-        value = await again(get)
-        return None if value is None else decode(JobRecord, value)
+    async def load_job(self, job_id: str) -> JobRecord | None:
+        found = await self.load_job_entry(job_id)
+        return None if found is None else found[0]
 
     async def load_job_entry(self, job_id: str) -> tuple[JobRecord, int] | None:
         """A job record and its revision (for ``save_job``'s compare-and-set)."""
-
-        async def get() -> tuple[bytes | None, int] | None:
-            try:
-                entry = await self.jobs.get(job_id)
-            except nats.js.errors.KeyNotFoundError:
-                return None
-            return entry.value, entry.revision or 0
-
-        found = await again(get)
-        if found is None or found[0] is None:
+        found = await again(functools.partial(self.get_value, subjects.JOBS_BUCKET, job_id))
+        if found is None or not found[0]:
             return None
         return decode(JobRecord, found[0]), found[1]
 
@@ -573,13 +584,13 @@ class Bus:
         for i in conflicts:
             # our own write whose acknowledgement was lost (then retried) is no conflict
             job = writes[i][0]
-            entry = await again(functools.partial(self._entry, job.id))
-            if entry is None or entry.value != data[i]:
+            entry = await again(functools.partial(self.get_value, subjects.JOBS_BUCKET, job.id))
+            if entry is None or entry[0] != data[i]:
                 raise Fenced(
                     f"job {job.id} was written by someone else since revision {writes[i][1]}: "
                     "another requester is active"
                 )
-            revisions[i] = int(entry.revision or 0)
+            revisions[i] = entry[1]
         return revisions
 
     async def put_value(self, bucket: str, key: str, value: bytes) -> int:
@@ -589,12 +600,6 @@ class Bus:
         )
         ack.raise_for()
         return ack.seq
-
-    async def _entry(self, key: str) -> KeyValue.Entry | None:
-        try:
-            return await self.jobs.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            return None
 
     async def job_ids(self) -> list[str]:
         async def keys() -> list[str]:

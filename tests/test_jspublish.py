@@ -96,3 +96,14 @@ async def test_a_value_is_put_into_a_bucket(bus: Bus) -> None:
     entry = await results.get("j-acktest")
     assert entry.value == b"collected"
     assert entry.revision == revision
+
+
+async def test_a_value_is_read_with_its_revision_and_a_deleted_one_is_none(bus: Bus) -> None:
+    assert await bus.get_value(subjects.RESULTS_BUCKET, "j-never-written") is None
+    revision = await bus.put_value(subjects.RESULTS_BUCKET, "j-readback", b"first")
+    assert await bus.get_value(subjects.RESULTS_BUCKET, "j-readback") == (b"first", revision)
+    results = await bus.js.key_value(subjects.RESULTS_BUCKET)
+    await results.delete("j-readback")
+    assert await bus.get_value(subjects.RESULTS_BUCKET, "j-readback") is None
+    with pytest.raises(nats.js.errors.NotFoundError):  # no such bucket: not "no value"
+        await bus.get_value("no-such-bucket", "key")

@@ -155,11 +155,8 @@ class Verifier:
         cached = self._collected.get(job_id)
         if cached is not None:
             return cached
-        try:
-            entry = await self.results.get(job_id)
-        except KeyNotFoundError:
-            return None
-        return decode(Collected, entry.value) if entry.value else None
+        found = await self.bus.get_value(subjects.RESULTS_BUCKET, job_id)
+        return decode(Collected, found[0]) if found and found[0] else None
 
     async def _save(self, job_id: str, collected: Collected) -> None:
         await self.bus.put_value(subjects.RESULTS_BUCKET, job_id, encode(collected))
