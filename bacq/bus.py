@@ -537,10 +537,17 @@ class Bus:
         decisions of the one that replaced it)."""
         return (await self.save_jobs([(job, revision)]))[0]
 
-    async def save_jobs(self, writes: Sequence[tuple[JobRecord, int | None]]) -> list[int]:
+    async def save_jobs(
+        self,
+        writes: Sequence[tuple[JobRecord, int | None]],
+        *,
+        on_saved: Callable[[str, int], None] | None = None,
+    ) -> list[int]:
         """``save_job`` of many records at once (one wait for all their acknowledgements);
         their new revisions. ``Fenced`` when any was written by someone else since (the others
-        are written); while JetStream is away, retried for ``JS_RETRY_FOR`` seconds."""
+        are written); while JetStream is away, retried for ``JS_RETRY_FOR`` seconds.
+        ``on_saved(job id, revision)`` is called for each record as it is known to be saved, so
+        that a caller keeps the revisions of those saved before an error."""
         data = [encode(job) for job, _ in writes]
         revisions = [0] * len(writes)
         todo = list(range(len(writes)))
@@ -574,6 +581,8 @@ class Bus:
                     conflicts.append(i)
                     continue
                 revisions[i] = ack.seq
+                if on_saved is not None:
+                    on_saved(writes[i][0].id, ack.seq)
             if retry:
                 if asyncio.get_running_loop().time() + delay > deadline:
                     raise failure
@@ -591,6 +600,8 @@ class Bus:
                     "another requester is active"
                 )
             revisions[i] = entry[1]
+            if on_saved is not None:
+                on_saved(job.id, entry[1])
         return revisions
 
     async def put_value(self, bucket: str, key: str, value: bytes) -> int:

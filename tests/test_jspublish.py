@@ -107,3 +107,19 @@ async def test_a_value_is_read_with_its_revision_and_a_deleted_one_is_none(bus: 
     assert await bus.get_value(subjects.RESULTS_BUCKET, "j-readback") is None
     with pytest.raises(nats.js.errors.NotFoundError):  # no such bucket: not "no value"
         await bus.get_value("no-such-bucket", "key")
+
+
+async def test_a_conflict_in_a_batch_still_reports_the_records_that_were_saved(bus: Bus) -> None:
+    jobs = [_job() for _ in range(5)]
+    revisions = await bus.save_jobs([(job, 0) for job in jobs])
+    await bus.jobs.put(jobs[2].id, b'{"not": "ours"}')  # another requester's write
+    saved: dict[str, int] = {}
+    for job in jobs:
+        job.reason = "next"
+    with pytest.raises(Fenced):
+        await bus.save_jobs(list(zip(jobs, revisions, strict=True)), on_saved=saved.__setitem__)
+    assert set(saved) == {job.id for i, job in enumerate(jobs) if i != 2}
+    for job in jobs[:2] + jobs[3:]:
+        loaded = await bus.load_job_entry(job.id)
+        assert loaded is not None
+        assert loaded[1] == saved[job.id]

@@ -87,14 +87,14 @@ class Ledger(Core):
                 job.event_seq, job.last_hash = events[-1].seq, events[-1].hash
         try:
             await self.bus.publish_events_many([events for _, events, _ in commits])
-            revisions = await self.bus.save_jobs(
-                [(job, self._revisions.get(job.id, 0)) for job, _, _ in commits]
+            # each saved record's revision is kept as it comes, also when another fails
+            await self.bus.save_jobs(
+                [(job, self._revisions.get(job.id, 0)) for job, _, _ in commits],
+                on_saved=self._revisions.__setitem__,
             )
         except Fenced:
             self.fenced.set()
             raise
-        for (job, _, _), revision in zip(commits, revisions, strict=True):
-            self._revisions[job.id] = revision
 
     async def _load(self, job_id: str) -> JobRecord | None:
         job = self._records.get(job_id)
