@@ -121,6 +121,19 @@ async def test_requester_killed_mid_run_finishes_its_jobs_when_started_again(
         assert contiguous(await client.history(running))
 
 
+async def all_completed(client: Client, job_id: str) -> JobRecord:
+    """The job once every execution says completed (each worker sent its result first)."""
+    async with asyncio.timeout(120):
+        while True:
+            job = await client.job(job_id)
+            if job.executions and all(
+                e.state == ExecState.COMPLETED for e in job.executions.values()
+            ):
+                return job
+            assert not job.final, f"{job.state}: {job.reason}"
+            await asyncio.sleep(0.2)
+
+
 async def test_verifier_killed_between_results_still_gives_one_verdict(
     make_stack: Callable[..., Devstack],
 ) -> None:
@@ -129,13 +142,7 @@ async def test_verifier_killed_between_results_still_gives_one_verdict(
         job_id = await client.submit(sleeper(3, concurrency=2))
         await running_on(client, job_id)
         stack.kill("verifier")  # results arrive while no verifier runs
-        async with asyncio.timeout(120):  # both workers sent their result (then say completed)
-            while True:
-                down = await client.job(job_id)
-                if [e.state for e in down.executions.values()] == [ExecState.COMPLETED] * 2:
-                    break
-                assert not down.final, f"{down.state}: {down.reason}"
-                await asyncio.sleep(0.2)
+        down = await all_completed(client, job_id)  # both sent their result
         assert down.state in (JobState.RUNNING, JobState.VERIFYING)  # no verdict without it
         assert not any(
             e.kind == "job" and e.state == "accepted" for e in await client.history(job_id)
@@ -146,6 +153,23 @@ async def test_verifier_killed_between_results_still_gives_one_verdict(
     assert job.state == JobState.ACCEPTED, job.reason
     assert job.reason == "2 of 2 results agree"
     assert sum(1 for e in history if e.kind == "job" and e.state == "accepted") == 1
+
+
+async def test_worker_restarted_between_commitment_and_reveal_still_reveals(
+    make_stack: Callable[..., Devstack],
+) -> None:
+    stack = make_stack(workers=2)
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
+        job_id = await client.submit(sleeper(1, concurrency=2))
+        await running_on(client, job_id)
+        stack.kill("verifier")  # nobody asks for the reveals while w1 is down
+        await all_completed(client, job_id)  # both commitments sent
+        stack.kill("w1")  # kill -9: what it kept in memory is gone, what it kept on disk is not
+        await asyncio.to_thread(stack.restart, "w1")
+        await asyncio.to_thread(stack.restart, "verifier")
+        job = await client.wait(job_id, timeout=120)
+    assert job.state == JobState.ACCEPTED, job.reason
+    assert job.reason == "2 of 2 results agree"
 
 
 async def test_only_capable_worker_disappearing_fails_the_job_with_a_reason(

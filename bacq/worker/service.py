@@ -52,6 +52,7 @@ from bacq.storage import (
     remove_tree,
     sanitize_tree,
 )
+from bacq.worker import kept
 from bacq.worker.executor import Executor, JobContext, WorkerContext
 
 __all__ = ["Worker", "WorkerConfig"]
@@ -359,15 +360,51 @@ class Worker:
             expires=time.monotonic() + REVEAL_KEEP,
             published=published,
         )
+        self._trim_committed()
+        commitment = commitment_of(cid, exit_code, self.config.node_id, nonce)
+        return ResultMessage(job_id=job_id, node_id=self.config.node_id, commitment=commitment)
+
+    def _trim_committed(self) -> None:
         while len(self._committed) > REVEAL_MAX:
             oldest = next(iter(self._committed))
             self._drop_committed(oldest, "too many results awaiting their reveal")
-        commitment = commitment_of(cid, exit_code, self.config.node_id, nonce)
-        return ResultMessage(job_id=job_id, node_id=self.config.node_id, commitment=commitment)
+
+    def _keep_on_disk(self, job_id: str) -> None:
+        committed = self._committed[job_id]
+        kept.keep(
+            self.config.work_dir,
+            job_id,
+            kept.Kept(
+                cid=committed.cid,
+                exit_code=committed.exit_code,
+                nonce=committed.nonce,
+                expires_at=time.time() + (committed.expires - time.monotonic()),
+                published=committed.published,
+            ),
+        )
+
+    def _reload_kept(self) -> None:
+        """The results committed to before a restart (``bacq.worker.kept``), kept again."""
+        for job_id, record in kept.load_all(self.config.work_dir).items():
+            job_dir = self.config.work_dir / "jobs" / job_id
+            self._nonces[job_id] = record.nonce
+            self._committed[job_id] = _Committed(
+                job_dir=job_dir,
+                results_dir=job_dir / "results",
+                cid=record.cid,
+                exit_code=record.exit_code,
+                nonce=record.nonce,
+                expires=time.monotonic() + max(0.0, record.expires_at - time.time()),
+                published=record.published,
+            )
+        self._trim_committed()
+        if self._committed:
+            self.log.info("results.kept_again", jobs=sorted(self._committed)[:50])
 
     def _drop_committed(self, job_id: str, why: str) -> None:
         committed = self._committed.pop(job_id, None)
         self._nonces.pop(job_id, None)
+        kept.forget(self.config.work_dir, job_id)
         if committed is not None:
             self.log.info("result.dropped", job=job_id, reason=why)
             remove_tree(committed.job_dir)
@@ -426,6 +463,7 @@ class Worker:
         if self._committed.get(job_id) is committed:
             self._committed.pop(job_id, None)
             self._nonces.pop(job_id, None)
+            kept.forget(self.config.work_dir, job_id)
             await asyncio.to_thread(remove_tree, committed.job_dir)
 
     def _expire_committed(self) -> None:
@@ -472,9 +510,12 @@ class Worker:
                 if commit_reveal(spec):
                     # the commitment only: neither the CID nor the exit code leaves this worker
                     # before the verifier holds every chosen worker's commitment (both in
-                    # flight at once; they leave in this order on the one connection)
+                    # flight at once; they leave in this order on the one connection); what
+                    # it needs to reveal is kept on disk too, should this worker restart
+                    commitment = self._commit(job_id, job_dir, cid, exit_code)
+                    self._keep_on_disk(job_id)
                     await asyncio.gather(
-                        self._send_result(self._commit(job_id, job_dir, cid, exit_code)),
+                        self._send_result(commitment),
                         self._update(job_id, ExecState.COMPLETED, fuel_used=done.fuel_used),
                     )
                 else:  # the only worker: its result is published already, say it at once
@@ -661,6 +702,7 @@ class Worker:
         )
         if leftovers:
             self.log.warning("containers.leftover_removed", containers=leftovers)
+        self._reload_kept()
         invite_sub = await self.bus.subscribe(
             subjects.invite(self.config.node_id), self.on_announce
         )
