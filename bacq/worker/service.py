@@ -370,7 +370,14 @@ class Worker:
             self._drop_committed(oldest, "too many results awaiting their reveal")
 
     def _keep_on_disk(self, job_id: str) -> None:
+        """Best effort: a disk that refuses it costs the result only if this worker restarts."""
         committed = self._committed[job_id]
+        try:
+            self._write_kept(job_id, committed)
+        except OSError as exc:
+            self.log.warning("result.not_kept_on_disk", job=job_id, error=str(exc))
+
+    def _write_kept(self, job_id: str, committed: _Committed) -> None:
         kept.keep(
             self.config.work_dir,
             job_id,
@@ -385,7 +392,12 @@ class Worker:
 
     def _reload_kept(self) -> None:
         """The results committed to before a restart (``bacq.worker.kept``), kept again."""
-        for job_id, record in kept.load_all(self.config.work_dir).items():
+        try:
+            records = kept.load_all(self.config.work_dir)
+        except OSError as exc:
+            self.log.warning("results.kept_unreadable", error=str(exc))
+            return
+        for job_id, record in records.items():
             job_dir = self.config.work_dir / "jobs" / job_id
             self._nonces[job_id] = record.nonce
             self._committed[job_id] = _Committed(
@@ -404,7 +416,8 @@ class Worker:
     def _drop_committed(self, job_id: str, why: str) -> None:
         committed = self._committed.pop(job_id, None)
         self._nonces.pop(job_id, None)
-        kept.forget(self.config.work_dir, job_id)
+        with contextlib.suppress(OSError):
+            kept.forget(self.config.work_dir, job_id)
         if committed is not None:
             self.log.info("result.dropped", job=job_id, reason=why)
             remove_tree(committed.job_dir)
@@ -463,7 +476,8 @@ class Worker:
         if self._committed.get(job_id) is committed:
             self._committed.pop(job_id, None)
             self._nonces.pop(job_id, None)
-            kept.forget(self.config.work_dir, job_id)
+            with contextlib.suppress(OSError):
+                kept.forget(self.config.work_dir, job_id)
             await asyncio.to_thread(remove_tree, committed.job_dir)
 
     def _expire_committed(self) -> None:
