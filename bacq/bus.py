@@ -11,7 +11,6 @@ deploy/nats/auth.conf).
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
 import datetime as dt
@@ -38,7 +37,7 @@ from nats.js.api import (
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
-from bacq import streams, subjects
+from bacq import corenats, streams, subjects
 from bacq._jspublish import AckInbox
 from bacq.auth import NatsOptions
 from bacq.errors import Fenced, NatsUnavailable
@@ -514,10 +513,7 @@ class Bus:
             if error.get("err_code") == NO_MESSAGE_FOUND:
                 return None
             raise nats.js.errors.APIError.from_error(error)
-        message = answer.get("message") or {}
-        if b"KV-Operation" in base64.b64decode(message.get("hdrs") or ""):
-            return None  # a delete or purge marker
-        return base64.b64decode(message.get("data") or ""), int(message.get("seq") or 0)
+        return corenats.kv_entry(answer.get("message") or {})
 
     async def load_job(self, job_id: str) -> JobRecord | None:
         found = await self.load_job_entry(job_id)

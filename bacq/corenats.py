@@ -336,22 +336,28 @@ def request(
 def last_value(conn: Connection, bucket: str, key: str, *, timeout: float = 10.0) -> bytes | None:
     """The value of ``key`` in the key-value ``bucket`` (JetStream's message get), or None when
     it has none (never written, deleted or purged)."""
-    import base64
-
     data = conn.request(
         f"$JS.API.STREAM.MSG.GET.KV_{bucket}",
         json.dumps({"last_by_subj": f"$KV.{bucket}.{key}"}).encode(),
         timeout=timeout,
     )
     try:
-        message = json.loads(data).get("message") or {}
-        headers = base64.b64decode(message.get("hdrs") or "")
-        value = base64.b64decode(message.get("data") or "")
+        found = kv_entry(json.loads(data).get("message") or {})
     except (ValueError, TypeError, AttributeError):
         return None
-    if b"KV-Operation" in headers or not value:  # deleted or purged
+    if found is None or not found[0]:
         return None
-    return value
+    return found[0]
+
+
+def kv_entry(message: dict[str, Any]) -> tuple[bytes, int] | None:
+    """The value and revision of a key-value entry from the ``message`` of a JetStream message
+    get's answer, or None for a delete or purge marker (also ``bacq.bus.Bus.get_value``)."""
+    import base64
+
+    if b"KV-Operation" in base64.b64decode(message.get("hdrs") or ""):
+        return None
+    return base64.b64decode(message.get("data") or ""), int(message.get("seq") or 0)
 
 
 # the server says "still here" after this many seconds without a message; a watch that hears
