@@ -138,6 +138,8 @@ def remove_containers(work_dirs: list[Path]) -> list[str]:
     import docker
     import docker.errors
 
+    from bacq.worker.executor import listed_name
+
     removed: list[str] = []
     try:
         client = docker.from_env(timeout=30)
@@ -152,7 +154,7 @@ def remove_containers(work_dirs: list[Path]) -> list[str]:
             for container in found:
                 with contextlib.suppress(docker.errors.NotFound):
                     container.remove(force=True)
-                removed.append(str((container.attrs.get("Names") or [container.id])[0]).lstrip("/"))
+                removed.append(listed_name(container))
     except docker.errors.DockerException as exc:
         log.warning("devstack.containers_not_removed", error=str(exc))
     finally:

@@ -21,6 +21,7 @@ from bacq.client import Client
 from bacq.devstack import Devstack
 from bacq.errors import NatsUnavailable
 from bacq.states import JobState
+from bacq.worker.executor import listed_name
 from tests.conftest import run_cli
 from tests.scenarios import BUSYBOX
 
@@ -33,7 +34,7 @@ def _containers(work_dir: Path) -> list[str]:
         found = client.containers.list(
             all=True, sparse=True, filters={"label": f"bacq.work_dir={work_dir.resolve()}"}
         )
-        return [str((c.attrs.get("Names") or ["?"])[0]).lstrip("/") for c in found]
+        return [listed_name(c) for c in found]
     finally:
         client.close()
 

@@ -67,6 +67,7 @@ __all__ = [
     "JobContext",
     "Mounted",
     "WorkerContext",
+    "listed_name",
     "make_executor",
     "tree_size",
 ]
@@ -275,6 +276,12 @@ class ContainerResult:
     stderr: Path
 
 
+def listed_name(container: Container) -> str:
+    """The name of a container from a sparse listing (``containers.list(sparse=True)``: no
+    inspection of each, so one removed meanwhile cannot fail the listing)."""
+    return str((container.attrs.get("Names") or [container.id])[0]).lstrip("/")
+
+
 class DockerExecutor:
     """Runs containers for a worker, with the limits of the job spec."""
 
@@ -329,7 +336,7 @@ class DockerExecutor:
         )
         for container in leftovers:
             self._remove(container)
-            removed.append(str((container.attrs.get("Names") or [container.id])[0]).lstrip("/"))
+            removed.append(listed_name(container))
         return removed
 
     def close(self) -> None:
