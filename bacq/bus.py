@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -433,14 +433,91 @@ class Bus:
         await self.js.update_stream(config)
         log.info("events.retention", max_age=max_age, max_bytes=max_bytes)
 
-    async def publish_events(self, events: list[Event]) -> None:
-        """Publish one commit's events (one job's, in seq order) as one message: one round trip
-        however many changes the commit holds. A retry is stored once (dedup by the seq range)."""
-        await self.publish_events_many([events])
+    async def publish_events(self, events: list[Event], *, after: int) -> int:
+        """Publish one commit's events (one job's, in seq order) as one message, one round trip
+        however many changes it holds, chained to the job's events message at stream sequence
+        ``after`` (0: the job has none yet); its stream sequence. See ``publish_events_many``."""
+        return (await self.publish_events_many([(events, after)]))[0]
 
-    async def publish_events_many(self, commits: Sequence[list[Event]]) -> None:
-        """``publish_events`` of many commits (of different jobs) at once: one wait for all."""
-        await self.publish_durable_many([_events_message(events) for events in commits if events])
+    async def publish_events_many(
+        self,
+        commits: Sequence[tuple[list[Event], int]],
+        *,
+        on_stored: Callable[[str, int], None] | None = None,
+    ) -> list[int]:
+        """Publish each commit's events (of different jobs) at once, one wait for all; the
+        stream sequence of each commit's message (0 for a commit without events).
+
+        A commit ``(events, after)`` is stored only while the last events message of its job is
+        still the one at stream sequence ``after`` (0: none yet): a job's history grows from its
+        end or not at all. A deposed requester's message that arrives late (held in a socket
+        while its host was cut off, or resent after its lease ran out) is refused rather than
+        stored beside the one its successor wrote with the same seq. ``Fenced`` when a job's
+        history had moved on (the others are stored; ``on_stored(job id, stream sequence)`` is
+        called for each as it is known to be). A retry of ours (the same Nats-Msg-Id, or the
+        same bytes found at the end of the job's history) is no conflict. Those not stored for
+        a passing reason (the server away, a leader being elected) are sent again until they
+        are."""
+        messages = {i: _events_message(events) for i, (events, _) in enumerate(commits) if events}
+        stored = [0] * len(commits)
+        todo = list(messages)
+        delay = 0.2
+        conflicts: list[int] = []
+        while todo:
+            acks = await self.acks.publish_many(
+                [
+                    (
+                        messages[i][0],
+                        messages[i][1],
+                        {"Nats-Msg-Id": messages[i][2], EXPECTED_LAST: str(commits[i][1])},
+                    )
+                    for i in todo
+                ],
+                timeout=JS_PUBLISH_TIMEOUT,
+            )
+            retry: list[int] = []
+            for i, ack in zip(todo, acks, strict=True):
+                try:
+                    ack.raise_for()
+                except (*TRANSIENT, nats.js.errors.APIError) as exc:
+                    if isinstance(exc, TRANSIENT) or exc.err_code == MSG_ID_IN_PROCESS:
+                        retry.append(i)  # away, or our earlier try with this id is being stored
+                    elif exc.err_code in WRONG_LAST_SEQUENCE:
+                        conflicts.append(i)
+                    else:
+                        raise
+                    continue
+                stored[i] = ack.seq  # (a duplicate's acknowledgement names the stored one)
+                if on_stored is not None:
+                    on_stored(commits[i][0][0].job_id, ack.seq)
+            if retry:
+                log.warning("bus.publish_retry", subject=messages[retry[0]][0], messages=len(retry))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            todo = retry
+        for i in conflicts:
+            subject, data, _ = messages[i]
+            last = await again(
+                functools.partial(self.last_message, subjects.EVENTS_STREAM, subject)
+            )
+            if last is None or last[0] != data:
+                job_id = commits[i][0][0].job_id
+                raise Fenced(
+                    f"the history of job {job_id} has moved on since stream sequence "
+                    f"{commits[i][1]}: another requester wrote it"
+                )
+            stored[i] = last[1]
+            if on_stored is not None:
+                on_stored(commits[i][0][0].job_id, last[1])
+        return stored
+
+    async def last_events(self, job_id: str) -> tuple[list[Event], int] | None:
+        """The last events message of a job: its events and stream sequence; None when the job
+        has none (never had, or they aged out of the stream)."""
+        last = await again(
+            functools.partial(self.last_message, subjects.EVENTS_STREAM, subjects.events(job_id))
+        )
+        return None if last is None else (decode_events(last[0]), last[1])
 
     async def replay_events(
         self,
@@ -500,9 +577,25 @@ class Bus:
         written, deleted or purged): JetStream's message get, answered on ``self.acks``' inbox
         (``KeyValue.get`` costs a request of nats-py's and a JSON API round of its own). Raises
         what ``KeyValue.get`` raises while JetStream is away (``TRANSIENT``)."""
+        message = await self._get_last(f"KV_{bucket}", f"$KV.{bucket}.{key}")
+        return None if message is None else corenats.kv_entry(message)
+
+    async def last_message(self, stream: str, subject: str) -> tuple[bytes, int] | None:
+        """The data and stream sequence of the last message on ``subject`` in ``stream``, or
+        None when it has none. Raises as ``get_value``."""
+        import base64
+
+        message = await self._get_last(stream, subject)
+        if message is None:
+            return None
+        return base64.b64decode(message.get("data") or ""), int(message.get("seq") or 0)
+
+    async def _get_last(self, stream: str, subject: str) -> dict[str, Any] | None:
+        """JetStream's message get of the last message on ``subject``: the answer's ``message``
+        (base64 data and headers, its seq), or None when there is none."""
         reply = await self.acks.request(
-            f"$JS.API.STREAM.MSG.GET.KV_{bucket}",
-            json.dumps({"last_by_subj": f"$KV.{bucket}.{key}"}).encode(),
+            f"$JS.API.STREAM.MSG.GET.{stream}",
+            json.dumps({"last_by_subj": subject}).encode(),
             timeout=JS_PUBLISH_TIMEOUT,
         )
         if not reply.data and reply.headers and reply.headers.get("Status") == "503":
@@ -513,7 +606,8 @@ class Bus:
             if error.get("err_code") == NO_MESSAGE_FOUND:
                 return None
             raise nats.js.errors.APIError.from_error(error)
-        return corenats.kv_entry(answer.get("message") or {})
+        message: dict[str, Any] = answer.get("message") or {}
+        return message
 
     async def load_job(self, job_id: str) -> JobRecord | None:
         found = await self.load_job_entry(job_id)

@@ -1,8 +1,9 @@
 """JetStream publishes with their acknowledgements on one inbox (``bacq._jspublish``), and the
-record and event writes built on them (``Bus.save_jobs``, ``Bus.publish_durable_many``), against
-a real nats-server: acknowledgements match their messages, duplicates and compare-and-set
-conflicts are told apart from a retry of our own, a missing stream or a silent listener is an
-error the callers already retry."""
+record and event writes built on them (``Bus.save_jobs``, ``Bus.publish_durable_many``,
+``Bus.publish_events_many``), against a real nats-server: acknowledgements match their messages,
+duplicates and compare-and-set conflicts are told apart from a retry of our own, a job's history
+only grows from its end, a missing stream or a silent listener is an error the callers already
+retry."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from bacq import subjects
 from bacq.bus import Bus
 from bacq.errors import Fenced
+from bacq.events import Event, encode_events
 from bacq.models import JobRecord, new_job_id
 from bacq.spec import parse_spec
 
@@ -123,3 +125,59 @@ async def test_a_conflict_in_a_batch_still_reports_the_records_that_were_saved(b
         loaded = await bus.load_job_entry(job.id)
         assert loaded is not None
         assert loaded[1] == saved[job.id]
+
+
+def _events(job_id: str, first: int, last: int, state: str = "pending") -> list[Event]:
+    return [
+        Event(job_id=job_id, seq=seq, actor="requester", kind="job", state=state)
+        for seq in range(first, last + 1)
+    ]
+
+
+async def test_a_late_events_message_after_the_history_moved_on_is_refused(bus: Bus) -> None:
+    job_id = new_job_id()
+    first = await bus.publish_events(_events(job_id, 1, 1), after=0)
+    second = await bus.publish_events(_events(job_id, 2, 3), after=first)
+    assert second > first
+    # a deposed requester's message, decided before the other wrote seq 2, arrives late: it
+    # chains to the same message (a different seq range, so another message id) and is refused
+    with pytest.raises(Fenced, match=job_id):
+        await bus.publish_events(_events(job_id, 2, 2, state="cancelled"), after=first)
+    # … as is one for a job the stream knows nothing of yet, but which claims a history
+    with pytest.raises(Fenced):
+        await bus.publish_events(_events(new_job_id(), 5, 5), after=first)
+    history = [e.seq async for _, e in bus.replay_events(subjects.events(job_id))]
+    assert history == [1, 2, 3]
+
+
+async def test_our_own_events_message_sent_again_is_no_conflict(bus: Bus) -> None:
+    job_id = new_job_id()
+    first = await bus.publish_events(_events(job_id, 1, 1), after=0)
+    events = _events(job_id, 2, 2)
+    second = await bus.publish_events(events, after=first)
+    # sent again (its acknowledgement was lost): the end of the history holds exactly these
+    # bytes (the server checks the expected sequence before the message id)
+    assert await bus.publish_events(events, after=first) == second
+    other = new_job_id()
+    events = _events(other, 1, 1)
+    ack = await bus.js.publish(subjects.events(other), encode_events(events))
+    assert await bus.publish_events(events, after=0) == ack.seq
+    assert await bus.last_events(other) is not None
+    assert await bus.last_events(new_job_id()) is None
+
+
+async def test_events_of_many_jobs_report_those_stored_before_a_conflict(bus: Bus) -> None:
+    jobs = [new_job_id() for _ in range(4)]
+    firsts = await bus.publish_events_many([(_events(j, 1, 1), 0) for j in jobs])
+    await bus.publish_events(_events(jobs[1], 2, 2, state="cancelled"), after=firsts[1])
+    stored: dict[str, int] = {}
+    with pytest.raises(Fenced, match=jobs[1]):
+        await bus.publish_events_many(
+            [(_events(j, 2, 2), after) for j, after in zip(jobs, firsts, strict=True)],
+            on_stored=stored.__setitem__,
+        )
+    assert set(stored) == {jobs[0], jobs[2], jobs[3]}
+    for job_id in stored:
+        last = await bus.last_events(job_id)
+        assert last is not None
+        assert (last[0][-1].seq, last[1]) == (2, stored[job_id])

@@ -133,6 +133,9 @@ class Core:
         # record it last wrote or read, and whether another requester took over
         self.lease: Lease | None = None
         self._revisions: dict[str, int] = {}
+        # job → the stream sequence of its last events message (each commit's events are
+        # stored only after that one: a deposed requester's late events are refused)
+        self._last_events: dict[str, int] = {}
         self._states: dict[str, JobState] = {}  # the state each unfinished job is counted in
         self._answers: Any = None  # the bucket of known answers (answers.py), opened in serve()
         self.fenced = asyncio.Event()

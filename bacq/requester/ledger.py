@@ -14,12 +14,9 @@ import heapq
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
-import nats.errors
-import nats.js.errors
-
-from bacq import metrics, subjects
+from bacq import metrics
 from bacq.errors import Fenced
-from bacq.events import Event, decode_events, diff, fold, seal
+from bacq.events import Event, diff, fold, seal
 from bacq.models import (
     JobRecord,
     now,
@@ -85,18 +82,56 @@ class Ledger(Core):
             if events:
                 seal(events, prev_hash, self.signer)
                 job.event_seq, job.last_hash = events[-1].seq, events[-1].hash
+        saved: set[str] = set()
+
+        def kept(job_id: str, revision: int) -> None:
+            self._revisions[job_id] = revision
+            saved.add(job_id)
+
         try:
-            await self.bus.publish_events_many([events for _, events, _ in commits])
-            # each saved record's revision is kept as it comes, also when another fails
+            chained = [
+                (events, await self._events_after(job.id, events)) for job, events, _ in commits
+            ]
+            # each stored message's sequence and saved record's revision is kept as it comes,
+            # also when another fails
+            await self.bus.publish_events_many(chained, on_stored=self._last_events.__setitem__)
             await self.bus.save_jobs(
-                [(job, self._revisions.get(job.id, 0)) for job, _, _ in commits],
-                on_saved=self._revisions.__setitem__,
+                [(job, self._revisions.get(job.id, 0)) for job, _, _ in commits], on_saved=kept
             )
         except Fenced:
             self.fenced.set()
             raise
+        except BaseException:
+            # a record whose events may be stored but which is not saved is behind its history:
+            # the cache forgets it, and the next change reads it back and rolls it forward
+            for job, _, _ in commits:
+                if job.id not in saved:
+                    self._records.pop(job.id, None)
+                    self._revisions.pop(job.id, None)
+                    self._last_events.pop(job.id, None)
+            raise
 
-    async def _load(self, job_id: str) -> JobRecord | None:
+    async def _events_after(self, job_id: str, events: list[Event]) -> int:
+        """The stream sequence of the job's last events message, that ``events`` follow (0: it
+        has none). Known from the ledger's own writes and loads; read when not."""
+        known = self._last_events.get(job_id)
+        if known is not None or not events or events[0].seq == 1:
+            return known or 0  # (seq 1: a new job, none yet)
+        last = await self.bus.last_events(job_id)
+        if last is None:
+            self._last_events[job_id] = 0
+            return 0
+        if last[0][-1].seq != events[0].seq - 1:
+            raise Fenced(
+                f"the history of job {job_id} is at seq {last[0][-1].seq}, its record at "
+                f"{events[0].seq - 1}: another requester wrote it"
+            )
+        self._last_events[job_id] = last[1]
+        return last[1]
+
+    async def _load(self, job_id: str, *, to_change: bool = False) -> JobRecord | None:
+        """A job record, from the cache or read back from NATS. ``to_change`` (under the job's
+        lock): a record read back is first rolled forward to the end of its history."""
         job = self._records.get(job_id)
         if job is not None:
             return job
@@ -104,7 +139,7 @@ class Ledger(Core):
         if found is None:
             return None
         job, self._revisions[job_id] = found
-        return job
+        return await self._reconcile(job) if to_change else job
 
     def _keep(self, job: JobRecord) -> None:
         """Remember ``job`` as committed: the cache, which nodes it keeps busy, its state in
@@ -130,6 +165,7 @@ class Ledger(Core):
             self._records.pop(job.id, None)
             self._locks.pop(job.id, None)
             self._revisions.pop(job.id, None)
+            self._last_events.pop(job.id, None)
         else:
             self._records[job.id] = job
         if job.state in WATCHED:
@@ -162,7 +198,7 @@ class Ledger(Core):
         for the record. The changes work on a copy; the cache holds committed records only."""
         lock = self._locks.setdefault(job_id, asyncio.Lock())
         async with lock:
-            current = await self._load(job_id)
+            current = await self._load(job_id, to_change=True)
             if current is None:
                 return None
             job = copy_record(current)
@@ -185,12 +221,11 @@ class Ledger(Core):
             return job
 
     async def _reconcile(self, job: JobRecord) -> JobRecord:
-        """Roll a record forward from its events if the process died between the two."""
-        try:
-            last = await self.bus.js.get_last_msg(subjects.EVENTS_STREAM, subjects.events(job.id))
-        except nats.js.errors.NotFoundError:
-            return job
-        if decode_events(last.data or b"{}")[-1].seq <= job.event_seq:
+        """Roll a record forward from its events if the process died between the two (and note
+        where its history ends, for the next commit)."""
+        last = await self.bus.last_events(job.id)
+        self._last_events[job.id] = 0 if last is None else last[1]
+        if last is None or last[0][-1].seq <= job.event_seq:
             return job
         rebuilt = fold(await self.bus.job_events(job.id))
         rebuilt.deadline, rebuilt.idempotency_key = job.deadline, job.idempotency_key
