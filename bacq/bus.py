@@ -38,7 +38,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from bacq import corenats, streams, subjects
-from bacq._jspublish import AckInbox
+from bacq._jspublish import Ack, AckInbox, Outgoing
 from bacq.auth import NatsOptions
 from bacq.errors import Fenced, NatsUnavailable
 from bacq.events import Event, decode_events, encode_events
@@ -219,7 +219,13 @@ class Bus:
     async def request(
         self, subject: str, message: BaseModel, reply: type[M], *, timeout: float
     ) -> M:
-        msg = await self.nc.request(subject, encode(message), timeout=timeout)
+        """A core NATS request, its reply on ``self.acks``' inbox (nats-py's ``request`` costs a
+        future, a timer task and an inbox token of its own per call). Raises
+        ``NoRespondersError`` when nobody listens and ``TimeoutError`` when nobody answers, as
+        nats-py does."""
+        msg = await self.acks.request(subject, encode(message), timeout=timeout)
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            raise nats.errors.NoRespondersError
         return decode(reply, msg.data)
 
     async def subscribe(
@@ -243,43 +249,52 @@ class Bus:
         """``publish_durable`` of many (subject, data, msg_id) at once: published back to back,
         one wait for all their acknowledgements; those not stored are published again (same
         ids) until they are. One False per message the stream already held."""
-        stored = [False] * len(messages)
+        answers = await self._publish_until_answered(
+            [(subject, data, {"Nats-Msg-Id": msg_id}) for subject, data, msg_id in messages]
+        )
+        stored: list[bool] = []
+        for (subject, _, msg_id), (ack, first) in zip(messages, answers, strict=True):
+            ack.raise_for()
+            stored.append(not ack.duplicate)
+            if ack.duplicate:
+                (log.error if first else log.debug)(
+                    "bus.duplicate_msg_id", subject=subject, msg_id=msg_id, first_attempt=first
+                )
+        return stored
+
+    async def _publish_until_answered(self, messages: Sequence[Outgoing]) -> list[tuple[Ack, bool]]:
+        """Publish ``messages`` (each with a Nats-Msg-Id: a retry is stored once) back to back,
+        one wait for all their acknowledgements, and again those not stored for a passing reason
+        (the server away, a leader being elected, our earlier try with the same id still being
+        stored: 409, err_code 10158) until each has another answer. Each one's answer (stored,
+        duplicate, or an error of its own), and whether it came on the first round."""
+        answers: list[tuple[Ack, bool] | None] = [None] * len(messages)
         todo = list(range(len(messages)))
         delay = 0.2
         first = True
         while todo:
             acks = await self.acks.publish_many(
-                [(messages[i][0], messages[i][1], {"Nats-Msg-Id": messages[i][2]}) for i in todo],
-                timeout=JS_PUBLISH_TIMEOUT,
+                [messages[i] for i in todo], timeout=JS_PUBLISH_TIMEOUT
             )
             retry: list[int] = []
             for i, ack in zip(todo, acks, strict=True):
                 try:
                     ack.raise_for()
-                except (*TRANSIENT, nats.js.errors.APIError) as exc:
-                    # the server is away (restart, network), or our earlier try with this id is
-                    # still being stored (409, err_code 10158): keep the message and try again
-                    if (
-                        isinstance(exc, nats.js.errors.APIError)
-                        and not isinstance(exc, TRANSIENT)
-                        and exc.err_code != MSG_ID_IN_PROCESS
-                    ):
-                        raise
+                except TRANSIENT:
                     retry.append(i)
                     continue
-                stored[i] = not ack.duplicate
-                if ack.duplicate:
-                    subject, _, msg_id = messages[i]
-                    (log.error if first else log.debug)(
-                        "bus.duplicate_msg_id", subject=subject, msg_id=msg_id, first_attempt=first
-                    )
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code == MSG_ID_IN_PROCESS:
+                        retry.append(i)
+                        continue
+                answers[i] = (ack, first)
             if retry:
                 log.warning("bus.publish_retry", subject=messages[retry[0]][0], messages=len(retry))
                 first = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             todo = retry
-        return stored
+        return [answer for answer in answers if answer is not None]
 
     async def dead_letter(self, msg: Msg, consumer: str, reason: str) -> None:
         """Give up on ``msg``: keep a copy (at most ``DEAD_KEEP`` bytes of it) with the reason in
@@ -454,47 +469,30 @@ class Bus:
         while its host was cut off, or resent after its lease ran out) is refused rather than
         stored beside the one its successor wrote with the same seq. ``Fenced`` when a job's
         history had moved on (the others are stored; ``on_stored(job id, stream sequence)`` is
-        called for each as it is known to be). A retry of ours (the same Nats-Msg-Id, or the
-        same bytes found at the end of the job's history) is no conflict. Those not stored for
-        a passing reason (the server away, a leader being elected) are sent again until they
-        are."""
+        called for each as it is known to be). A retry of ours is no conflict: the server checks
+        the expected sequence before the message id, so it is known by its bytes, found at the
+        end of the job's history. Those not stored for a passing reason (the server away, a
+        leader being elected) are sent again until they are."""
         messages = {i: _events_message(events) for i, (events, _) in enumerate(commits) if events}
+        answers = await self._publish_until_answered(
+            [
+                (subject, data, {"Nats-Msg-Id": msg_id, EXPECTED_LAST: str(commits[i][1])})
+                for i, (subject, data, msg_id) in messages.items()
+            ]
+        )
         stored = [0] * len(commits)
-        todo = list(messages)
-        delay = 0.2
         conflicts: list[int] = []
-        while todo:
-            acks = await self.acks.publish_many(
-                [
-                    (
-                        messages[i][0],
-                        messages[i][1],
-                        {"Nats-Msg-Id": messages[i][2], EXPECTED_LAST: str(commits[i][1])},
-                    )
-                    for i in todo
-                ],
-                timeout=JS_PUBLISH_TIMEOUT,
-            )
-            retry: list[int] = []
-            for i, ack in zip(todo, acks, strict=True):
-                try:
-                    ack.raise_for()
-                except (*TRANSIENT, nats.js.errors.APIError) as exc:
-                    if isinstance(exc, TRANSIENT) or exc.err_code == MSG_ID_IN_PROCESS:
-                        retry.append(i)  # away, or our earlier try with this id is being stored
-                    elif exc.err_code in WRONG_LAST_SEQUENCE:
-                        conflicts.append(i)
-                    else:
-                        raise
-                    continue
-                stored[i] = ack.seq  # (a duplicate's acknowledgement names the stored one)
-                if on_stored is not None:
-                    on_stored(commits[i][0][0].job_id, ack.seq)
-            if retry:
-                log.warning("bus.publish_retry", subject=messages[retry[0]][0], messages=len(retry))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            todo = retry
+        for i, (ack, _) in zip(messages, answers, strict=True):
+            try:
+                ack.raise_for()
+            except nats.js.errors.APIError as exc:
+                if exc.err_code not in WRONG_LAST_SEQUENCE:
+                    raise
+                conflicts.append(i)
+                continue
+            stored[i] = ack.seq  # (a duplicate's acknowledgement names the stored one)
+            if on_stored is not None:
+                on_stored(commits[i][0][0].job_id, ack.seq)
         for i in conflicts:
             subject, data, _ = messages[i]
             last = await again(

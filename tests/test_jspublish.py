@@ -10,12 +10,13 @@ from __future__ import annotations
 import nats.errors
 import nats.js.errors
 import pytest
+from nats.aio.msg import Msg
 
 from bacq import subjects
 from bacq.bus import Bus
 from bacq.errors import Fenced
 from bacq.events import Event, encode_events
-from bacq.models import JobRecord, new_job_id
+from bacq.models import CancelReply, CancelRequest, JobRecord, decode, encode, new_job_id
 from bacq.spec import parse_spec
 
 STREAM, SUBJECTS = "ACKTEST", "acktest.>"
@@ -181,3 +182,28 @@ async def test_events_of_many_jobs_report_those_stored_before_a_conflict(bus: Bu
         last = await bus.last_events(job_id)
         assert last is not None
         assert (last[0][-1].seq, last[1]) == (2, stored[job_id])
+
+
+async def test_a_request_is_answered_on_the_inbox_and_nobody_listening_is_no_responders(
+    bus: Bus,
+) -> None:
+    async def answer(msg: Msg) -> None:
+        await msg.respond(
+            encode(CancelReply(ok=True, error=decode(CancelRequest, msg.data).job_id))
+        )
+
+    listener = await bus.nc.subscribe("reqtest.answers", cb=answer)
+    try:
+        reply = await bus.request(
+            "reqtest.answers", CancelRequest(job_id="j-asked"), CancelReply, timeout=5
+        )
+        assert reply.ok
+        assert reply.error == "j-asked"
+        with pytest.raises(nats.errors.NoRespondersError):
+            await bus.request("nobody.listens", CancelRequest(job_id="j"), CancelReply, timeout=5)
+        silent = await bus.nc.subscribe("reqtest.silent")
+        with pytest.raises(nats.errors.TimeoutError):
+            await bus.request("reqtest.silent", CancelRequest(job_id="j"), CancelReply, timeout=0.3)
+        await silent.unsubscribe()
+    finally:
+        await listener.unsubscribe()
