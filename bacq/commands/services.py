@@ -109,7 +109,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     worker = add_command(sub, common, "worker", "run a worker service")
     worker.add_argument("--node-id", help="this worker's name (default: the host name)")
-    worker.add_argument("--work-dir", default=os.path.expanduser("~/.local/state/bacq/worker"))
+    worker.add_argument(
+        "--work-dir",
+        default=os.path.expanduser("~/.local/state/bacq/worker"),
+        help="this worker's own folder (jobs' inputs and results, results kept for the "
+        "verifier): one worker per folder, a second one is refused",
+    )
     worker.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     worker.add_argument(
         "--cpu", type=float, default=float(os.cpu_count() or 1), help="CPU cores to offer"

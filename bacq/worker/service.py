@@ -52,7 +52,7 @@ from bacq.storage import (
     remove_tree,
     sanitize_tree,
 )
-from bacq.worker import kept
+from bacq.worker import kept, workdir
 from bacq.worker.executor import Executor, JobContext, WorkerContext
 
 __all__ = ["Worker", "WorkerConfig"]
@@ -695,7 +695,12 @@ class Worker:
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Bid, run and report until ``stop`` is set; then drain: bid no more, give running jobs
-        ``drain_timeout`` seconds to finish, and hand back the ones that did not."""
+        ``drain_timeout`` seconds to finish, and hand back the ones that did not. The work
+        directory is this worker's alone meanwhile (``ConfigError`` if another one holds it)."""
+        with workdir.claimed(self.config.work_dir):
+            await self._serve(stop)
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         await self.executor.start(
             WorkerContext(
                 storage=self.storage,
@@ -717,6 +722,11 @@ class Worker:
         if leftovers:
             self.log.warning("containers.leftover_removed", containers=leftovers)
         self._reload_kept()
+        removed = await asyncio.to_thread(
+            workdir.remove_leftover_jobs, self.config.work_dir, set(self._committed)
+        )
+        if removed:
+            self.log.warning("jobs.leftover_removed", jobs=removed[:50], count=len(removed))
         invite_sub = await self.bus.subscribe(
             subjects.invite(self.config.node_id), self.on_announce
         )
