@@ -9,10 +9,12 @@ import signal
 import subprocess
 from collections.abc import Callable
 
+from bacq import subjects
+from bacq.bus import Bus
 from bacq.client import Client
 from bacq.devstack import Devstack
 from bacq.events import Event, encode_events, verify_chain
-from bacq.models import JobRecord, decode
+from bacq.models import Assignment, AssignmentReply, JobRecord, decode
 from bacq.states import ExecState, JobState
 from tests.conftest import run_cli
 from tests.scenarios import BUSYBOX
@@ -170,6 +172,39 @@ async def test_worker_restarted_between_commitment_and_reveal_still_reveals(
         job = await client.wait(job_id, timeout=120)
     assert job.state == JobState.ACCEPTED, job.reason
     assert job.reason == "2 of 2 results agree"
+
+
+async def test_an_assignment_sent_again_after_the_commitment_does_not_run_the_job_twice(
+    make_stack: Callable[..., Devstack],
+) -> None:
+    stack = make_stack(workers=2)
+    async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
+        job_id = await client.submit(sleeper(1, concurrency=2))
+        await running_on(client, job_id)
+        stack.kill("verifier")  # nobody asks for the reveals meanwhile
+        job = await all_completed(client, job_id)  # both commitments sent
+        # a requester that restarted before it heard how the job went sends the assignment
+        # again (Requester._resume): as it does, with its credentials
+        requester = await Bus.connect(
+            stack.nats.url, name="bacq-requester-again", options=stack.nats_options("requester")
+        )
+        try:
+            again = Assignment(job_id=job_id, accepted=True, spec=job.spec)
+            reply = await requester.request(
+                subjects.assign("w1"), again, AssignmentReply, timeout=10
+            )
+        finally:
+            await requester.close()
+        assert reply.ok, reply.error
+        await asyncio.to_thread(stack.restart, "verifier")
+        job = await client.wait(job_id, timeout=120)
+    # run once: the reveal matches the one commitment the verifier holds
+    assert job.state == JobState.ACCEPTED, job.reason
+    assert job.reason == "2 of 2 results agree"
+    lines = [json.loads(line) for line in stack.services["w1"].log_path.read_text().splitlines()]
+    mine = [line["event"] for line in lines if line.get("job") == job_id]
+    assert mine.count("job.accepted") == 1, mine
+    assert mine.count("job.assigned_again") == 1, mine
 
 
 async def test_only_capable_worker_disappearing_fails_the_job_with_a_reason(

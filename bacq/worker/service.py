@@ -61,6 +61,7 @@ NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 RESERVATION_GRACE = 30.0  # seconds a bid's reservation outlives the bid deadline without an answer
 REVEAL_KEEP = 3600.0  # seconds a committed result waits for the verifier to ask for it
 REVEAL_MAX = 64  # committed results kept at once (the oldest is dropped past it)
+RAN_REMEMBERED = 10_000  # job ids of finished runs a worker remembers (an assignment sent again)
 PROGRESS_LINGER = 0.25  # seconds a step's report waits for a later one that replaces it
 _STEPS = frozenset({ExecState.DOWNLOADING, ExecState.RUNNING, ExecState.PUBLISHING})
 
@@ -188,6 +189,9 @@ class Worker:
         # per execution, a secret chosen when it is accepted: its message ids and commitment
         self._nonces: dict[str, str] = {}
         self._committed: dict[str, _Committed] = {}  # job → result awaiting its reveal
+        # jobs this process ran (the last RAN_REMEMBERED): an assignment sent again is not run
+        # again (dict: insertion-ordered, the oldest is forgotten first)
+        self._ran: dict[str, None] = {}
         self._revealing: set[str] = set()
         self._reveal_tasks: set[asyncio.Task[None]] = set()
         # per execution, the step report waiting to go out (see _update) and its task
@@ -280,6 +284,14 @@ class Worker:
             return
         if job_id in self._tasks:  # a retried request: already running
             await msg.respond(encode(AssignmentReply(ok=True)))
+            return
+        if job_id in self._committed or job_id in self._ran:
+            # sent again by a requester that restarted before it heard how the job went: it ran
+            # here already, and its report is on the way. Running it again would commit another
+            # nonce than the one the verifier holds, and the reveal would not match.
+            self._reservations.pop(job_id, None)
+            await msg.respond(encode(AssignmentReply(ok=True)))
+            self.log.info("job.assigned_again", job=job_id, kept=job_id in self._committed)
             return
         if job_id not in self._reservations:
             reason = self.why_not(spec)
@@ -545,6 +557,9 @@ class Worker:
             self._tasks.pop(job_id, None)
             self._cancelled.discard(job_id)
             self._done += 1
+            self._ran[job_id] = None
+            if len(self._ran) > RAN_REMEMBERED:
+                del self._ran[next(iter(self._ran))]
             if job_id not in self._committed:
                 self._nonces.pop(job_id, None)
                 if job_dir.exists():  # a noop job has none
