@@ -136,15 +136,22 @@ async def all_completed(client: Client, job_id: str) -> JobRecord:
             await asyncio.sleep(0.2)
 
 
+async def completed_without_verifier(client: Client, stack: Devstack, seconds: float) -> JobRecord:
+    """A job of two workers (commit-reveal) that both ran to the end while no verifier runs:
+    their results (commitments) are in, nobody has asked for the reveals."""
+    job_id = await client.submit(sleeper(seconds, concurrency=2))
+    await running_on(client, job_id)
+    stack.kill("verifier")
+    return await all_completed(client, job_id)
+
+
 async def test_verifier_killed_between_results_still_gives_one_verdict(
     make_stack: Callable[..., Devstack],
 ) -> None:
     stack = make_stack(workers=2)
     async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
-        job_id = await client.submit(sleeper(3, concurrency=2))
-        await running_on(client, job_id)
-        stack.kill("verifier")  # results arrive while no verifier runs
-        down = await all_completed(client, job_id)  # both sent their result
+        down = await completed_without_verifier(client, stack, 3)
+        job_id = down.id
         assert down.state in (JobState.RUNNING, JobState.VERIFYING)  # no verdict without it
         assert not any(
             e.kind == "job" and e.state == "accepted" for e in await client.history(job_id)
@@ -162,10 +169,7 @@ async def test_worker_restarted_between_commitment_and_reveal_still_reveals(
 ) -> None:
     stack = make_stack(workers=2)
     async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
-        job_id = await client.submit(sleeper(1, concurrency=2))
-        await running_on(client, job_id)
-        stack.kill("verifier")  # nobody asks for the reveals while w1 is down
-        await all_completed(client, job_id)  # both commitments sent
+        job_id = (await completed_without_verifier(client, stack, 1)).id
         stack.kill("w1")  # kill -9: what it kept in memory is gone, what it kept on disk is not
         await asyncio.to_thread(stack.restart, "w1")
         await asyncio.to_thread(stack.restart, "verifier")
@@ -179,10 +183,8 @@ async def test_an_assignment_sent_again_after_the_commitment_does_not_run_the_jo
 ) -> None:
     stack = make_stack(workers=2)
     async with await Client.connect(stack.nats.url, options=stack.client_options()) as client:
-        job_id = await client.submit(sleeper(1, concurrency=2))
-        await running_on(client, job_id)
-        stack.kill("verifier")  # nobody asks for the reveals meanwhile
-        job = await all_completed(client, job_id)  # both commitments sent
+        job = await completed_without_verifier(client, stack, 1)
+        job_id = job.id
         # a requester that restarted before it heard how the job went sends the assignment
         # again (Requester._resume): as it does, with its credentials
         requester = await Bus.connect(
