@@ -11,6 +11,7 @@ deploy/nats/auth.conf).
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import datetime as dt
@@ -581,8 +582,6 @@ class Bus:
     async def last_message(self, stream: str, subject: str) -> tuple[bytes, int] | None:
         """The data and stream sequence of the last message on ``subject`` in ``stream``, or
         None when it has none. Raises as ``get_value``."""
-        import base64
-
         message = await self._get_last(stream, subject)
         if message is None:
             return None
