@@ -1,5 +1,6 @@
-"""A worker's kept commitments on disk (``bacq.worker.kept``): written whole, read back while in
-time, and whatever is expired, unreadable or not ours is removed, never trusted."""
+"""A worker's kept commitments on disk (``bacq.worker.kept``): a journal of appended lines, read
+back while in time, written again with the live ones only, and whatever is expired, garbled, cut
+short or not ours is skipped, never trusted."""
 
 from __future__ import annotations
 
@@ -10,34 +11,70 @@ from pathlib import Path
 from bacq.worker import kept
 
 
-def _record(expires_in: float = 60.0) -> kept.Kept:
+def _record(expires_in: float = 60.0, nonce: str = "n" * 32) -> kept.Kept:
     return kept.Kept(
-        cid="bafy-example", exit_code=0, nonce="n" * 32, expires_at=time.time() + expires_in
+        cid="bafy-example", exit_code=0, nonce=nonce, expires_at=time.time() + expires_in
     )
 
 
-def test_a_kept_result_is_read_back_until_forgotten(tmp_path: Path) -> None:
-    kept.keep(tmp_path, "j-abc", _record())
-    assert kept.load_all(tmp_path) == {"j-abc": kept.load_all(tmp_path)["j-abc"]}
-    assert kept.load_all(tmp_path)["j-abc"].nonce == "n" * 32
-    kept.forget(tmp_path, "j-abc")
-    kept.forget(tmp_path, "j-abc")  # (twice is fine)
-    assert kept.load_all(tmp_path) == {}
+def test_a_kept_result_is_read_back_by_the_next_process_until_forgotten(tmp_path: Path) -> None:
+    journal = kept.Journal(tmp_path)
+    journal.keep("j-abc", _record())
+    journal.keep("j-def", _record(nonce="d" * 32))
+    journal.keep("j-abc", _record(nonce="a" * 32))  # (replaced)
+    journal.close()
+    again = kept.Journal(tmp_path)  # a worker started again
+    loaded = again.load_all()
+    assert sorted(loaded) == ["j-abc", "j-def"]
+    assert loaded["j-abc"].nonce == "a" * 32
+    again.forget("j-abc")
+    again.forget("j-abc")  # (twice is fine)
+    again.forget("j-never")
+    again.close()
+    assert set(kept.Journal(tmp_path).load_all()) == {"j-def"}
+    # written again at load with the live ones only
+    lines = (tmp_path / "kept" / kept.JOURNAL).read_text().splitlines()
+    assert [json.loads(line)["job"] for line in lines] == ["j-def"]
 
 
-def test_expired_garbled_and_foreign_files_are_removed(tmp_path: Path) -> None:
-    kept.keep(tmp_path, "j-old", _record(expires_in=-1))
-    kept.keep(tmp_path, "j-good", _record())
+def test_expired_garbled_cut_short_and_foreign_lines_are_skipped(tmp_path: Path) -> None:
+    journal = kept.Journal(tmp_path)
+    journal.keep("j-old", _record(expires_in=-1))
+    journal.keep("j-good", _record())
+    journal.close()
+    good = {"job": "j-x", **_record().__dict__}
+    with (tmp_path / "kept" / kept.JOURNAL).open("a") as f:
+        f.write("{not json\n")
+        f.write(json.dumps({"job": "j-wrong", "cid": 1, "exit_code": "x"}) + "\n")
+        f.write(json.dumps({**good, "job": "j-extra", "job_dir": "/"}) + "\n")
+        f.write(json.dumps({**good, "job": "../escape"}) + "\n")
+        f.write(json.dumps({**good, "job": "j-huge", "cid": "b" * kept.MAX_LINE}) + "\n")
+        f.write(json.dumps([1, 2]) + "\n")
+        f.write(json.dumps(good)[:40])  # a crash in the middle of a line
+    assert set(kept.Journal(tmp_path).load_all()) == {"j-good"}
+
+
+def test_files_of_the_layout_before_the_journal_are_read_then_removed(tmp_path: Path) -> None:
     where = tmp_path / "kept"
+    where.mkdir()
+    (where / "j-legacy.json").write_text(json.dumps(_record().__dict__))
     (where / "j-garbled.json").write_text("{not json")
-    (where / "j-wrong.json").write_text(json.dumps({"cid": 1, "exit_code": "x"}))
-    (where / "j-extra.json").write_text(json.dumps({**_record().__dict__, "job_dir": "/"}))
     (where / "..hidden.json").write_text(json.dumps(_record().__dict__))
-    (where / "notes.txt").write_text("hello")
-    (where / "j-huge.json").write_text(" " * (kept.MAX_FILE + 1))
-    assert set(kept.load_all(tmp_path)) == {"j-good"}
-    assert sorted(p.name for p in where.iterdir()) == ["j-good.json"]
+    assert set(kept.Journal(tmp_path).load_all()) == {"j-legacy"}
+    assert sorted(p.name for p in where.iterdir()) == [kept.JOURNAL]
+
+
+def test_the_journal_is_written_again_once_forgotten_lines_pile_up(tmp_path: Path) -> None:
+    journal = kept.Journal(tmp_path)
+    journal.keep("j-stays", _record())
+    for i in range(kept.COMPACT_AFTER):
+        journal.keep(f"j-{i}", _record())
+        journal.forget(f"j-{i}")
+    journal.close()
+    lines = (tmp_path / "kept" / kept.JOURNAL).read_text().splitlines()
+    assert len(lines) <= kept.COMPACT_AFTER + 1  # not 2 x COMPACT_AFTER + 1
+    assert set(kept.Journal(tmp_path).load_all()) == {"j-stays"}
 
 
 def test_no_kept_directory_is_no_kept_result(tmp_path: Path) -> None:
-    assert kept.load_all(tmp_path / "absent") == {}
+    assert kept.Journal(tmp_path / "absent").load_all() == {}

@@ -189,6 +189,7 @@ class Worker:
         # per execution, a secret chosen when it is accepted: its message ids and commitment
         self._nonces: dict[str, str] = {}
         self._committed: dict[str, _Committed] = {}  # job → result awaiting its reveal
+        self._kept = kept.Journal(config.work_dir)  # … and what it needs of it, on disk
         # jobs this process ran (the last RAN_REMEMBERED): an assignment sent again is not run
         # again (dict: insertion-ordered, the oldest is forgotten first)
         self._ran: dict[str, None] = {}
@@ -390,8 +391,7 @@ class Worker:
             self.log.warning("result.not_kept_on_disk", job=job_id, error=str(exc))
 
     def _write_kept(self, job_id: str, committed: _Committed) -> None:
-        kept.keep(
-            self.config.work_dir,
+        self._kept.keep(
             job_id,
             kept.Kept(
                 cid=committed.cid,
@@ -405,7 +405,7 @@ class Worker:
     def _reload_kept(self) -> None:
         """The results committed to before a restart (``bacq.worker.kept``), kept again."""
         try:
-            records = kept.load_all(self.config.work_dir)
+            records = self._kept.load_all()
         except OSError as exc:
             self.log.warning("results.kept_unreadable", error=str(exc))
             return
@@ -429,7 +429,7 @@ class Worker:
         committed = self._committed.pop(job_id, None)
         self._nonces.pop(job_id, None)
         with contextlib.suppress(OSError):
-            kept.forget(self.config.work_dir, job_id)
+            self._kept.forget(job_id)
         if committed is not None:
             self.log.info("result.dropped", job=job_id, reason=why)
             remove_tree(committed.job_dir)
@@ -489,7 +489,7 @@ class Worker:
             self._committed.pop(job_id, None)
             self._nonces.pop(job_id, None)
             with contextlib.suppress(OSError):
-                kept.forget(self.config.work_dir, job_id)
+                self._kept.forget(job_id)
             await asyncio.to_thread(remove_tree, committed.job_dir)
 
     def _expire_committed(self) -> None:
@@ -713,7 +713,10 @@ class Worker:
         ``drain_timeout`` seconds to finish, and hand back the ones that did not. The work
         directory is this worker's alone meanwhile (``ConfigError`` if another one holds it)."""
         with workdir.claimed(self.config.work_dir):
-            await self._serve(stop)
+            try:
+                await self._serve(stop)
+            finally:
+                self._kept.close()
 
     async def _serve(self, stop: asyncio.Event) -> None:
         await self.executor.start(
