@@ -145,6 +145,15 @@ async def completed_without_verifier(client: Client, stack: Devstack, seconds: f
     return await all_completed(client, job_id)
 
 
+async def agreed_once_verifier_is_back(client: Client, stack: Devstack, job_id: str) -> JobRecord:
+    """Start the verifier again; the job, once final, accepted with both results agreeing."""
+    await asyncio.to_thread(stack.restart, "verifier")
+    job = await client.wait(job_id, timeout=120)
+    assert job.state == JobState.ACCEPTED, job.reason
+    assert job.reason == "2 of 2 results agree"
+    return job
+
+
 async def test_verifier_killed_between_results_still_gives_one_verdict(
     make_stack: Callable[..., Devstack],
 ) -> None:
@@ -156,11 +165,8 @@ async def test_verifier_killed_between_results_still_gives_one_verdict(
         assert not any(
             e.kind == "job" and e.state == "accepted" for e in await client.history(job_id)
         )
-        await asyncio.to_thread(stack.restart, "verifier")
-        job = await client.wait(job_id, timeout=120)
+        await agreed_once_verifier_is_back(client, stack, job_id)
         history = await client.history(job_id)
-    assert job.state == JobState.ACCEPTED, job.reason
-    assert job.reason == "2 of 2 results agree"
     assert sum(1 for e in history if e.kind == "job" and e.state == "accepted") == 1
 
 
@@ -172,10 +178,7 @@ async def test_worker_restarted_between_commitment_and_reveal_still_reveals(
         job_id = (await completed_without_verifier(client, stack, 1)).id
         stack.kill("w1")  # kill -9: what it kept in memory is gone, what it kept on disk is not
         await asyncio.to_thread(stack.restart, "w1")
-        await asyncio.to_thread(stack.restart, "verifier")
-        job = await client.wait(job_id, timeout=120)
-    assert job.state == JobState.ACCEPTED, job.reason
-    assert job.reason == "2 of 2 results agree"
+        await agreed_once_verifier_is_back(client, stack, job_id)
 
 
 async def test_an_assignment_sent_again_after_the_commitment_does_not_run_the_job_twice(
@@ -198,11 +201,8 @@ async def test_an_assignment_sent_again_after_the_commitment_does_not_run_the_jo
         finally:
             await requester.close()
         assert reply.ok, reply.error
-        await asyncio.to_thread(stack.restart, "verifier")
-        job = await client.wait(job_id, timeout=120)
-    # run once: the reveal matches the one commitment the verifier holds
-    assert job.state == JobState.ACCEPTED, job.reason
-    assert job.reason == "2 of 2 results agree"
+        # run once: the reveal matches the one commitment the verifier holds
+        await agreed_once_verifier_is_back(client, stack, job_id)
     lines = [json.loads(line) for line in stack.services["w1"].log_path.read_text().splitlines()]
     mine = [line["event"] for line in lines if line.get("job") == job_id]
     assert mine.count("job.accepted") == 1, mine
