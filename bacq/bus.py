@@ -76,6 +76,7 @@ MSG_ID_IN_PROCESS = 10158  # JetStream: "duplicate message id is in process" (a 
 MAX_OUTSTANDING_PINGS = 3
 
 JS_PUBLISH_TIMEOUT = 5.0  # seconds for a JetStream publish's acknowledgement (nats-py's default)
+KV_KEYS_TIMEOUT = 10.0  # seconds for a page of a bucket's keys (100,000 of them: ~2 MB)
 WRONG_LAST_SEQUENCE = (10071, 10164)  # a key-value compare-and-set found another revision
 EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 NO_MESSAGE_FOUND = 10037  # JetStream's message get: the key has no value (a missing stream: 10059)
@@ -700,13 +701,32 @@ class Bus:
         return ack.seq
 
     async def job_ids(self) -> list[str]:
-        async def keys() -> list[str]:
-            try:
-                return list(await self.jobs.keys())
-            except nats.js.errors.NoKeysError:
-                return []
+        """Every key of the jobs bucket (a deleted one too: ``load_job`` gives None for it)."""
+        return await again(functools.partial(self.kv_keys, subjects.JOBS_BUCKET))
 
-        return await again(keys)
+    async def kv_keys(self, bucket: str) -> list[str]:
+        """Every key ``bucket`` holds a message for: its last value, or the marker of its
+        deletion (a get of that key finds nothing). The stream's info with its subjects, in
+        pages of up to 100,000: a request each, answered or timed out, 8x quicker than
+        ``KeyValue.keys()`` at 100,000 keys, which watches the bucket until the last entry
+        arrives (and may wait forever when entries expire meanwhile, as leases do)."""
+        prefix = f"$KV.{bucket}."
+        keys: list[str] = []
+        while True:
+            reply = await self.acks.request(
+                f"$JS.API.STREAM.INFO.KV_{bucket}",
+                json.dumps({"subjects_filter": f"{prefix}>", "offset": len(keys)}).encode(),
+                timeout=KV_KEYS_TIMEOUT,
+            )
+            if not reply.data and reply.headers and reply.headers.get("Status") == "503":
+                raise nats.errors.NoRespondersError
+            answer = json.loads(reply.data)
+            if answer.get("error") is not None:
+                raise nats.js.errors.APIError.from_error(answer["error"])
+            page = (answer.get("state") or {}).get("subjects") or {}
+            keys += [subject[len(prefix) :] for subject in page if subject.startswith(prefix)]
+            if not page or len(keys) >= int(answer.get("total") or 0):
+                return keys
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from bacq import subjects
 from bacq.bus import Bus
@@ -22,6 +23,9 @@ from bacq.nodes import OFFLINE_AFTER, read_nodes
 from bacq.storage import Storage
 
 __all__ = ["Check", "run_checks"]
+
+CHECK_TIMEOUT = 30.0  # seconds a check may take before it is failed
+T = TypeVar("T")
 
 
 @dataclass
@@ -112,11 +116,12 @@ async def _check_kubo(api: str) -> Check:
         await storage.close()
 
 
-def _check_docker() -> Check:
+def _check_docker(docker: Any) -> Check:
+    """(In a thread: docker-py blocks.) ``docker`` is the module, imported by the caller on the
+    loop's thread: imports in two threads at once can deadlock (the kubo check imports too)."""
     try:
-        import docker
-        import docker.errors
-
+        if docker is None:
+            raise ImportError("docker")
         client = docker.from_env(timeout=5)
         try:
             version = client.version()
@@ -139,7 +144,30 @@ def _check_docker() -> Check:
 
 
 async def run_checks(nats_url: str, ipfs_api: str) -> list[Check]:
+    docker: Any = None
+    with contextlib.suppress(ImportError):
+        import docker
     nats_checks, kubo, docker_check = await asyncio.gather(
-        _check_nats(nats_url), _check_kubo(ipfs_api), asyncio.to_thread(_check_docker)
+        _bounded(_check_nats(nats_url), lambda: [_stalled("nats", nats_url)]),
+        _bounded(_check_kubo(ipfs_api), lambda: _stalled("kubo", ipfs_api)),
+        asyncio.to_thread(_check_docker, docker),  # (docker-py's own timeout bounds it)
     )
     return [*nats_checks, kubo, docker_check]
+
+
+async def _bounded(check: Awaitable[T], stalled: Callable[[], T]) -> T:
+    """``check``'s answer, or ``stalled()`` after ``CHECK_TIMEOUT`` seconds: a server that
+    accepts a connection and then stalls must not hang the doctor."""
+    try:
+        return await asyncio.wait_for(check, CHECK_TIMEOUT)
+    except TimeoutError:
+        return stalled()
+
+
+def _stalled(name: str, address: str) -> Check:
+    return Check(
+        name,
+        False,
+        f"{address} answered no check within {CHECK_TIMEOUT:g} s",
+        "check that it runs and is not overloaded, then run `bacq doctor` again",
+    )

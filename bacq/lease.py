@@ -41,6 +41,7 @@ __all__ = ["LEASE_TTL", "Lease", "LeaseHolder", "read_leases"]
 
 LEASE_TTL = 4.0  # seconds a lease lives without renewal
 RENEW_EVERY = 1.0  # seconds between renewals (and between a standby's tries)
+ROLES = ("requester", "verifier")  # the roles that hold a lease
 log = get_logger("bacq.lease")
 
 
@@ -74,15 +75,13 @@ async def read_leases(bus: Bus) -> dict[str, LeaseHolder]:
     """The current holder of each role's lease (for ``bacq nodes`` and ``bacq doctor``)."""
     bucket = await leases_bucket(bus)
     holders: dict[str, LeaseHolder] = {}
-    try:
-        keys = list(await bucket.keys())
-    except nats.js.errors.NoKeysError:
-        return holders
-    for key in keys:
+    # one get per role (each a request with a timeout), not bucket.keys(): that watches the
+    # bucket until the last entry arrives, and these entries expire while it waits
+    for role in ROLES:
         with contextlib.suppress(nats.js.errors.KeyNotFoundError, ValueError):
-            entry = await bucket.get(key)
+            entry = await bucket.get(role)
             if entry.value:
-                holders[key] = decode(LeaseHolder, entry.value)
+                holders[role] = decode(LeaseHolder, entry.value)
     return holders
 
 

@@ -54,10 +54,7 @@ class NodeRegistry:
 async def read_nodes(bus: Bus) -> list[NodeInfo]:
     """Every node that has sent a heartbeat (and not vanished for a week), by node id."""
     bucket = await nodes_bucket(bus)
-    try:
-        keys = list(await bucket.keys())
-    except nats.js.errors.NoKeysError:
-        return []
+    keys = await bus.kv_keys(subjects.NODES_BUCKET)
 
     async def one(key: str) -> NodeInfo | None:
         try:

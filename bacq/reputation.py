@@ -73,7 +73,7 @@ async def reputation_bucket(bus: Bus) -> KeyValue:
 async def read_reputations(bus: Bus) -> dict[str, Reputation]:
     """Every node's record (for ``bacq nodes``)."""
     reputations = Reputations(await reputation_bucket(bus))
-    await reputations.load_all()
+    await reputations.load_all(bus)
     return reputations.records()
 
 
@@ -125,15 +125,11 @@ class Reputations:
     def records(self) -> dict[str, Reputation]:
         return dict(self._records)
 
-    async def load_all(self) -> None:
+    async def load_all(self, bus: Bus) -> None:
         """Read every record (at start, so quarantines hold across restarts)."""
         if self.bucket is None:
             return
-        try:
-            keys = list(await self.bucket.keys())
-        except nats.js.errors.NoKeysError:
-            return
-        for key in keys:
+        for key in await bus.kv_keys(subjects.REPUTATION_BUCKET):
             with contextlib.suppress(nats.js.errors.KeyNotFoundError, ValueError):
                 entry = await self.bucket.get(key)
                 if entry.value:

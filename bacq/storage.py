@@ -63,7 +63,6 @@ __all__ = [
     "TreeSize",
     "Walk",
     "ls_links",
-    "preload",
     "remove_tree",
     "safe_extract",
     "sanitize_tree",
@@ -75,14 +74,12 @@ T = TypeVar("T")
 
 
 def _aioipfs() -> Any:
-    import aioipfs  # imported on first use: with aiohttp, it is a large part of the CLI's start-up
+    # imported on first use: with aiohttp, it is a large part of the CLI's start-up. Never in a
+    # thread: two threads importing at once can deadlock in CPython 3.11's import locks (seen:
+    # this import, which pulls setuptools' distutils, and docker's in another thread)
+    import aioipfs
 
     return aioipfs
-
-
-async def preload() -> None:
-    """Import the IPFS client in a thread, e.g. while a job runs, so that ``connect`` is quick."""
-    await asyncio.to_thread(_aioipfs)
 
 
 class Storage:
@@ -95,7 +92,7 @@ class Storage:
 
     @classmethod
     async def connect(cls, maddr: str, *, timeout: float = 60.0) -> Storage:
-        aioipfs = await asyncio.to_thread(_aioipfs)
+        aioipfs = _aioipfs()
         try:
             client = aioipfs.AsyncIPFS(maddr=maddr)
         except aioipfs.InvalidNodeAddressError as exc:

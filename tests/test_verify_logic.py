@@ -80,3 +80,16 @@ def test_noop_fails_when_all_fail() -> None:
     verdict = decide("j", "noop", 2, 0, [r("a", error="e"), r("b", error="f")])
     assert verdict is not None
     assert verdict.outcome == "failed"
+
+
+def test_the_requester_waits_for_a_verdict_longer_than_the_verifier_waits_for_a_reveal() -> None:
+    # a worker cut off while asked to reveal: the verifier decides without it after
+    # REVEAL_TIMEOUT; a requester that gave up first failed such jobs ("no verdict within 60s")
+    from bacq.cli import build_parser
+    from bacq.requester._base import RequesterConfig
+    from bacq.verify.service import REVEAL_TIMEOUT
+
+    margin = 60.0  # the ask comes after the last answer; a verifier failover or two
+    assert RequesterConfig().verify_timeout >= REVEAL_TIMEOUT + margin
+    args = build_parser().parse_args(["requester"])
+    assert args.verify_timeout == RequesterConfig().verify_timeout

@@ -58,8 +58,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     requester.add_argument(
         "--verify-timeout",
         type=float,
-        default=60.0,
-        help="seconds from the last answer to the verdict (60)",
+        default=180.0,
+        help="seconds from the last answer to the verdict (180; keep it well above the "
+        "verifier's 60 s for a worker's reveal)",
     )
     requester.add_argument(
         "--events-max-age",

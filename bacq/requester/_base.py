@@ -49,7 +49,10 @@ LISTEN_FIRST = 2.5  # seconds to hear worker heartbeats after a start before que
 class RequesterConfig:
     result_grace: float = 120.0  # beyond the job's timeout: inputs, image, publishing
     lost_after: float = 10.0  # seconds without a heartbeat before a worker is lost
-    verify_timeout: float = 60.0  # seconds from the last answer to the verdict
+    # seconds from the last answer to the verdict: past the verifier's own deadline for reveals
+    # (bacq.verify REVEAL_TIMEOUT, 60 s) with room for a verifier failover or two, or a job
+    # whose worker was cut off while asked to reveal fails here before the verifier decides
+    verify_timeout: float = 180.0
     events_max_age: float = 365 * 24 * 3600.0
     events_max_bytes: int = 10 * 1024**3
     nodes_config: str | None = None  # operators and capacity caps per node (operators.py)

