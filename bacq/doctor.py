@@ -20,7 +20,7 @@ from bacq.errors import BacqError
 from bacq.lease import read_leases
 from bacq.models import now
 from bacq.nodes import OFFLINE_AFTER, read_nodes
-from bacq.storage import Storage
+from bacq.storage import Storage, import_client
 
 __all__ = ["Check", "run_checks"]
 
@@ -117,8 +117,7 @@ async def _check_kubo(api: str) -> Check:
 
 
 def _check_docker(docker: Any) -> Check:
-    """(In a thread: docker-py blocks.) ``docker`` is the module, imported by the caller on the
-    loop's thread: imports in two threads at once can deadlock (the kubo check imports too)."""
+    """(In a thread: docker-py blocks.) ``docker`` is the module, imported by the caller."""
     try:
         if docker is None:
             raise ImportError("docker")
@@ -144,9 +143,12 @@ def _check_docker(docker: Any) -> Check:
 
 
 async def run_checks(nats_url: str, ipfs_api: str) -> list[Check]:
+    # both clients imported here, before the docker thread starts: imports in two threads at
+    # once can deadlock (CPython 3.11; seen here, 1 run in 25)
     docker: Any = None
     with contextlib.suppress(ImportError):
         import docker
+    import_client()
     nats_checks, kubo, docker_check = await asyncio.gather(
         _bounded(_check_nats(nats_url), lambda: [_stalled("nats", nats_url)]),
         _bounded(_check_kubo(ipfs_api), lambda: _stalled("kubo", ipfs_api)),

@@ -62,6 +62,7 @@ __all__ = [
     "Storage",
     "TreeSize",
     "Walk",
+    "import_client",
     "ls_links",
     "remove_tree",
     "safe_extract",
@@ -73,7 +74,8 @@ _GRACE = 30.0  # seconds a cancelled fetch waits for its extraction thread to le
 T = TypeVar("T")
 
 
-def _aioipfs() -> Any:
+def import_client() -> Any:
+    """The ``aioipfs`` module, imported on the caller's thread (``Storage.connect`` does it)."""
     # imported on first use: with aiohttp, it is a large part of the CLI's start-up. Never in a
     # thread: two threads importing at once can deadlock in CPython 3.11's import locks (seen:
     # this import, which pulls setuptools' distutils, and docker's in another thread)
@@ -92,7 +94,7 @@ class Storage:
 
     @classmethod
     async def connect(cls, maddr: str, *, timeout: float = 60.0) -> Storage:
-        aioipfs = _aioipfs()
+        aioipfs = import_client()
         try:
             client = aioipfs.AsyncIPFS(maddr=maddr)
         except aioipfs.InvalidNodeAddressError as exc:
@@ -184,7 +186,7 @@ class Storage:
         (aioipfs answers None when the connection fails: that is an error too.)"""
         import aiohttp
 
-        aioipfs = _aioipfs()
+        aioipfs = import_client()
         try:
             result = await self._within(what, timeout, call)
         except aioipfs.APIError as exc:
