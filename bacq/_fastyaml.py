@@ -6,9 +6,12 @@ plain dicts, lists and scalars of a document from the events directly, resolving
 with PyYAML's own implicit resolvers (looked up by its first character, as PyYAML does) and
 constructors, so its result equals ``yaml.load_all(text, Loader=yaml.CSafeLoader)``.
 
-Anything less common (an explicit tag, an anchor or alias, a merge key ``<<``, a timestamp, a
-mapping or list used as a key) makes it give up (``Unusual``): the caller reads the text again
-with PyYAML's loader. Syntax errors are libyaml's, as PyYAML's loader raises them.
+Anchors and aliases are built as PyYAML builds them: an alias is the anchored object itself (a
+list shared by every job of a file that was written by ``yaml.safe_dump`` is one list). Anything
+less common (an explicit tag, a merge key ``<<``, a timestamp, a mapping or list used as a key,
+an alias to no anchor or an anchor defined twice, whose errors are PyYAML's to word) makes it
+give up (``Unusual``): the caller reads the text again with PyYAML's loader. Syntax errors are
+libyaml's, as PyYAML's loader raises them.
 """
 
 from __future__ import annotations
@@ -53,8 +56,8 @@ class Unusual(Exception):  # not an error: a reason to read the text the long wa
 
 
 def _scalar(event: ScalarEvent) -> Any:
-    if event.anchor is not None or event.tag is not None:
-        raise Unusual("an anchor or an explicit tag")
+    if event.tag is not None:
+        raise Unusual("an explicit tag")
     value: str = event.value
     if not event.implicit[0]:
         return value  # quoted or block: a string
@@ -80,6 +83,13 @@ def load_all(text: str) -> list[Any]:
     stack: list[Any] = []  # the containers being filled, innermost last
     keys: list[Any] = []  # per container: the key waiting for its value (mappings)
     document: Any = None
+    anchors: dict[str, Any] = {}  # the document's anchors and what they name
+
+    def anchor(name: str | None, value: Any) -> None:
+        if name is not None:
+            if name in anchors:
+                raise Unusual("an anchor defined twice")
+            anchors[name] = value
 
     def put(value: Any) -> None:
         nonlocal document
@@ -102,11 +112,14 @@ def load_all(text: str) -> list[Any]:
             event = loader.get_event()
             kind = type(event)
             if kind is ScalarEvent:
-                put(_scalar(event))
+                value = _scalar(event)
+                anchor(event.anchor, value)
+                put(value)
             elif kind is MappingStartEvent or kind is SequenceStartEvent:
-                if event.anchor is not None or event.tag is not None:
-                    raise Unusual("an anchor or an explicit tag")
+                if event.tag is not None:
+                    raise Unusual("an explicit tag")
                 container: Any = {} if kind is MappingStartEvent else []
+                anchor(event.anchor, container)
                 put(container)
                 stack.append(container)
                 keys.append(_NO_KEY)
@@ -116,8 +129,11 @@ def load_all(text: str) -> list[Any]:
             elif kind is DocumentEndEvent:
                 documents.append(document)
                 document = None
+                anchors.clear()  # (an anchor names a node of its own document only)
             elif kind is AliasEvent:
-                raise Unusual("an alias")
+                if event.anchor not in anchors:
+                    raise Unusual("an alias to no anchor")
+                put(anchors[event.anchor])
             elif kind is StreamEndEvent or event is None:
                 return documents
             elif kind is not StreamStartEvent and kind is not DocumentStartEvent:

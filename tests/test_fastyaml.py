@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from bacq import _fastyaml
-from bacq.jobfile import parse_jobs_text
+from bacq.jobfile import JobFileError, parse_jobs_text
 
 SAME = [
     "",
@@ -26,9 +26,14 @@ SAME = [
     "a: 1\n---\n- x\n",
     "? a\n",
     "- image: busybox\n  command: [echo, hi]\n  env: {A: '1'}\n  timeout: 30\n",
+    "a: &x 1\nb: *x\n",
+    "- &job\n  image: busybox\n  command: &c [echo, hi]\n- *job\n- {image: b, command: *c}\n",
+    "&k a: 1\n*k : 2\n",
+    "a: &x [1]\n---\na: &x [2]\nb: *x\n",
 ]
 UNUSUAL = [
-    "a: &x 1\nb: *x\n",
+    "a: *nowhere\n",
+    "a: &x 1\nb: &x 2\n",
     "<<: {a: 1}\n",
     "a: 2001-12-14\n",
     "? [a]\n: 1\n",
@@ -70,7 +75,24 @@ def test_a_syntax_error_is_libyamls(text: str) -> None:
         _fastyaml.load_all(text)
 
 
-def test_a_jobs_file_with_anchors_reads_the_long_way() -> None:
+def test_an_alias_is_the_anchored_object_itself_as_pyyaml_makes_it() -> None:
+    # yaml.safe_dump writes a list shared by every job once, with an anchor, then aliases
+    text = yaml.safe_dump([{"command": c, "i": i} for i, c in enumerate([["true"]] * 3)])
+    assert "&id001" in text
+    got = _fastyaml.load_all(text)[0]
+    assert got == yaml.safe_load(text)
+    assert got[0]["command"] is got[2]["command"]
+
+
+@pytest.mark.parametrize("text", ["a: 1\nb: *nowhere\n", "a: &x 1\nb: &x 2\n"])
+def test_an_alias_to_no_anchor_or_an_anchor_defined_twice_is_pyyamls_error(text: str) -> None:
+    with pytest.raises(yaml.YAMLError):
+        list(yaml.load_all(text, Loader=yaml.CSafeLoader))
+    with pytest.raises(JobFileError, match="line 2: file: is not valid YAML"):
+        parse_jobs_text(text, "jobs.yaml")
+
+
+def test_a_jobs_file_with_anchors_reads_as_one_without() -> None:
     text = "- &job\n  image: busybox\n  command: [echo, hi]\n- *job\n"
     jobs = parse_jobs_text(text, "jobs.yaml")
     assert jobs.problems == []
