@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 from bacq.commands.common import (
+    COMMAND_HELP,
     EPILOG,
     EXIT_BROKEN_PIPE,
     EXIT_FAILED,
@@ -28,6 +29,7 @@ from bacq.commands.common import (
     EXIT_USAGE,
     Parser,
     UsageError,
+    add_command,
     defer_import,
     export_nats_flags,
     parse_since,
@@ -76,9 +78,11 @@ def command_of(argv: list[str]) -> str | None:
     return None
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, *, outline: bool = False) -> argparse.ArgumentParser:
     """The whole parser, or (``command``) the one of that command's group alone: it parses that
-    command's arguments the same way, and fails the same way on them."""
+    command's arguments the same way, and fails the same way on them. ``outline`` (no
+    ``command``): every command without its arguments, for what names none (``bacq --help``,
+    ``bacq``, a misspelt command): the same help and the same errors."""
     common = Parser(add_help=False)
     common.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors"
@@ -91,6 +95,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True, parser_class=Parser)
+    if outline and command not in GROUP_OF:
+        for name in COMMAND_HELP:
+            add_command(sub, common, name)
+        return parser
     for group in (GROUP_OF[command],) if command in GROUP_OF else GROUPS:
         importlib.import_module(group).register(sub, common)
     return parser
@@ -111,7 +119,7 @@ def _configure_logging(args: argparse.Namespace, debug: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
-    parser = build_parser(command_of(words))
+    parser = build_parser(command_of(words), outline=True)
     args = parser.parse_args(words)
     debug = bool(getattr(args, "debug", False) or os.environ.get("BACQ_DEBUG"))
     export_nats_flags(args)

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bacq.devstack import Devstack
 
 DEVSTACK = {"workers": 1}
@@ -194,6 +196,28 @@ def test_each_command_builds_the_parser_of_its_group_alone() -> None:
             assert alone_sub.choices[command].format_help() == sub.choices[command].format_help()
     assert command_of(["--help"]) is None
     assert command_of(["nope"]) is None
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h", "run"], [], ["--debug"], ["rnu", "x"]])
+def test_a_command_line_naming_no_command_is_answered_from_the_outline_as_from_the_parser(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``bacq --help`` (and an error naming no command) is built from bacq.commands.common's
+    COMMAND_HELP without the groups' arguments: the same text and exit code as the whole parser."""
+    from bacq.cli import build_parser
+
+    answers = []
+    for parser in (build_parser(), build_parser(outline=True)):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(argv)
+        answers.append((exit_.value.code, capsys.readouterr()))
+    assert answers[0] == answers[1]
+
+
+def test_bacq_help_alone_loads_no_command_group(tmp_path: Path) -> None:
+    loaded = loaded_by(tmp_path, "--help")
+    assert not {m for m in loaded if m.startswith("bacq.commands.")} - {"bacq.commands.common"}
+    assert "bacq.lab.cli" not in loaded
 
 
 def test_run_no_wait_through_nats_py_when_corenats_cannot(stack: Devstack, tmp_path: Path) -> None:

@@ -255,12 +255,47 @@ def output_flag(parser: argparse.ArgumentParser, choices: tuple[str, ...] = FORM
     )
 
 
+# every command's line in `bacq --help`, in its order: the groups register their commands with
+# these (``add_command``), and `bacq --help` alone is built from them, without loading the groups
+# and their some 300 arguments (a unit test checks that both give the same help)
+COMMAND_HELP = {
+    "run": "run a job and follow it to its verdict",
+    "create": "submit the job(s) of a YAML or JSON job file",
+    "validate": "check a job file without submitting it",
+    "list": "list jobs, newest first",
+    "describe": "a job's spec, per-node states, CIDs and verdict",
+    "cancel": "cancel a job: stop its containers, free the workers",
+    "history": "a job's full event history, replayed from JetStream",
+    "events": "every job's events from a point on, optionally live",
+    "logs": "a job's stdout and stderr (live while it runs)",
+    "get": "download a job's accepted results",
+    "nodes": "workers seen: labels, capacity, jobs, heartbeat, verification",
+    "ipfs": "IPFS helpers",
+    "schema": "print the JSON Schema of a job spec (and of job files)",
+    "version": "print the versions of bacq and its libraries",
+    "doctor": "check NATS, kubo and Docker: reachable? which versions? how to fix",
+    "completion": "print a shell completion script (bash or zsh)",
+    "devstack": "run a whole bacq network locally until Ctrl-C",
+    "requester": "run the requester service",
+    "verifier": "run the verifier service",
+    "worker": "run a worker service",
+    "lab": "a lab of simulated hosts in network namespaces (root): up, status, faults, chaos, down",
+}
+ALIASES = {"list": ["ls"]}
+
+
 def add_command(
-    sub: Any, common: argparse.ArgumentParser, name: str, help: str, **kwargs: Any
+    sub: Any, common: argparse.ArgumentParser, name: str, **kwargs: Any
 ) -> argparse.ArgumentParser:
-    """A subcommand of ``bacq`` with the shared ``--debug`` and the exit codes in its help."""
+    """A subcommand of ``bacq`` (its line of help from ``COMMAND_HELP``) with the shared
+    ``--debug`` and the exit codes in its help."""
     parser: argparse.ArgumentParser = sub.add_parser(
-        name, help=help, parents=[common], epilog=EPILOG, **kwargs
+        name,
+        help=COMMAND_HELP[name],
+        aliases=ALIASES.get(name, []),
+        parents=[common],
+        epilog=EPILOG,
+        **kwargs,
     )
     return parser
 

@@ -18,7 +18,7 @@ __all__ = ["register"]
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    ipfs = add_command(sub, common, "ipfs", "IPFS helpers")
+    ipfs = add_command(sub, common, "ipfs")
     ipfs_sub: Any = ipfs.add_subparsers(
         dest="ipfs_cmd", metavar="COMMAND", required=True, parser_class=Parser
     )

@@ -42,7 +42,7 @@ _JOB_STATES = "pending,bidding,running,verifying,accepted,void,failed,cancelled"
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    lst = add_command(sub, common, "list", "list jobs, newest first", aliases=["ls"])
+    lst = add_command(sub, common, "list")
     lst.add_argument("-n", type=int, default=0, metavar="N", help="show at most N jobs")
     lst.add_argument(
         "--state",
@@ -63,24 +63,18 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     connection_flags(lst)
     lst.set_defaults(func=cmd_list)
 
-    describe = add_command(
-        sub, common, "describe", "a job's spec, per-node states, CIDs and verdict"
-    )
+    describe = add_command(sub, common, "describe")
     job_id_argument(describe)
     output_flag(describe)
     connection_flags(describe)
     describe.set_defaults(func=cmd_describe)
 
-    cancel = add_command(
-        sub, common, "cancel", "cancel a job: stop its containers, free the workers"
-    )
+    cancel = add_command(sub, common, "cancel")
     job_id_argument(cancel)
     connection_flags(cancel)
     cancel.set_defaults(func=cmd_cancel)
 
-    history = add_command(
-        sub, common, "history", "a job's full event history, replayed from JetStream"
-    )
+    history = add_command(sub, common, "history")
     job_id_argument(history)
     history.add_argument(
         "--verify",
@@ -98,9 +92,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     connection_flags(history)
     history.set_defaults(func=cmd_history)
 
-    events = add_command(
-        sub, common, "events", "every job's events from a point on, optionally live"
-    )
+    events = add_command(sub, common, "events")
     start = events.add_mutually_exclusive_group()
     start.add_argument("--since", metavar="WHEN", help="events since: " + SINCE_HELP)
     start.add_argument("--from-seq", type=int, metavar="N", help="from stream sequence N")

@@ -20,7 +20,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "lab",
-        "a lab of simulated hosts in network namespaces (root): up, status, faults, chaos, down",
     )
     add_arguments(lab, common)
     lab.set_defaults(func=run)

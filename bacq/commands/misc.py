@@ -29,12 +29,10 @@ VERSION_OF = ("nats-py", "aioipfs", "docker", "pydantic", "rich")
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    schema = add_command(
-        sub, common, "schema", "print the JSON Schema of a job spec (and of job files)"
-    )
+    schema = add_command(sub, common, "schema")
     schema.set_defaults(func=cmd_schema)
 
-    version = add_command(sub, common, "version", "print the versions of bacq and its libraries")
+    version = add_command(sub, common, "version")
     output_flag(version)
     version.set_defaults(func=cmd_version)
 
@@ -42,7 +40,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "doctor",
-        "check NATS, kubo and Docker: reachable? which versions? how to fix",
         description="Check that NATS (with JetStream and a requester), kubo and Docker answer; "
         "print their versions and, for each problem, how to fix it. Exit 1 when a required "
         "check fails (Docker and workers are only warnings: clients do not need them).",
@@ -55,7 +52,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "completion",
-        "print a shell completion script (bash or zsh)",
         description="Print the completion script for SHELL. bash: "
         "`bacq completion bash > ~/.local/share/bash-completion/completions/bacq`; zsh: "
         '`bacq completion zsh > "${fpath[1]}/_bacq"` (then start a new shell).',

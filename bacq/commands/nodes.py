@@ -27,9 +27,7 @@ __all__ = ["register"]
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    nodes = add_command(
-        sub, common, "nodes", "workers seen: labels, capacity, jobs, heartbeat, verification"
-    )
+    nodes = add_command(sub, common, "nodes")
     nodes.add_argument("--wide", action="store_true", help="more columns")
     output_flag(nodes)
     connection_flags(nodes)

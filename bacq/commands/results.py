@@ -63,7 +63,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "logs",
-        "a job's stdout and stderr (live while it runs)",
         description="Print the job's stdout (to stdout) and stderr (to stderr). While it runs, "
         "the output streamed by its workers; once it has results, the output in them (IPFS). "
         "Several workers: each line is prefixed with the node.",
@@ -89,7 +88,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     connection_flags(logs, ipfs=True)
     logs.set_defaults(func=cmd_logs)
 
-    get = add_command(sub, common, "get", "download a job's accepted results")
+    get = add_command(sub, common, "get")
     job_id_argument(get)
     get.add_argument(
         "--output-dir",

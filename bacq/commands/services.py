@@ -32,7 +32,7 @@ SERVICE_CONNECT_WAIT = 60.0  # seconds a service waits for NATS at start (it may
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    devstack = add_command(sub, common, "devstack", "run a whole bacq network locally until Ctrl-C")
+    devstack = add_command(sub, common, "devstack")
     devstack.add_argument("--workers", type=int, default=3)
     devstack.add_argument(
         "--bad-workers", type=int, default=0, help="how many workers tamper with their results"
@@ -42,7 +42,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     devstack.add_argument("--env-file", help="also write the export lines to this file")
     devstack.set_defaults(func=cmd_devstack)
 
-    requester = add_command(sub, common, "requester", "run the requester service")
+    requester = add_command(sub, common, "requester")
     requester.add_argument(
         "--result-grace",
         type=float,
@@ -103,12 +103,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     connection_flags(requester)
     requester.set_defaults(func=cmd_requester)
 
-    verifier = add_command(sub, common, "verifier", "run the verifier service")
+    verifier = add_command(sub, common, "verifier")
     _metrics_flag(verifier)
     connection_flags(verifier)
     verifier.set_defaults(func=cmd_verifier)
 
-    worker = add_command(sub, common, "worker", "run a worker service")
+    worker = add_command(sub, common, "worker")
     worker.add_argument("--node-id", help="this worker's name (default: the host name)")
     worker.add_argument(
         "--work-dir",

@@ -49,7 +49,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "run",
-        "run a job and follow it to its verdict",
         description="Run IMAGE [CMD...] on workers and show its progress live until the verdict "
         "(Ctrl-C detaches; the job goes on). Put -- before CMD when it has options.",
     )
@@ -172,7 +171,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "create",
-        "submit the job(s) of a YAML or JSON job file",
         description="Submit the job in FILE (YAML or JSON; - reads stdin) and print its id; "
         "--wait follows it like `bacq run`. `bacq run --dry-run ...` writes such a file. FILE "
         "may hold many jobs: a YAML list, YAML documents separated by ---, or JSON lines (one "
@@ -203,7 +201,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "validate",
-        "check a job file without submitting it",
         description="Check FILE (YAML or JSON; - reads stdin); each problem names the field and "
         "its line. Exit 0 when valid, 2 when not.",
     )
