@@ -7,5 +7,7 @@ function taking the parsed arguments and returning an exit code (or a coroutine 
 Modules import only ``argparse`` and ``bacq.commands.common`` at the top: whatever a command
 needs to run (NATS, pydantic, rich, Docker…) is imported inside the command, so ``bacq --help``
 and ``bacq version`` start fast. Adding a group is a new module here plus its name in
-``bacq.cli.GROUPS``.
+``bacq.cli.GROUPS`` and its commands in ``bacq.cli.COMMANDS``; adding a command is its line of
+help in ``bacq.commands.common.COMMAND_HELP`` (``add_command`` reads it; ``bacq --help`` alone
+is built from that table, without the groups).
 """
