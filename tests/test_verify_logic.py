@@ -93,3 +93,16 @@ def test_the_requester_waits_for_a_verdict_longer_than_the_verifier_waits_for_a_
     assert RequesterConfig().verify_timeout >= REVEAL_TIMEOUT + margin
     args = build_parser().parse_args(["requester"])
     assert args.verify_timeout == RequesterConfig().verify_timeout
+
+
+def test_only_a_job_of_several_workers_commits_before_it_reveals() -> None:
+    from bacq.models import commit_reveal
+    from bacq.spec import parse_spec
+
+    def spec(concurrency: int, verifier: str) -> object:
+        return parse_spec({"image": "busybox", "concurrency": concurrency, "verifier": verifier})
+
+    assert not commit_reveal(spec(1, "deterministic"))  # nothing to copy: the result at once
+    assert not commit_reveal(spec(1, "noop"))
+    assert commit_reveal(spec(2, "deterministic"))
+    assert commit_reveal(spec(3, "noop"))

@@ -12,7 +12,7 @@ answer from every chosen worker (``concurrency`` of them; the first one for the 
 asks the committed ones to reveal; a reveal that does not match its commitment, or that does not
 come within ``REVEAL_TIMEOUT``, counts as that worker's error and against its node. So no worker
 can learn another's result before it has committed to its own. A job with nothing to copy (one
-worker, the noop verifier: ``commit_reveal``) skips the round: its worker sends its result at once.
+worker: ``commit_reveal``) skips the round: its worker sends its result at once.
 
 Every message is checked: job and node come from the subject and must equal the payload's, the
 job must exist and have chosen that node. What does not fit is dead-lettered (``BACQ_DEAD``) and
@@ -273,8 +273,8 @@ class Verifier:
         return True
 
     def _take_open(self, collected: Collected, result: ResultMessage) -> None:
-        """The result of a job with no commit-reveal (one worker, the noop verifier): the one
-        worker says its result at once."""
+        """The result of a job with no commit-reveal (one worker): the one worker says its
+        result at once."""
         if collected.revealed(result.node_id):
             raise _Dropped(f"a second result from {result.node_id}")
         if result.cid is None:
