@@ -213,9 +213,10 @@ async def test_the_standby_requester_takes_over_from_a_cut_off_one_and_no_job_is
             found[:] = [h for h in [await _active(client, lab, "requester")] if h]
             return bool(found)
 
+        await _until("a requester holding the lease", one_active, 60)
         job_id = await client.submit(SLOW)
         await _node_in(client, job_id, {ExecState.RUNNING})
-        # the holder read just before the cut: on a loaded machine a term may end early (a
+        # the holder read again just before the cut: on a loaded machine a term may end early (a
         # JetStream timeout while it starts) and the lease move before the job runs
         await _until("a requester holding the lease", one_active, 60)
         old = found[0]
