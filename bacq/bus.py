@@ -591,21 +591,33 @@ class Bus:
     async def _get_last(self, stream: str, subject: str) -> dict[str, Any] | None:
         """JetStream's message get of the last message on ``subject``: the answer's ``message``
         (base64 data and headers, its seq), or None when there is none."""
-        reply = await self.acks.request(
+        answer = await self._js_api(
             f"$JS.API.STREAM.MSG.GET.{stream}",
-            json.dumps({"last_by_subj": subject}).encode(),
-            timeout=JS_PUBLISH_TIMEOUT,
+            {"last_by_subj": subject},
+            JS_PUBLISH_TIMEOUT,
+            absent=NO_MESSAGE_FOUND,
         )
-        if not reply.data and reply.headers and reply.headers.get("Status") == "503":
-            raise nats.errors.NoRespondersError
-        answer = json.loads(reply.data)
-        error = answer.get("error")
-        if error is not None:
-            if error.get("err_code") == NO_MESSAGE_FOUND:
-                return None
-            raise nats.js.errors.APIError.from_error(error)
+        if answer is None:
+            return None
         message: dict[str, Any] = answer.get("message") or {}
         return message
+
+    async def _js_api(
+        self, subject: str, request: dict[str, Any], timeout: float, *, absent: int | None = None
+    ) -> dict[str, Any] | None:
+        """A JetStream API request answered on ``self.acks``' inbox: its answer, or None when
+        the answer is the error ``absent``. Raises ``NoRespondersError`` when nobody answers
+        (JetStream away), ``APIError`` for any other error."""
+        reply = await self.acks.request(subject, json.dumps(request).encode(), timeout=timeout)
+        if not reply.data and reply.headers and reply.headers.get("Status") == "503":
+            raise nats.errors.NoRespondersError
+        answer: dict[str, Any] = json.loads(reply.data)
+        error = answer.get("error")
+        if error is not None:
+            if absent is not None and error.get("err_code") == absent:
+                return None
+            raise nats.js.errors.APIError.from_error(error)
+        return answer
 
     async def load_job(self, job_id: str) -> JobRecord | None:
         found = await self.load_job_entry(job_id)
@@ -713,16 +725,12 @@ class Bus:
         prefix = f"$KV.{bucket}."
         keys: list[str] = []
         while True:
-            reply = await self.acks.request(
+            answer = await self._js_api(
                 f"$JS.API.STREAM.INFO.KV_{bucket}",
-                json.dumps({"subjects_filter": f"{prefix}>", "offset": len(keys)}).encode(),
-                timeout=KV_KEYS_TIMEOUT,
+                {"subjects_filter": f"{prefix}>", "offset": len(keys)},
+                KV_KEYS_TIMEOUT,
             )
-            if not reply.data and reply.headers and reply.headers.get("Status") == "503":
-                raise nats.errors.NoRespondersError
-            answer = json.loads(reply.data)
-            if answer.get("error") is not None:
-                raise nats.js.errors.APIError.from_error(answer["error"])
+            assert answer is not None  # noqa: S101 (no error is ``absent`` here)
             page = (answer.get("state") or {}).get("subjects") or {}
             keys += [subject[len(prefix) :] for subject in page if subject.startswith(prefix)]
             if not page or len(keys) >= int(answer.get("total") or 0):
